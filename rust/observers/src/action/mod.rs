@@ -1,0 +1,70 @@
+//! What an observer does when its condition holds. Built-in actions (webhook, Slack, email)
+//! and host-language handlers (the Python binding's) all implement [`Action`].
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::event::Event;
+
+/// The outcome of one failed attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionError {
+    /// Whether another attempt may succeed (5xx, timeout, a raised exception) or not (4xx).
+    pub retryable: bool,
+    /// Safe to log and store in the DLQ: never contains secrets.
+    pub message: String,
+    /// A delay the sink asked for (`Retry-After`), honoured within the policy's max delay.
+    pub retry_after: Option<Duration>,
+}
+
+impl ActionError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        ActionError {
+            retryable: true,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        ActionError {
+            retryable: false,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl std::fmt::Display for ActionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+#[async_trait]
+pub trait Action: Send + Sync {
+    /// Metric label and log name: `webhook`, `slack`, `email`, `python`, `noop`.
+    fn kind(&self) -> &'static str;
+    /// A short description without secrets, e.g. `python:charge_customer`.
+    fn describe(&self) -> String {
+        self.kind().to_owned()
+    }
+    /// One attempt. Retries are the engine's business.
+    async fn execute(&self, event: &Event) -> Result<(), ActionError>;
+}
+
+/// Does nothing, successfully. Used by benchmarks and as a placeholder in tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopAction;
+
+#[async_trait]
+impl Action for NoopAction {
+    fn kind(&self) -> &'static str {
+        "noop"
+    }
+
+    async fn execute(&self, _event: &Event) -> Result<(), ActionError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,719 @@
+//! Reading `fraiseql.toml` and `fraiseql-observer.toml`, the `FRAISEQL_NATS_*` overrides and
+//! the cross-field checks.
+
+use super::error::ConfigError;
+use super::handler;
+use super::node::{self, quote_short, Node, SyntaxError};
+use super::reader::{parse_int, url_shape, Ctx, Range};
+use super::{
+    validate_sql_identifier, Backend, Config, ConfigErrors, NatsConfig, NATS_URL_REQUIRED,
+    RUN_BRIDGE_REQUIRES_NATS,
+};
+
+const MAIN_KEYS: &[&str] = &["database", "observers"];
+const DATABASE_KEYS: &[&str] = &["url"];
+const OBSERVERS_KEYS: &[&str] = &[
+    "enabled",
+    "backend",
+    "nats_url",
+    "redis_url",
+    "max_dlq_size",
+    "run_bridge",
+    "http_port",
+    "auto_install",
+    "max_concurrency",
+    "queue_capacity",
+    "notify_channel",
+    "nats",
+    "bridge",
+    "handlers",
+];
+const NATS_KEYS: &[&str] = &[
+    "url",
+    "subject_prefix",
+    "consumer_name",
+    "stream_name",
+    "jetstream",
+];
+const JETSTREAM_KEYS: &[&str] = &[
+    "dedup_window_minutes",
+    "max_age_days",
+    "max_msgs",
+    "max_bytes",
+    "ack_wait_secs",
+    "max_deliver",
+];
+const BRIDGE_KEYS: &[&str] = &[
+    "transport_name",
+    "batch_size",
+    "poll_interval_secs",
+    "notify_channel",
+];
+const RUNTIME_KEYS: &[&str] = &["transport"];
+const TRANSPORT_KEYS: &[&str] = &["backend", "nats"];
+const BACKENDS: &[&str] = &["postgres", "nats", "redis", "in_memory"];
+
+/// File label used for errors in `FRAISEQL_NATS_*` overrides.
+const ENV_LABEL: &str = "environment";
+
+/// Where a setting came from, for errors about combinations of settings.
+#[derive(Debug, Clone)]
+struct Origin {
+    file: String,
+    key: String,
+    line: Option<usize>,
+}
+
+impl Origin {
+    fn new(ctx: &Ctx<'_>, key: &str, line: Option<usize>) -> Self {
+        Self {
+            file: ctx.file.clone(),
+            key: key.to_string(),
+            line,
+        }
+    }
+
+    fn error(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.file.clone(), self.key.clone(), self.line, message)
+    }
+
+    fn describe(&self) -> String {
+        if self.file == ENV_LABEL {
+            self.key.clone()
+        } else {
+            format!("{} in {}", self.key, self.file)
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Provenance {
+    backend: Option<Origin>,
+    backend_invalid: bool,
+    nats_url: Option<Origin>,
+    redis_url: Option<Origin>,
+    run_bridge: Option<Origin>,
+    bridge_channel_set: bool,
+    syntax_error: bool,
+    /// A URL was given but could not be read (already reported): no "requires url" error.
+    nats_url_failed: bool,
+    redis_url_failed: bool,
+}
+
+pub(crate) fn from_sources(
+    main: Option<(&str, &str)>,
+    runtime: Option<(&str, &str)>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let mut cfg = Config::default_with_backend(Backend::Postgres);
+    let mut prov = Provenance::default();
+    let mut errors = Vec::new();
+
+    type Loader = fn(&mut Ctx<'_>, &Node, &mut Config, &mut Provenance);
+    let sources: [(Option<(&str, &str)>, Loader); 2] = [(main, load_main), (runtime, load_runtime)];
+    for (source, loader) in sources {
+        let Some((label, text)) = source else {
+            continue;
+        };
+        match node::parse_document(text) {
+            Ok(root) => {
+                let mut ctx = Ctx::new(label, env);
+                loader(&mut ctx, &root, &mut cfg, &mut prov);
+                errors.extend(ctx.errors);
+            }
+            Err(syntax) => {
+                prov.syntax_error = true;
+                errors.extend(syntax.into_iter().map(|e| syntax_error(label, e)));
+            }
+        }
+    }
+    if !prov.bridge_channel_set {
+        cfg.observers.bridge.notify_channel = cfg.observers.notify_channel.clone();
+    }
+
+    env_overrides(env, &mut cfg.observers.nats, &mut prov, &mut errors);
+
+    if cfg.database.url.is_none() {
+        cfg.database.url = env("DATABASE_URL").filter(|u| !u.trim().is_empty());
+    }
+
+    let url_was_empty = cfg
+        .observers
+        .nats
+        .url
+        .as_ref()
+        .is_some_and(|u| u.trim().is_empty());
+    if url_was_empty {
+        cfg.observers.nats.url = None;
+    }
+
+    if !prov.syntax_error {
+        cross_checks(&cfg, &prov, url_was_empty, &mut errors);
+    }
+
+    if errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn syntax_error(label: &str, e: SyntaxError) -> ConfigError {
+    ConfigError {
+        file: label.to_string(),
+        key: String::new(),
+        line: e.line,
+        column: e.column,
+        message: format!("TOML syntax error: {}", e.message),
+    }
+}
+
+fn cross_checks(
+    cfg: &Config,
+    prov: &Provenance,
+    url_was_empty: bool,
+    errors: &mut Vec<ConfigError>,
+) {
+    let o = &cfg.observers;
+    if prov.backend_invalid {
+        return;
+    }
+    let backend_origin = prov.backend.clone().unwrap_or_else(|| Origin {
+        file: "configuration".to_string(),
+        key: "observers.backend".to_string(),
+        line: None,
+    });
+    match o.backend {
+        Backend::Nats if o.nats.url.is_none() && !prov.nats_url_failed => {
+            let hint = match (&prov.nats_url, url_was_empty) {
+                (Some(origin), true) => format!("{} is empty", origin.describe()),
+                _ => "set [observers.nats] url or observers.nats_url in fraiseql.toml, \
+                      [transport.nats] url in fraiseql-observer.toml, or FRAISEQL_NATS_URL"
+                    .to_string(),
+            };
+            errors.push(
+                backend_origin.error(format!("{NATS_URL_REQUIRED} (backend is \"nats\"; {hint})")),
+            );
+        }
+        Backend::Redis if o.redis_url.is_none() && !prov.redis_url_failed => {
+            let hint = match &prov.redis_url {
+                Some(origin) => format!("{} is empty", origin.describe()),
+                None => "e.g. redis_url = \"${REDIS_URL}\" in [observers]".to_string(),
+            };
+            errors.push(backend_origin.error(format!(
+                "redis backend requires observers.redis_url to be set ({hint})"
+            )));
+        }
+        _ => {}
+    }
+    if o.run_bridge && o.backend != Backend::Nats {
+        let origin = prov.run_bridge.clone().unwrap_or_else(|| Origin {
+            file: "configuration".to_string(),
+            key: "observers.run_bridge".to_string(),
+            line: None,
+        });
+        let from = match &prov.backend {
+            Some(b) => format!("set by {}", b.describe()),
+            None => "the default".to_string(),
+        };
+        errors.push(origin.error(format!(
+            "{RUN_BRIDGE_REQUIRES_NATS} (backend is \"{}\", {from}; set backend = \"nats\")",
+            o.backend.as_str()
+        )));
+    }
+}
+
+fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Provenance) {
+    let Some(top) = ctx.table(root, "", MAIN_KEYS) else {
+        return;
+    };
+    if let Some(db) = top.get("database") {
+        if let Some(t) = ctx.table(db, "database", DATABASE_KEYS) {
+            if let Some(n) = t.get("url") {
+                if let Some(url) = ctx.nonempty(n, &t.path("url")) {
+                    cfg.database.url = Some(url);
+                }
+            }
+        }
+    }
+    let Some(obs) = top.get("observers") else {
+        return;
+    };
+    let Some(t) = ctx.table(obs, "observers", OBSERVERS_KEYS) else {
+        return;
+    };
+    let o = &mut cfg.observers;
+
+    if let Some(n) = t.get("enabled") {
+        if let Some(v) = ctx.boolean(n, &t.path("enabled")) {
+            o.enabled = v;
+        }
+    }
+    if let Some(n) = t.get("backend") {
+        read_backend(ctx, n, &t.path("backend"), &mut o.backend, prov);
+    }
+    if let Some(n) = t.get("redis_url") {
+        let path = t.path("redis_url");
+        prov.redis_url = Some(Origin::new(ctx, &path, n.line));
+        match ctx.string(n, &path) {
+            Some(url) if url.trim().is_empty() => o.redis_url = None,
+            Some(url) => match check_redis_url(url.trim()) {
+                Ok(()) => o.redis_url = Some(url.trim().to_string()),
+                Err(e) => {
+                    ctx.error(&path, n.line, e);
+                    prov.redis_url_failed = true;
+                }
+            },
+            None => prov.redis_url_failed = true,
+        }
+    }
+    if let Some(n) = t.get("max_dlq_size") {
+        let path = t.path("max_dlq_size");
+        match &n.kind {
+            node::Kind::Int(0) => ctx.error(
+                &path,
+                n.line,
+                "expected a positive integer, found 0 (omit the key for an unbounded DLQ)",
+            ),
+            _ => {
+                if let Some(v) = ctx.int(n, &path, Range::Positive) {
+                    o.max_dlq_size = Some(usize::try_from(v).unwrap_or(usize::MAX));
+                }
+            }
+        }
+    }
+    if let Some(n) = t.get("run_bridge") {
+        let path = t.path("run_bridge");
+        if let Some(v) = ctx.boolean(n, &path) {
+            o.run_bridge = v;
+            prov.run_bridge = Some(Origin::new(ctx, &path, n.line));
+        }
+    }
+    if let Some(n) = t.get("http_port") {
+        if let Some(v) = ctx.int(n, &t.path("http_port"), Range::Between(0, 65535)) {
+            o.http_port = u16::try_from(v).unwrap_or(o.http_port);
+        }
+    }
+    if let Some(n) = t.get("auto_install") {
+        if let Some(v) = ctx.boolean(n, &t.path("auto_install")) {
+            o.auto_install = v;
+        }
+    }
+    if let Some(n) = t.get("max_concurrency") {
+        if let Some(v) = ctx.int(n, &t.path("max_concurrency"), Range::Positive) {
+            o.max_concurrency = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+    }
+    if let Some(n) = t.get("queue_capacity") {
+        if let Some(v) = ctx.int(n, &t.path("queue_capacity"), Range::Positive) {
+            o.queue_capacity = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+    }
+    if let Some(n) = t.get("notify_channel") {
+        if let Some(v) = checked(ctx, n, &t.path("notify_channel"), check_channel) {
+            o.notify_channel = v;
+        }
+    }
+
+    // `nats_url` is shorthand for `[observers.nats] url`; both given and different is an error.
+    let table_url = match t.get("nats") {
+        Some(n) => apply_nats(ctx, n, "observers.nats", &mut o.nats, prov),
+        None => None,
+    };
+    if let Some(n) = t.get("nats_url") {
+        let path = t.path("nats_url");
+        let url = read_nats_url(ctx, n, &path);
+        prov.nats_url_failed |= url.is_none();
+        if let Some(url) = url {
+            let origin = Origin::new(ctx, &path, n.line);
+            match table_url {
+                Some((other, other_origin)) if other.trim() != url.trim() => {
+                    let at = other_origin
+                        .line
+                        .map_or_else(String::new, |l| format!(" (line {l})"));
+                    ctx.error(
+                        &path,
+                        n.line,
+                        format!(
+                            "conflicts with observers.nats.url{at}: nats_url is shorthand for \
+                             [observers.nats] url and the two differ; set only one"
+                        ),
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    o.nats.url = Some(url);
+                    prov.nats_url = Some(origin);
+                }
+            }
+        }
+    }
+
+    if let Some(n) = t.get("bridge") {
+        if let Some(b) = ctx.table(n, "observers.bridge", BRIDGE_KEYS) {
+            if let Some(n) = b.get("transport_name") {
+                if let Some(v) = checked(ctx, n, &b.path("transport_name"), check_nats_name) {
+                    o.bridge.transport_name = v;
+                }
+            }
+            if let Some(n) = b.get("batch_size") {
+                if let Some(v) = ctx.int(n, &b.path("batch_size"), Range::Positive) {
+                    o.bridge.batch_size = usize::try_from(v).unwrap_or(usize::MAX);
+                }
+            }
+            if let Some(n) = b.get("poll_interval_secs") {
+                if let Some(v) =
+                    ctx.int(n, &b.path("poll_interval_secs"), Range::Between(1, 86_400))
+                {
+                    o.bridge.poll_interval_secs = u64::try_from(v).unwrap_or(1);
+                }
+            }
+            if let Some(n) = b.get("notify_channel") {
+                if let Some(v) = checked(ctx, n, &b.path("notify_channel"), check_channel) {
+                    o.bridge.notify_channel = v;
+                }
+                prov.bridge_channel_set = true;
+            }
+        }
+    }
+
+    if let Some(n) = t.get("handlers") {
+        o.handlers = handler::handlers(ctx, n, "observers.handlers");
+    }
+}
+
+fn load_runtime(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Provenance) {
+    let Some(top) = ctx.table(root, "", RUNTIME_KEYS) else {
+        return;
+    };
+    let Some(tr) = top.get("transport") else {
+        return;
+    };
+    let Some(t) = ctx.table(tr, "transport", TRANSPORT_KEYS) else {
+        return;
+    };
+    if let Some(n) = t.get("backend") {
+        read_backend(ctx, n, &t.path("backend"), &mut cfg.observers.backend, prov);
+    }
+    if let Some(n) = t.get("nats") {
+        apply_nats(ctx, n, "transport.nats", &mut cfg.observers.nats, prov);
+    }
+}
+
+fn read_backend(
+    ctx: &mut Ctx<'_>,
+    node: &Node,
+    path: &str,
+    backend: &mut Backend,
+    prov: &mut Provenance,
+) {
+    match ctx.choice(node, path, BACKENDS, Backend::parse) {
+        Some(b) => {
+            *backend = b;
+            prov.backend = Some(Origin::new(ctx, path, node.line));
+            prov.backend_invalid = false;
+        }
+        None => prov.backend_invalid = true,
+    }
+}
+
+/// Reads a string (interpolated, non-empty) and checks it with `check`.
+fn checked(ctx: &mut Ctx<'_>, node: &Node, path: &str, check: Check) -> Option<String> {
+    let s = ctx.nonempty(node, path)?;
+    match check(&s) {
+        Ok(()) => Some(s),
+        Err(e) => {
+            ctx.error(path, node.line, e);
+            None
+        }
+    }
+}
+
+/// Reads a NATS URL; an empty value is kept (reported later only if the nats backend needs it).
+fn read_nats_url(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<String> {
+    let s = ctx.string(node, path)?;
+    let s = s.trim();
+    if s.is_empty() {
+        return Some(String::new());
+    }
+    match check_nats_url(s) {
+        Ok(()) => Some(s.to_string()),
+        Err(e) => {
+            ctx.error(path, node.line, e);
+            None
+        }
+    }
+}
+
+/// Applies a `[*.nats]` table. Returns the URL it set, if any, with its origin.
+fn apply_nats(
+    ctx: &mut Ctx<'_>,
+    node: &Node,
+    path: &str,
+    nats: &mut NatsConfig,
+    prov: &mut Provenance,
+) -> Option<(String, Origin)> {
+    let t = ctx.table(node, path, NATS_KEYS)?;
+    let mut url_set = None;
+    if let Some(n) = t.get("url") {
+        let p = t.path("url");
+        let url = read_nats_url(ctx, n, &p);
+        prov.nats_url_failed |= url.is_none();
+        if let Some(url) = url {
+            let origin = Origin::new(ctx, &p, n.line);
+            nats.url = Some(url.clone());
+            prov.nats_url = Some(origin.clone());
+            url_set = Some((url, origin));
+        }
+    }
+    if let Some(n) = t.get("subject_prefix") {
+        if let Some(v) = checked(ctx, n, &t.path("subject_prefix"), check_subject_prefix) {
+            nats.subject_prefix = v;
+        }
+    }
+    if let Some(n) = t.get("consumer_name") {
+        if let Some(v) = checked(ctx, n, &t.path("consumer_name"), check_nats_name) {
+            nats.consumer_name = v;
+        }
+    }
+    if let Some(n) = t.get("stream_name") {
+        if let Some(v) = checked(ctx, n, &t.path("stream_name"), check_nats_name) {
+            nats.stream_name = v;
+        }
+    }
+    if let Some(n) = t.get("jetstream") {
+        let jpath = t.path("jetstream");
+        if let Some(j) = ctx.table(n, &jpath, JETSTREAM_KEYS) {
+            for field in JS_FIELDS {
+                if let Some(n) = j.get(field.key) {
+                    if let Some(v) = ctx.int(n, &j.path(field.key), field.range) {
+                        field.set(nats, v);
+                    }
+                }
+            }
+        }
+    }
+    url_set
+}
+
+/// A JetStream integer setting: key, environment override, allowed values.
+struct JsField {
+    key: &'static str,
+    env: &'static str,
+    range: Range,
+}
+
+impl JsField {
+    fn set(&self, nats: &mut NatsConfig, v: i128) {
+        let js = &mut nats.jetstream;
+        let as_u64 = || u64::try_from(v).unwrap_or(u64::MAX);
+        let as_i64 = || i64::try_from(v).unwrap_or(i64::MAX);
+        match self.key {
+            "dedup_window_minutes" => js.dedup_window_minutes = as_u64(),
+            "max_age_days" => js.max_age_days = as_u64(),
+            "max_msgs" => js.max_msgs = as_i64(),
+            "max_bytes" => js.max_bytes = as_i64(),
+            "ack_wait_secs" => js.ack_wait_secs = as_u64(),
+            _ => js.max_deliver = as_i64(),
+        }
+    }
+}
+
+/// Upper bounds keep every duration representable as i64 nanoseconds (what JetStream uses).
+const JS_FIELDS: &[JsField] = &[
+    JsField {
+        key: "dedup_window_minutes",
+        env: "FRAISEQL_NATS_DEDUP_WINDOW_MINUTES",
+        range: Range::Between(1, 153_722_867),
+    },
+    JsField {
+        key: "max_age_days",
+        env: "FRAISEQL_NATS_MAX_AGE_DAYS",
+        range: Range::Between(0, 106_751),
+    },
+    JsField {
+        key: "max_msgs",
+        env: "FRAISEQL_NATS_MAX_MSGS",
+        range: Range::Limit,
+    },
+    JsField {
+        key: "max_bytes",
+        env: "FRAISEQL_NATS_MAX_BYTES",
+        range: Range::Limit,
+    },
+    JsField {
+        key: "ack_wait_secs",
+        env: "FRAISEQL_NATS_ACK_WAIT_SECS",
+        range: Range::Between(1, 9_223_372_036),
+    },
+    JsField {
+        key: "max_deliver",
+        env: "FRAISEQL_NATS_MAX_DELIVER",
+        range: Range::Limit,
+    },
+];
+
+/// Applies the ten `FRAISEQL_NATS_*` overrides. Unset or blank variables are ignored.
+fn env_overrides(
+    env: &dyn Fn(&str) -> Option<String>,
+    nats: &mut NatsConfig,
+    prov: &mut Provenance,
+    errors: &mut Vec<ConfigError>,
+) {
+    let get = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let mut fail = |name: &str, message: String| {
+        errors.push(ConfigError::new(ENV_LABEL, name, None, message));
+    };
+
+    if let Some(v) = get("FRAISEQL_NATS_URL") {
+        match check_nats_url(v.trim()) {
+            Ok(()) => {
+                nats.url = Some(v.trim().to_string());
+                prov.nats_url = Some(Origin {
+                    file: ENV_LABEL.to_string(),
+                    key: "FRAISEQL_NATS_URL".to_string(),
+                    line: None,
+                });
+            }
+            Err(e) => fail(
+                "FRAISEQL_NATS_URL",
+                format!("{e} (overrides observers.nats.url)"),
+            ),
+        }
+    }
+    let strings: [(&str, &str, Check); 3] = [
+        (
+            "FRAISEQL_NATS_SUBJECT_PREFIX",
+            "subject_prefix",
+            check_subject_prefix,
+        ),
+        (
+            "FRAISEQL_NATS_CONSUMER_NAME",
+            "consumer_name",
+            check_nats_name,
+        ),
+        ("FRAISEQL_NATS_STREAM_NAME", "stream_name", check_nats_name),
+    ];
+    for (name, key, check) in strings {
+        let Some(v) = get(name) else { continue };
+        let v = v.trim().to_string();
+        match check(&v) {
+            Ok(()) => match key {
+                "subject_prefix" => nats.subject_prefix = v,
+                "consumer_name" => nats.consumer_name = v,
+                _ => nats.stream_name = v,
+            },
+            Err(e) => fail(name, format!("{e} (overrides observers.nats.{key})")),
+        }
+    }
+    for field in JS_FIELDS {
+        let Some(v) = get(field.env) else { continue };
+        match parse_int(&v) {
+            Some(i) if field.range.contains(i) => field.set(nats, i),
+            _ => fail(
+                field.env,
+                format!(
+                    "expected {} (overrides observers.nats.jetstream.{}), found {}",
+                    field.range.expected(),
+                    field.key,
+                    quote_short(&v)
+                ),
+            ),
+        }
+    }
+}
+
+/// A value check: `Err` holds the message.
+type Check = fn(&str) -> Result<(), String>;
+
+/// NATS server URL(s): comma-separated, each `host:port` or `scheme://...` with scheme
+/// `nats`, `tls`, `ws` or `wss`. Messages never echo the value.
+fn check_nats_url(s: &str) -> Result<(), String> {
+    const EXPECTED: &str = "expected NATS server URL(s) such as \"nats://localhost:4222\" \
+                            (several separated by commas)";
+    for part in s.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(format!("{EXPECTED}, found an empty entry in the list"));
+        }
+        if part.chars().any(char::is_whitespace) {
+            return Err(format!("{EXPECTED}, found a value containing spaces"));
+        }
+        if let Some(i) = part.find("://") {
+            let scheme = part[..i].to_ascii_lowercase();
+            if !["nats", "tls", "ws", "wss"].contains(&scheme.as_str()) {
+                return Err(format!(
+                    "{EXPECTED} with scheme nats://, tls://, ws:// or wss://, found {}",
+                    url_shape(part)
+                ));
+            }
+            if part[i + 3..].is_empty() {
+                return Err(format!(
+                    "{EXPECTED}, found {} with no host",
+                    url_shape(part)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_redis_url(s: &str) -> Result<(), String> {
+    let lower = s.to_ascii_lowercase();
+    let ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+        .iter()
+        .any(|p| lower.starts_with(p) && lower.len() > p.len());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected a Redis URL starting with redis://, rediss://, redis+unix:// or unix://, \
+             found {}",
+            url_shape(s)
+        ))
+    }
+}
+
+/// Subject prefix: dot-separated tokens, no wildcards, no spaces.
+fn check_subject_prefix(s: &str) -> Result<(), String> {
+    let shown = quote_short(s);
+    if s.chars().any(|c| c.is_whitespace() || c == '*' || c == '>') {
+        return Err(format!(
+            "expected a NATS subject prefix such as \"fraiseql.mutation\" (no spaces and no \
+             wildcards * or >), found {shown}"
+        ));
+    }
+    if s.split('.').any(str::is_empty) {
+        return Err(format!(
+            "expected a NATS subject prefix such as \"fraiseql.mutation\" (tokens separated \
+             by single dots, none empty), found {shown}"
+        ));
+    }
+    Ok(())
+}
+
+/// JetStream stream / consumer names (and the bridge's transport name).
+fn check_nats_name(s: &str) -> Result<(), String> {
+    if let Some(bad) = s
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || ".*>/\\".contains(*c))
+    {
+        return Err(format!(
+            "expected a name without spaces or any of . * > / \\, found {} ({bad:?} is not allowed)",
+            quote_short(s)
+        ));
+    }
+    Ok(())
+}
+
+/// PostgreSQL NOTIFY channel: an unqualified SQL identifier.
+fn check_channel(s: &str) -> Result<(), String> {
+    if s.contains('.') {
+        return Err(format!(
+            "expected a PostgreSQL channel name (letters, digits and _, not starting with a \
+             digit, at most 63 characters), found {}",
+            quote_short(s)
+        ));
+    }
+    validate_sql_identifier(s)
+}

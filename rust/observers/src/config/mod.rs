@@ -1,0 +1,712 @@
+//! Configuration: `fraiseql.toml` plus the runtime file `fraiseql-observer.toml`, merged into
+//! one typed [`Config`].
+//!
+//! Precedence for NATS settings, lowest to highest: defaults < `fraiseql.toml`
+//! (`[observers] nats_url` is shorthand for `[observers.nats] url`) < `fraiseql-observer.toml`
+//! (`[transport]`, `[transport.nats]`, `[transport.nats.jetstream]`) < the `FRAISEQL_NATS_*`
+//! environment variables. `[transport] backend` overrides `[observers] backend`.
+//!
+//! Every string value may contain `${VAR}` or `${VAR:-default}`, replaced from the environment
+//! when the file is loaded (`*_env` keys hold variable *names* and are not interpolated).
+//! Integer and boolean keys also accept a string made of such references
+//! (`http_port = "${PORT:-8080}"`).
+//!
+//! Loading collects every problem instead of stopping at the first; each [`ConfigError`]
+//! names the file, the dotted key, the line and what was expected. An unknown key anywhere is
+//! an error with a did-you-mean.
+//!
+//! This module is self-contained: `std`, `toml`, `strsim` only.
+
+mod error;
+mod handler;
+mod interp;
+mod load;
+mod node;
+mod reader;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+pub use error::{ConfigError, ConfigErrors};
+
+/// Message when the NATS backend has no server URL (verbatim from the product spec).
+pub const NATS_URL_REQUIRED: &str = "NATS transport requires nats.url to be set";
+/// Message when `run_bridge = true` without the NATS backend (verbatim from the product spec).
+pub const RUN_BRIDGE_REQUIRES_NATS: &str = "run_bridge=true requires transport=nats";
+
+/// Idempotency table used by `effectively_once` when none is named.
+pub const DEFAULT_IDEMPOTENCY_TABLE: &str = "fraiseql_observer_idempotency";
+/// Default PostgreSQL NOTIFY channel.
+pub const DEFAULT_NOTIFY_CHANNEL: &str = "fraiseql_changes";
+/// Default webhook timeout.
+pub const DEFAULT_WEBHOOK_TIMEOUT_MS: u64 = 10_000;
+/// Default SMTP port.
+pub const DEFAULT_SMTP_PORT: u16 = 587;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Config {
+    /// `[database]`
+    pub database: DatabaseConfig,
+    /// `[observers]`
+    pub observers: ObserversConfig,
+}
+
+/// `[database]`
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct DatabaseConfig {
+    /// `url`, else the `DATABASE_URL` environment variable.
+    pub url: Option<String>,
+}
+
+/// `[observers]`
+#[derive(Clone, PartialEq, Eq)]
+pub struct ObserversConfig {
+    /// `enabled` (default true)
+    pub enabled: bool,
+    /// `backend` (default postgres); `[transport] backend` overrides it.
+    pub backend: Backend,
+    /// `redis_url`; required by the redis backend.
+    pub redis_url: Option<String>,
+    /// `max_dlq_size`; `None` = unbounded (the default).
+    pub max_dlq_size: Option<usize>,
+    /// `run_bridge` (default false): forward the PostgreSQL change log to NATS.
+    pub run_bridge: bool,
+    /// `http_port` for `/health` and `/metrics` (default 8080).
+    pub http_port: u16,
+    /// `auto_install` the change-capture SQL at startup (default true).
+    pub auto_install: bool,
+    /// `max_concurrency`: actions running at once (default 256).
+    pub max_concurrency: usize,
+    /// `queue_capacity`: bounded event queue (default 10 000).
+    pub queue_capacity: usize,
+    /// `notify_channel` (default `fraiseql_changes`).
+    pub notify_channel: String,
+    /// `[observers.nats]`, merged with `[transport.nats]` and `FRAISEQL_NATS_*`.
+    pub nats: NatsConfig,
+    /// `[observers.bridge]`
+    pub bridge: BridgeConfig,
+    /// `[[observers.handlers]]`, in definition order.
+    pub handlers: Vec<HandlerConfig>,
+}
+
+/// Where events come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Backend {
+    /// PostgreSQL change log + LISTEN/NOTIFY (default).
+    #[default]
+    Postgres,
+    /// NATS JetStream durable consumer.
+    Nats,
+    /// Redis Stream + consumer group.
+    Redis,
+    /// In-process bus (tests, embedding).
+    InMemory,
+}
+
+impl Backend {
+    /// `"postgres" | "nats" | "redis" | "in_memory"`
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::Nats => "nats",
+            Backend::Redis => "redis",
+            Backend::InMemory => "in_memory",
+        }
+    }
+
+    /// Parses a backend name, any case; `in-memory` and `postgresql` are accepted too.
+    pub fn parse(s: &str) -> Option<Backend> {
+        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "postgres" | "postgresql" => Some(Backend::Postgres),
+            "nats" => Some(Backend::Nats),
+            "redis" => Some(Backend::Redis),
+            "in_memory" | "inmemory" | "memory" => Some(Backend::InMemory),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Backend::parse(s).ok_or_else(|| {
+            format!("expected one of \"postgres\", \"nats\", \"redis\", \"in_memory\", found {s:?}")
+        })
+    }
+}
+
+/// NATS settings after merging every source.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated. No default: the nats backend requires it.
+    pub url: Option<String>,
+    /// default `fraiseql.mutation`
+    pub subject_prefix: String,
+    /// default `fraiseql_observer_worker`
+    pub consumer_name: String,
+    /// default `fraiseql_events`
+    pub stream_name: String,
+    /// `[*.nats.jetstream]`
+    pub jetstream: JetStreamConfig,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            subject_prefix: "fraiseql.mutation".to_string(),
+            consumer_name: "fraiseql_observer_worker".to_string(),
+            stream_name: "fraiseql_events".to_string(),
+            jetstream: JetStreamConfig::default(),
+        }
+    }
+}
+
+/// JetStream stream and consumer limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamConfig {
+    /// Duplicate window, minutes (default 5, at least 1).
+    pub dedup_window_minutes: u64,
+    /// Max message age, days (default 7; 0 = no age limit).
+    pub max_age_days: u64,
+    /// default 10 000 000; -1 = unlimited
+    pub max_msgs: i64,
+    /// default 10 737 418 240 (10 GiB); -1 = unlimited
+    pub max_bytes: i64,
+    /// Ack wait, seconds (default 30, at least 1).
+    pub ack_wait_secs: u64,
+    /// Max deliveries (default 3); -1 = unlimited
+    pub max_deliver: i64,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        Self {
+            dedup_window_minutes: 5,
+            max_age_days: 7,
+            max_msgs: 10_000_000,
+            max_bytes: 10_737_418_240,
+            ack_wait_secs: 30,
+            max_deliver: 3,
+        }
+    }
+}
+
+/// `[observers.bridge]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeConfig {
+    /// default `pg_to_nats`
+    pub transport_name: String,
+    /// default 100
+    pub batch_size: usize,
+    /// default 1
+    pub poll_interval_secs: u64,
+    /// default: `[observers] notify_channel` (itself `fraiseql_changes` by default)
+    pub notify_channel: String,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            transport_name: "pg_to_nats".to_string(),
+            batch_size: 100,
+            poll_interval_secs: 1,
+            notify_channel: DEFAULT_NOTIFY_CHANNEL.to_string(),
+        }
+    }
+}
+
+/// One observer declared in TOML (or built by the Python front).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerConfig {
+    /// Unique name; also the listener id of its idempotency keys.
+    pub name: String,
+    /// Entity type, e.g. `Order`.
+    pub entity: String,
+    /// Table, default `tb_` + snake_case(entity).
+    pub table: String,
+    /// `"INSERT" | "UPDATE" | "DELETE"`
+    pub event: String,
+    /// Condition source, compiled elsewhere.
+    pub condition: Option<String>,
+    /// Retry policy of its actions.
+    pub retry: RetryConfig,
+    /// Delivery strategy.
+    pub checkpoint: CheckpointConfig,
+    /// At least one action.
+    pub actions: Vec<ActionConfig>,
+    /// Where it was declared, e.g. `fraiseql.toml:12`.
+    pub origin: String,
+}
+
+/// Retry policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// default 3, at least 1 (1 = no retry)
+    pub max_attempts: u32,
+    /// default exponential
+    pub backoff_strategy: BackoffStrategy,
+    /// default 100
+    pub initial_delay_ms: u64,
+    /// default 30 000; at least `initial_delay_ms`
+    pub max_delay_ms: u64,
+    /// default true
+    pub jitter: bool,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            backoff_strategy: BackoffStrategy::Exponential,
+            initial_delay_ms: 100,
+            max_delay_ms: 30_000,
+            jitter: true,
+        }
+    }
+}
+
+/// How the delay grows between attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum BackoffStrategy {
+    /// Always `initial_delay_ms`.
+    Fixed,
+    /// `initial_delay_ms * attempt`
+    Linear,
+    /// `initial_delay_ms * 2^(attempt-1)` (default)
+    #[default]
+    Exponential,
+}
+
+impl BackoffStrategy {
+    /// `"fixed" | "linear" | "exponential"`
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackoffStrategy::Fixed => "fixed",
+            BackoffStrategy::Linear => "linear",
+            BackoffStrategy::Exponential => "exponential",
+        }
+    }
+}
+
+impl fmt::Display for BackoffStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Delivery strategy of a handler.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CheckpointConfig {
+    /// May run more than once for one event (default).
+    #[default]
+    AtLeastOnce,
+    /// Records (listener id, event id) in `idempotency_table` before running the actions.
+    EffectivelyOnce {
+        /// A checked SQL identifier, optionally `schema.table`.
+        idempotency_table: String,
+    },
+}
+
+impl CheckpointConfig {
+    /// `"at_least_once" | "effectively_once"`
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CheckpointConfig::AtLeastOnce => "at_least_once",
+            CheckpointConfig::EffectivelyOnce { .. } => "effectively_once",
+        }
+    }
+
+    /// The idempotency table, for `EffectivelyOnce`.
+    pub fn idempotency_table(&self) -> Option<&str> {
+        match self {
+            CheckpointConfig::AtLeastOnce => None,
+            CheckpointConfig::EffectivelyOnce { idempotency_table } => Some(idempotency_table),
+        }
+    }
+}
+
+/// One action of a handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActionConfig {
+    /// HTTP POST
+    Webhook(WebhookConfig),
+    /// Slack incoming webhook
+    Slack(SlackConfig),
+    /// SMTP
+    Email(EmailConfig),
+}
+
+impl ActionConfig {
+    /// `"webhook" | "slack" | "email"`
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ActionConfig::Webhook(_) => "webhook",
+            ActionConfig::Slack(_) => "slack",
+            ActionConfig::Email(_) => "email",
+        }
+    }
+}
+
+/// `type = "webhook"`. Exactly one of `url` / `url_env` is set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// Literal URL (after `${VAR}` interpolation).
+    pub url: Option<String>,
+    /// Name of the variable holding the URL, read when the action runs.
+    pub url_env: Option<String>,
+    /// Headers in declaration order (values interpolated).
+    pub headers: Vec<(String, String)>,
+    /// Mustache body; `None` = the standard JSON payload.
+    pub body_template: Option<String>,
+    /// Name of the variable holding the HMAC-SHA256 signing secret.
+    pub secret_env: Option<String>,
+    /// default 10 000
+    pub timeout_ms: u64,
+}
+
+/// `type = "slack"`. Exactly one of `webhook_url` / `webhook_url_env` is set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SlackConfig {
+    /// Literal incoming-webhook URL.
+    pub webhook_url: Option<String>,
+    /// Name of the variable holding it.
+    pub webhook_url_env: Option<String>,
+    /// `#channel` or `@user`
+    pub channel: Option<String>,
+    /// Message text with `{field}` substitution.
+    pub message: String,
+}
+
+/// `type = "email"`. Exactly one of `smtp_host` / `smtp_host_env` is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmailConfig {
+    /// Sender
+    pub from: String,
+    /// Recipients (at least one)
+    pub to: Vec<String>,
+    /// Subject with `{field}` substitution
+    pub subject: String,
+    /// Body with `{field}` substitution
+    pub body_template: String,
+    /// SMTP host
+    pub smtp_host: Option<String>,
+    /// Name of the variable holding the SMTP host
+    pub smtp_host_env: Option<String>,
+    /// default 587
+    pub smtp_port: u16,
+    /// Name of the variable holding the SMTP user
+    pub smtp_user_env: Option<String>,
+    /// Name of the variable holding the SMTP password
+    pub smtp_password_env: Option<String>,
+    /// default required
+    pub tls: EmailTls,
+}
+
+/// SMTP TLS mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum EmailTls {
+    /// TLS required (default)
+    #[default]
+    Required,
+    /// STARTTLS when offered
+    Opportunistic,
+    /// Plain text
+    None,
+}
+
+impl EmailTls {
+    /// `"required" | "opportunistic" | "none"`
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmailTls::Required => "required",
+            EmailTls::Opportunistic => "opportunistic",
+            EmailTls::None => "none",
+        }
+    }
+}
+
+impl ObserversConfig {
+    /// Defaults, with the given backend.
+    pub fn default_with_backend(backend: Backend) -> Self {
+        Self {
+            enabled: true,
+            backend,
+            redis_url: None,
+            max_dlq_size: None,
+            run_bridge: false,
+            http_port: 8080,
+            auto_install: true,
+            max_concurrency: 256,
+            queue_capacity: 10_000,
+            notify_channel: DEFAULT_NOTIFY_CHANNEL.to_string(),
+            nats: NatsConfig::default(),
+            bridge: BridgeConfig::default(),
+            handlers: Vec::new(),
+        }
+    }
+}
+
+impl Default for ObserversConfig {
+    fn default() -> Self {
+        Self::default_with_backend(Backend::Postgres)
+    }
+}
+
+impl Config {
+    /// Defaults only (in-memory use, tests). No validation: `Backend::Nats` here has no URL.
+    pub fn default_with_backend(backend: Backend) -> Config {
+        Config {
+            database: DatabaseConfig::default(),
+            observers: ObserversConfig::default_with_backend(backend),
+        }
+    }
+
+    /// Builds the configuration from file texts. `main` is `fraiseql.toml`, `runtime` is
+    /// `fraiseql-observer.toml`, each as `(label used in messages, text)`; either may be absent.
+    /// `env` reads environment variables (`${VAR}`, `FRAISEQL_NATS_*`, `DATABASE_URL`).
+    pub fn from_sources(
+        main: Option<(&str, &str)>,
+        runtime: Option<(&str, &str)>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        load::from_sources(main, runtime, env)
+    }
+
+    /// Reads the files and builds the configuration with the process environment. A path that
+    /// is given but cannot be read is an error naming it; pass `None` for an absent file.
+    pub fn load(main: Option<&Path>, runtime: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut read = |path: Option<&Path>| -> Option<(String, String)> {
+            let path = path?;
+            let label = path.display().to_string();
+            match std::fs::read_to_string(path) {
+                Ok(text) => Some((label, text)),
+                Err(e) => {
+                    errors.push(ConfigError::new(
+                        label,
+                        "",
+                        None,
+                        format!("cannot read configuration file: {e}"),
+                    ));
+                    None
+                }
+            }
+        };
+        let main_src = read(main);
+        let runtime_src = read(runtime);
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let env = |name: &str| std::env::var(name).ok();
+        Config::from_sources(
+            main_src.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
+            runtime_src.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
+            &env,
+        )
+    }
+}
+
+fn finish<T>(value: Option<T>, errors: Vec<ConfigError>) -> Result<T, ConfigErrors> {
+    match value {
+        Some(v) if errors.is_empty() => Ok(v),
+        _ => Err(ConfigErrors(errors)),
+    }
+}
+
+/// Parses one handler (same keys as a `[[observers.handlers]]` table). Errors name `origin`
+/// as their file and keys relative to the handler (`retry.max_attempts`); `origin` is also
+/// the handler's [`HandlerConfig::origin`].
+pub fn parse_handler(
+    value: &toml::Value,
+    origin: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<HandlerConfig, ConfigErrors> {
+    let node = node::Node::from_value(value);
+    let mut ctx = reader::Ctx::new(origin, env);
+    let h = handler::handler(&mut ctx, &node, "", Some(origin));
+    finish(h, ctx.errors)
+}
+
+/// Parses one action table (`{ type = "webhook", ... }`).
+pub fn parse_action(
+    value: &toml::Value,
+    origin: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ActionConfig, ConfigErrors> {
+    let node = node::Node::from_value(value);
+    let mut ctx = reader::Ctx::new(origin, env);
+    let a = handler::action(&mut ctx, &node, "");
+    finish(a, ctx.errors)
+}
+
+/// Parses a retry table. Strings are not interpolated from the environment here (a `${VAR}`
+/// without default is reported as unset).
+pub fn parse_retry(value: &toml::Value, origin: &str) -> Result<RetryConfig, ConfigErrors> {
+    let node = node::Node::from_value(value);
+    let no_env = |_: &str| None;
+    let mut ctx = reader::Ctx::new(origin, &no_env);
+    let r = handler::retry(&mut ctx, &node, "");
+    finish(r, ctx.errors)
+}
+
+/// Parses a checkpoint: a table `{ strategy = "...", idempotency_table = "..." }` or the
+/// strategy name as a string.
+pub fn parse_checkpoint(
+    value: &toml::Value,
+    origin: &str,
+) -> Result<CheckpointConfig, ConfigErrors> {
+    let node = node::Node::from_value(value);
+    let no_env = |_: &str| None;
+    let mut ctx = reader::Ctx::new(origin, &no_env);
+    let c = handler::checkpoint(&mut ctx, &node, "");
+    finish(c, ctx.errors)
+}
+
+/// Checks a SQL identifier for direct use in SQL text: `[A-Za-z_][A-Za-z0-9_]*`, at most 63
+/// characters, optionally qualified as `schema.table`. The error explains what is wrong.
+pub fn validate_sql_identifier(name: &str) -> Result<(), String> {
+    const RULE: &str = "expected a SQL identifier: letters, digits and _, not starting with a \
+                        digit, at most 63 characters, optionally qualified as schema.table";
+    let shown = node::quote_short(name);
+    if name.is_empty() {
+        return Err(format!("{RULE}, found an empty string"));
+    }
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() > 2 {
+        return Err(format!("{RULE}, found {shown} (more than one '.')"));
+    }
+    for part in parts {
+        if part.is_empty() {
+            return Err(format!("{RULE}, found {shown} (empty name around '.')"));
+        }
+        if let Some(bad) = part
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
+        {
+            return Err(format!("{RULE}, found {shown} ({bad:?} is not allowed)"));
+        }
+        if part.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(format!("{RULE}, found {shown} (starts with a digit)"));
+        }
+        if part.len() > 63 {
+            return Err(format!("{RULE}, found {shown} ({} characters)", part.len()));
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the scheme and host of URL(s), hiding credentials, paths and query strings.
+pub(crate) fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|part| {
+            let part = part.trim();
+            match part.find("://") {
+                Some(i) => {
+                    let (scheme, rest) = (&part[..i], &part[i + 3..]);
+                    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+                    let authority = &rest[..end];
+                    let host = match authority.rfind('@') {
+                        Some(at) => format!("***@{}", &authority[at + 1..]),
+                        None => authority.to_string(),
+                    };
+                    let tail = if end < rest.len() { "/…" } else { "" };
+                    format!("{scheme}://{host}{tail}")
+                }
+                None if part.is_empty() => String::new(),
+                None => "<redacted>".to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+struct Redacted<'a>(Option<&'a str>);
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(u) => f.debug_tuple("Some").field(&redact_url(u)).finish(),
+            None => f.write_str("None"),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &Redacted(self.url.as_deref()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for ObserversConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObserversConfig")
+            .field("enabled", &self.enabled)
+            .field("backend", &self.backend)
+            .field("redis_url", &Redacted(self.redis_url.as_deref()))
+            .field("max_dlq_size", &self.max_dlq_size)
+            .field("run_bridge", &self.run_bridge)
+            .field("http_port", &self.http_port)
+            .field("auto_install", &self.auto_install)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("queue_capacity", &self.queue_capacity)
+            .field("notify_channel", &self.notify_channel)
+            .field("nats", &self.nats)
+            .field("bridge", &self.bridge)
+            .field("handlers", &self.handlers)
+            .finish()
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &Redacted(self.url.as_deref()))
+            .field("subject_prefix", &self.subject_prefix)
+            .field("consumer_name", &self.consumer_name)
+            .field("stream_name", &self.stream_name)
+            .field("jetstream", &self.jetstream)
+            .finish()
+    }
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(k, _)| (k.as_str(), "<redacted>"))
+            .collect();
+        f.debug_struct("WebhookConfig")
+            .field("url", &Redacted(self.url.as_deref()))
+            .field("url_env", &self.url_env)
+            .field("headers", &headers)
+            .field("body_template", &self.body_template)
+            .field("secret_env", &self.secret_env)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+impl fmt::Debug for SlackConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlackConfig")
+            .field("webhook_url", &Redacted(self.webhook_url.as_deref()))
+            .field("webhook_url_env", &self.webhook_url_env)
+            .field("channel", &self.channel)
+            .field("message", &self.message)
+            .finish()
+    }
+}

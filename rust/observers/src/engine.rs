@@ -1,0 +1,446 @@
+//! The observer engine: for each event, the observers of its (entity, event) in definition
+//! order → condition → checkpoint strategy → actions with retries → DLQ when exhausted.
+//!
+//! The engine owns no runtime and no queue; transports call [`Engine::process`] from their
+//! own tasks, with their own bounded concurrency, and acknowledge when it returns.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::action::{Action, ActionError};
+use crate::checkpoint::{CheckpointStrategy, IdempotencyStore, MemoryIdempotencyStore};
+use crate::condition::Condition;
+use crate::dlq::{DeadLetterQueue, DlqEntry, PushOutcome};
+use crate::error::{Error, Result};
+use crate::event::{now_rfc3339, Event, EventKind};
+use crate::metrics::{ActionMetrics, Metrics, ObserverMetrics};
+use crate::retry::RetryPolicy;
+
+/// One observer, ready to be compiled into the engine.
+pub struct ObserverSpec {
+    pub name: String,
+    pub entity: String,
+    pub event: EventKind,
+    pub condition: Option<Condition>,
+    pub retry: RetryPolicy,
+    pub checkpoint: CheckpointStrategy,
+    pub actions: Vec<Arc<dyn Action>>,
+}
+
+/// Resolves the idempotency store that serves one idempotency table.
+pub trait IdempotencyStores: Send + Sync {
+    fn store_for(&self, table: &str) -> Arc<dyn IdempotencyStore>;
+}
+
+/// One in-memory store per table, shared by the observers naming the same table.
+#[derive(Default)]
+pub struct MemoryIdempotencyStores {
+    stores: std::sync::Mutex<HashMap<String, Arc<MemoryIdempotencyStore>>>,
+}
+
+impl IdempotencyStores for MemoryIdempotencyStores {
+    fn store_for(&self, table: &str) -> Arc<dyn IdempotencyStore> {
+        let mut stores = self.stores.lock().expect("stores lock");
+        stores.entry(table.to_owned()).or_default().clone()
+    }
+}
+
+struct CompiledObserver {
+    name: String,
+    condition: Option<Condition>,
+    retry: RetryPolicy,
+    idempotency: Option<Arc<dyn IdempotencyStore>>,
+    actions: Vec<(Arc<dyn Action>, ActionMetrics)>,
+    metrics: ObserverMetrics,
+}
+
+/// What happened to one event.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessReport {
+    /// Observers whose entity, event and condition matched.
+    pub matched: usize,
+    /// Observers skipped as EffectivelyOnce duplicates.
+    pub duplicates: usize,
+    /// Actions that exhausted their retries and were dead-lettered (or dropped on overflow).
+    pub dead_lettered: usize,
+}
+
+pub struct Engine {
+    observers: Vec<CompiledObserver>,
+    /// entity → observer indices per event kind, in definition order.
+    index: HashMap<String, [Vec<usize>; 3]>,
+    dlq: Arc<dyn DeadLetterQueue>,
+    metrics: Arc<Metrics>,
+}
+
+fn kind_slot(kind: EventKind) -> usize {
+    match kind {
+        EventKind::Insert => 0,
+        EventKind::Update => 1,
+        EventKind::Delete => 2,
+    }
+}
+
+impl Engine {
+    /// Compiles the observers. Names must be unique: they are the listener ids that key
+    /// idempotency records and DLQ entries.
+    pub fn new(
+        specs: Vec<ObserverSpec>,
+        dlq: Arc<dyn DeadLetterQueue>,
+        stores: &dyn IdempotencyStores,
+        metrics: Arc<Metrics>,
+    ) -> Result<Engine> {
+        let mut observers = Vec::with_capacity(specs.len());
+        let mut index: HashMap<String, [Vec<usize>; 3]> = HashMap::new();
+        for (i, spec) in specs.into_iter().enumerate() {
+            if observers
+                .iter()
+                .any(|o: &CompiledObserver| o.name == spec.name)
+            {
+                return Err(Error::Schema(format!(
+                    "observer name `{}` is declared twice; names identify observers in the DLQ and idempotency tables and must be unique",
+                    spec.name
+                )));
+            }
+            if spec.actions.is_empty() {
+                return Err(Error::Schema(format!(
+                    "observer `{}` has no action",
+                    spec.name
+                )));
+            }
+            index.entry(spec.entity.clone()).or_default()[kind_slot(spec.event)].push(i);
+            let idempotency = match &spec.checkpoint {
+                CheckpointStrategy::AtLeastOnce => None,
+                CheckpointStrategy::EffectivelyOnce { idempotency_table } => {
+                    Some(stores.store_for(idempotency_table))
+                }
+            };
+            let actions = spec
+                .actions
+                .into_iter()
+                .map(|a| {
+                    let m = metrics.action(&spec.name, a.kind());
+                    (a, m)
+                })
+                .collect();
+            observers.push(CompiledObserver {
+                metrics: metrics.observer(&spec.name),
+                name: spec.name,
+                condition: spec.condition,
+                retry: spec.retry,
+                idempotency,
+                actions,
+            });
+        }
+        Ok(Engine {
+            observers,
+            index,
+            dlq,
+            metrics,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn dlq(&self) -> &Arc<dyn DeadLetterQueue> {
+        &self.dlq
+    }
+
+    pub fn observer_names(&self) -> impl Iterator<Item = &str> {
+        self.observers.iter().map(|o| o.name.as_str())
+    }
+
+    /// Runs every matching observer for `event` to completion — success, or dead-lettered —
+    /// in definition order. When this returns, the event may be acknowledged.
+    pub async fn process(&self, event: &Event) -> ProcessReport {
+        self.metrics.events_received.inc();
+        let mut report = ProcessReport::default();
+        let Some(slots) = self.index.get(event.entity.as_str()) else {
+            return report;
+        };
+        for &i in &slots[kind_slot(event.event)] {
+            let observer = &self.observers[i];
+            if let Some(condition) = &observer.condition {
+                if !condition.evaluate(event.new.as_ref(), event.old.as_ref()) {
+                    continue;
+                }
+            }
+            report.matched += 1;
+            observer.metrics.matched.inc();
+            if !self.claim(observer, event, &mut report).await {
+                continue;
+            }
+            let started = Instant::now();
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                tracing::debug!(
+                    "[observer] {} fired: {}",
+                    observer.name,
+                    summary(observer, event)
+                );
+            }
+            for (action_index, (action, metrics)) in observer.actions.iter().enumerate() {
+                if let Err(failure) =
+                    run_with_retries(observer, action.as_ref(), metrics, event).await
+                {
+                    report.dead_lettered += 1;
+                    self.dead_letter(observer, action_index, action.as_ref(), event, failure)
+                        .await;
+                }
+            }
+            tracing::debug!(
+                "[observer] {} completed in {}ms",
+                observer.name,
+                started.elapsed().as_millis()
+            );
+        }
+        report
+    }
+
+    /// EffectivelyOnce: records the key before the actions run. Returns false when the event
+    /// was already processed by this observer (skip). A store failure does not skip the
+    /// event: it is dead-lettered so it is neither lost nor run unguarded.
+    async fn claim(
+        &self,
+        observer: &CompiledObserver,
+        event: &Event,
+        report: &mut ProcessReport,
+    ) -> bool {
+        let Some(store) = &observer.idempotency else {
+            return true;
+        };
+        match store
+            .record_idempotency_key(&observer.name, &event.id)
+            .await
+        {
+            Ok(true) => true,
+            Ok(false) => {
+                report.duplicates += 1;
+                observer.metrics.duplicates.inc();
+                tracing::debug!(
+                    "[observer] {} skipped duplicate event {}",
+                    observer.name,
+                    event.id
+                );
+                false
+            }
+            Err(e) => {
+                tracing::error!(
+                    "[observer] {}: could not record idempotency key for event {}: {e}",
+                    observer.name,
+                    event.id
+                );
+                report.dead_lettered += 1;
+                let failure = Failure {
+                    error: format!("idempotency store: {e}"),
+                    attempts: 0,
+                    first_failed_at: now_rfc3339(),
+                };
+                for (i, (action, _)) in observer.actions.iter().enumerate() {
+                    self.dead_letter(observer, i, action.as_ref(), event, failure.clone())
+                        .await;
+                }
+                false
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        observer: &CompiledObserver,
+        action_index: usize,
+        action: &dyn Action,
+        event: &Event,
+        failure: Failure,
+    ) {
+        let entry = DlqEntry {
+            id: 0,
+            event: event.clone(),
+            observer: observer.name.clone(),
+            action_index,
+            action: action.describe(),
+            error: failure.error,
+            attempts: failure.attempts,
+            first_failed_at: failure.first_failed_at,
+            last_failed_at: now_rfc3339(),
+        };
+        match self.dlq.push(entry).await {
+            Ok(PushOutcome::Stored(id)) => {
+                self.metrics.dlq_size.inc();
+                tracing::warn!(
+                    "[observer] {} moved event {} to the dead-letter queue (entry {id})",
+                    observer.name,
+                    event.id
+                );
+            }
+            Ok(PushOutcome::Overflow) => {
+                self.metrics.dlq_overflow.inc();
+                tracing::error!(
+                    "[observer] dead-letter queue full (max_dlq_size reached): dropped event {} of {}",
+                    event.id,
+                    observer.name
+                );
+            }
+            Err(e) => tracing::error!(
+                "[observer] could not write event {} of {} to the dead-letter queue: {e}",
+                event.id,
+                observer.name
+            ),
+        }
+    }
+
+    /// Re-runs a dead-lettered action (with its observer's retry policy) and removes the
+    /// entry on success. Returns Ok(false) if the action failed again (the entry stays,
+    /// with the new error). EffectivelyOnce keys are not consulted: a retry is deliberate.
+    pub async fn retry_dead_letter(&self, id: u64) -> Result<bool> {
+        let entry = self
+            .dlq
+            .get(id)
+            .await?
+            .ok_or_else(|| Error::DeadLetter(format!("no dead-letter entry with id {id}")))?;
+        let observer = self
+            .observers
+            .iter()
+            .find(|o| o.name == entry.observer)
+            .ok_or_else(|| {
+                Error::DeadLetter(format!(
+                    "entry {id} belongs to observer `{}`, which is not declared any more",
+                    entry.observer
+                ))
+            })?;
+        let (action, metrics) = observer.actions.get(entry.action_index).ok_or_else(|| {
+            Error::DeadLetter(format!(
+                "entry {id} names action #{} of `{}`, which has only {} actions now",
+                entry.action_index,
+                entry.observer,
+                observer.actions.len()
+            ))
+        })?;
+        match run_with_retries(observer, action.as_ref(), metrics, &entry.event).await {
+            Ok(()) => {
+                if self.dlq.remove(id).await? {
+                    self.metrics.dlq_size.dec();
+                }
+                Ok(true)
+            }
+            Err(failure) => {
+                let updated = DlqEntry {
+                    error: failure.error,
+                    attempts: entry.attempts + failure.attempts,
+                    last_failed_at: now_rfc3339(),
+                    ..entry
+                };
+                // Replace in place: remove then push keeps the queue's bound honest.
+                self.dlq.remove(id).await?;
+                self.metrics.dlq_size.dec();
+                if let PushOutcome::Stored(_) = self.dlq.push(updated).await? {
+                    self.metrics.dlq_size.inc();
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Removes every DLQ entry; returns how many there were.
+    pub async fn purge_dead_letters(&self) -> Result<usize> {
+        let n = self.dlq.purge().await?;
+        self.metrics.dlq_size.set(0);
+        Ok(n)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Failure {
+    error: String,
+    attempts: u32,
+    first_failed_at: String,
+}
+
+/// Runs one action under the observer's retry policy.
+async fn run_with_retries(
+    observer: &CompiledObserver,
+    action: &dyn Action,
+    metrics: &ActionMetrics,
+    event: &Event,
+) -> std::result::Result<(), Failure> {
+    let max = observer.retry.max_attempts;
+    let mut first_failed_at = None;
+    for attempt in 1..=max {
+        let started = Instant::now();
+        let outcome = action.execute(event).await;
+        metrics.duration.observe(started.elapsed().as_secs_f64());
+        let err: ActionError = match outcome {
+            Ok(()) => {
+                metrics.succeeded.inc();
+                if attempt > 1 {
+                    tracing::debug!(
+                        "[observer] {} delivered on attempt {attempt}",
+                        action.describe()
+                    );
+                }
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        let failed_at = first_failed_at.get_or_insert_with(now_rfc3339);
+        tracing::debug!(
+            "[observer] {} failed: {} (attempt {attempt}/{max})",
+            action.describe(),
+            last_line(&err.message)
+        );
+        if !err.retryable || attempt == max {
+            metrics.failed.inc();
+            return Err(Failure {
+                error: err.message,
+                attempts: attempt,
+                first_failed_at: failed_at.clone(),
+            });
+        }
+        metrics.retried.inc();
+        let mut delay = observer.retry.delay_after(attempt);
+        if let Some(asked) = err.retry_after {
+            delay = asked.min(observer.retry.max_delay).max(delay);
+        }
+        tracing::debug!(
+            "[observer] Retrying in {}ms ({} backoff)",
+            delay.as_millis(),
+            observer.retry.backoff.as_str()
+        );
+        tokio::time::sleep(delay).await;
+    }
+    unreachable!("max_attempts is at least 1")
+}
+
+/// The last non-empty line: for a traceback, the exception itself.
+fn last_line(s: &str) -> &str {
+    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(s)
+}
+
+/// `Order{id=ord_123, total=1250.00}`: the id and the fields the condition looks at.
+fn summary(observer: &CompiledObserver, event: &Event) -> String {
+    let mut out = format!("{}{{", event.entity);
+    let row = event.row();
+    let mut fields = vec!["id"];
+    if let Some(c) = &observer.condition {
+        for f in c.referenced_fields() {
+            if !fields.contains(&f) {
+                fields.push(f);
+            }
+        }
+    }
+    for (n, field) in fields.iter().enumerate() {
+        let value = row.and_then(|r| r.get(*field));
+        let shown = match value {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => "null".to_owned(),
+        };
+        let sep = if n == 0 { "" } else { ", " };
+        let _ = write!(out, "{sep}{field}={shown}");
+    }
+    out.push('}');
+    out
+}

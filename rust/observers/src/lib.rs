@@ -1,0 +1,34 @@
+//! `fraiseql_observers`: the native observer engine of fraiseql.
+//!
+//! Pure Rust with no Python in it and no runtime of its own: everything async runs on the
+//! caller's tokio runtime. The PyO3 binding lives in the `fraiseql-python` crate.
+
+pub mod action;
+pub mod checkpoint;
+pub mod condition;
+pub mod config;
+pub mod dlq;
+pub mod engine;
+pub mod error;
+pub mod event;
+pub mod http;
+pub mod metrics;
+pub mod retry;
+pub mod schema;
+pub mod transport;
+
+pub use action::{Action, ActionError, NoopAction};
+pub use checkpoint::{
+    is_duplicate, record_idempotency_key, CheckpointStrategy, IdempotencyStore, ListenerConfig,
+    MemoryIdempotencyStore,
+};
+pub use condition::{Condition, ConditionError};
+pub use config::{Backend, Config, ConfigError, ConfigErrors};
+pub use dlq::{DeadLetterQueue, DlqEntry, MemoryDlq};
+pub use engine::{Engine, IdempotencyStores, MemoryIdempotencyStores, ObserverSpec, ProcessReport};
+pub use error::{Error, Result};
+pub use event::{Event, EventKind};
+pub use metrics::Metrics;
+pub use retry::RetryPolicy;
+pub use schema::{EntityDef, Schema};
+pub use transport::memory::MemoryTransport;
