@@ -1,0 +1,64 @@
+"""fraiseql: database changes → reliable actions and NATS JetStream events.
+
+Declare entity types with `@fraiseql.type`, observers with `@fraiseql.subscription` or
+`fraiseql.observer(...)`, and run them with `fraiseql run` or `fraiseql.Engine`.
+"""
+
+from __future__ import annotations
+
+from . import scalars
+from ._engine import Engine
+from ._native import (
+    ActionError,
+    CheckpointError,
+    ConditionError,
+    ConfigError,
+    DeadLetterError,
+    EngineError,
+    FraiseQLError,
+    SchemaError,
+    TransportError,
+)
+from ._native import __version__ as __version__
+from ._schema import (
+    AtLeastOnce,
+    EffectivelyOnce,
+    Event,
+    Registry,
+    Retry,
+    observer,
+    registry,
+    set_registry,
+    subscription,
+)
+from ._schema import type_ as type
+from .actions import email, slack, webhook
+from .condition import Condition
+
+__all__ = [
+    "ActionError",
+    "AtLeastOnce",
+    "CheckpointError",
+    "Condition",
+    "ConditionError",
+    "ConfigError",
+    "DeadLetterError",
+    "EffectivelyOnce",
+    "Engine",
+    "EngineError",
+    "Event",
+    "FraiseQLError",
+    "Registry",
+    "Retry",
+    "SchemaError",
+    "TransportError",
+    "email",
+    "observer",
+    "registry",
+    "scalars",
+    "set_registry",
+    "slack",
+    "subscription",
+    "type",
+    "webhook",
+]

@@ -1,0 +1,186 @@
+"""The `fraiseql` command: `run` the engine, `check` a project without connecting."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import _native
+from ._engine import Engine, native_observers, read_source
+from ._schema import Registry, set_registry
+
+
+def _find_config(config: Path | None) -> Path:
+    if config is not None:
+        return config
+    default = Path("fraiseql.toml")
+    if not default.exists():
+        raise click.UsageError(f"no fraiseql.toml in {Path.cwd()}; pass --config PATH")
+    return default
+
+
+def _runtime_config(config: Path, runtime: Path | None) -> Path | None:
+    if runtime is not None:
+        return runtime
+    beside = config.parent / "fraiseql-observer.toml"
+    return beside if beside.exists() else None
+
+
+def _schema_path(config: Path, schema: str | None) -> str | None:
+    if schema is not None:
+        return schema
+    beside = config.parent / "schema.py"
+    return str(beside) if beside.exists() else None
+
+
+def load_schema(schema: str | None) -> Registry:
+    """Imports the schema module (a .py path or a dotted module) into a fresh registry."""
+    reg = Registry()
+    old = set_registry(reg)
+    try:
+        if schema is None:
+            return reg
+        if schema.endswith(".py") or Path(schema).exists():
+            path = Path(schema).resolve()
+            if not path.exists():
+                raise click.UsageError(f"schema file {schema} not found")
+            sys.path.insert(0, str(path.parent))
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(schema)
+        return reg
+    finally:
+        set_registry(old)
+
+
+def _schema_error(schema: str | None, exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = next(
+        (f"{f.filename}:{f.lineno}" for f in reversed(frames) if "fraiseql" not in f.filename), schema
+    )
+    return f"{where}: {type(exc).__name__}: {exc}"
+
+
+@click.group()
+@click.version_option(_native.__version__, prog_name="fraiseql")
+def main() -> None:
+    """fraiseql: run observers on database changes."""
+
+
+_config_opt = click.option(
+    "--config",
+    "config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="fraiseql.toml (default: ./fraiseql.toml)",
+)
+_runtime_opt = click.option(
+    "--runtime-config",
+    "runtime",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="fraiseql-observer.toml (default: beside the config, if present)",
+)
+_schema_opt = click.option(
+    "--schema",
+    "schema",
+    help="schema module: a .py file or a dotted name (default: schema.py beside the config)",
+)
+
+
+@main.command()
+@_config_opt
+@_runtime_opt
+@_schema_opt
+def check(config: Path | None, runtime: Path | None, schema: str | None) -> None:
+    """Validate config, schema and every condition without connecting to anything."""
+    cfg = _find_config(config)
+    schema = _schema_path(cfg, schema)
+    errors: list[str] = []
+    reg = Registry()
+    try:
+        reg = load_schema(schema)
+    except click.UsageError:
+        raise
+    except Exception as exc:  # a broken schema module is one more error to list
+        errors.append(_schema_error(schema, exc))
+    try:
+        errors += _native.check(
+            read_source(cfg),
+            read_source(_runtime_config(cfg, runtime)),
+            reg.entities(),
+            native_observers(reg),
+        )
+    except _native.ConfigError as exc:
+        errors.append(str(exc))
+    if errors:
+        for e in errors:
+            click.echo(e, err=True)
+        click.echo(f"{len(errors)} error(s)", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {cfg}, {len(reg.types)} type(s), {len(reg.observers)} Python observer(s)")
+
+
+def _emit_lines(engine: Engine, source: str) -> int:
+    """Feeds JSON-lines events to the in-memory transport; returns how many were rejected."""
+    stream = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115
+    rejected = 0
+    with stream:
+        for n, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                ev: dict[str, Any] = json.loads(line)
+                engine.emit(ev["entity"], ev["event"], ev.get("new"), ev.get("old"), id=ev.get("id"))
+            except (ValueError, KeyError, TypeError, _native.FraiseQLError) as exc:
+                rejected += 1
+                click.echo(f"{source}:{n}: event rejected: {type(exc).__name__}: {exc}", err=True)
+    return rejected
+
+
+@main.command()
+@_config_opt
+@_runtime_opt
+@_schema_opt
+@click.option("--events", help="in_memory backend: JSON lines of events to process, then exit ('-' = stdin)")
+@click.option("--http-port", type=int, help="port of /health and /metrics (default: observers.http_port)")
+def run(
+    config: Path | None, runtime: Path | None, schema: str | None, events: str | None, http_port: int | None
+) -> None:
+    """Run the observer engine until SIGINT/SIGTERM (then drain in-flight work and exit 0)."""
+    cfg = _find_config(config)
+    reg = load_schema(_schema_path(cfg, schema))
+    try:
+        engine = Engine(cfg, runtime_config=_runtime_config(cfg, runtime), schema=reg, http_port=http_port)
+        if http_port is None and events is None:  # a one-shot --events run serves no HTTP
+            engine._http_port = engine._native.configured_http_port
+        engine.start()
+    except _native.FraiseQLError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if events is not None:
+        rejected = _emit_lines(engine, events)
+        engine.stop()
+        sys.exit(1 if rejected else 0)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    click.echo("[observers] stopping: draining in-flight events", err=True)
+    engine.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,595 @@
+//! `fraiseql._native.Engine`: the engine behind `fraiseql.Engine` and `fraiseql run`.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use fraiseql_observers::config::{self, ActionConfig, HandlerConfig};
+use fraiseql_observers::http::{HealthSource, HttpServer};
+use fraiseql_observers::schema::default_table;
+use fraiseql_observers::{
+    Action, Backend, Config, DlqEntry, Engine, EntityDef, Error, Event, EventKind, MemoryDlq,
+    MemoryIdempotencyStores, MemoryTransport, Metrics, ObserverSpec, Schema,
+};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use pyo3_async_runtimes::TaskLocals;
+use serde_json::{json, Value};
+
+use crate::convert::{row_from_py, to_json, to_py};
+use crate::errors::PyFraiseError;
+use crate::handler::{LoopSlot, PythonHandler};
+use crate::runtime::runtime;
+
+type Source = Option<(String, String)>;
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// A config given as a Python dict: serialised to TOML so it goes through the same parser
+/// and validation as a file.
+fn dict_source(dict: Option<&Bound<'_, PyDict>>) -> PyResult<Source> {
+    let Some(dict) = dict else { return Ok(None) };
+    let value = to_json(dict.as_any())?;
+    let text = toml::to_string(&value).map_err(|e| {
+        PyValueError::new_err(format!("config dict cannot be expressed as TOML: {e}"))
+    })?;
+    Ok(Some(("<config dict>".to_owned(), text)))
+}
+
+fn toml_value(obj: &Bound<'_, PyAny>) -> PyResult<toml::Value> {
+    let json = to_json(obj)?;
+    toml::Value::try_from(json).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// An observer declared in Python (`@fraiseql.subscription` / `fraiseql.observer`).
+struct PyObserver {
+    handler: HandlerConfig,
+    /// The Python function of a subscription (None for observers made of built-in actions).
+    function: Option<(Py<PyAny>, bool)>,
+}
+
+fn parse_py_observer(
+    obj: &Bound<'_, PyAny>,
+    errors: &mut Vec<Error>,
+) -> PyResult<Option<PyObserver>> {
+    let d = obj.cast::<PyDict>()?;
+    let get = |k: &str| d.get_item(k);
+    let origin: String = get("origin")?
+        .map(|o| o.extract())
+        .transpose()?
+        .unwrap_or_default();
+    let function = match get("function")? {
+        Some(f) if !f.is_none() => {
+            let is_async = get("is_async")?
+                .map(|v| v.extract())
+                .transpose()?
+                .unwrap_or(false);
+            Some((f.unbind(), is_async))
+        }
+        _ => None,
+    };
+    // Build the TOML-shaped declaration the config module validates.
+    let decl = PyDict::new(d.py());
+    for (k, v) in d.iter() {
+        let key: String = k.extract()?;
+        if !matches!(key.as_str(), "origin" | "function" | "is_async" | "topic") && !v.is_none() {
+            decl.set_item(key, v)?;
+        }
+    }
+    let placeholder_action = function.is_some();
+    if placeholder_action {
+        // A subscription's action is its Python function; give the validator a stand-in.
+        decl.set_item(
+            "actions",
+            vec![json_dict(
+                d.py(),
+                &json!({"type": "slack", "webhook_url": "https://python.invalid", "message": "-"}),
+            )?],
+        )?;
+    }
+    let value = toml_value(decl.as_any())?;
+    match config::parse_handler(&value, &origin, &env) {
+        Ok(mut handler) => {
+            if placeholder_action {
+                handler.actions.clear();
+            }
+            Ok(Some(PyObserver { handler, function }))
+        }
+        Err(e) => {
+            errors.push(Error::Config(e));
+            Ok(None)
+        }
+    }
+}
+
+fn json_dict<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
+    to_py(py, v)
+}
+
+fn entity_defs(entities: &Bound<'_, PyList>) -> PyResult<Vec<EntityDef>> {
+    entities
+        .iter()
+        .map(|e| {
+            let (name, table, fields): (String, String, Vec<String>) = e.extract()?;
+            Ok(EntityDef {
+                name,
+                table,
+                fields,
+            })
+        })
+        .collect()
+}
+
+/// Built-in actions arrive with the actions issue; until then an observer that uses one is
+/// refused at start with this error rather than silently doing nothing.
+fn builtin_action(observer: &str, action: &ActionConfig) -> Result<Arc<dyn Action>, Error> {
+    Err(Error::Action(format!(
+        "observer `{observer}`: the `{}` action is validated but cannot run in this version of fraiseql; use a Python handler (@fraiseql.subscription) meanwhile",
+        action.kind()
+    )))
+}
+
+/// Everything validated and compiled, ready to start.
+struct Prepared {
+    config: Config,
+    specs: Vec<ObserverSpec>,
+}
+
+/// Validates config, schema, observers and conditions. Collects every error it can.
+fn prepare(
+    main: Source,
+    runtime_file: Source,
+    entities: Vec<EntityDef>,
+    observers: &Bound<'_, PyList>,
+    event_loop: &LoopSlot,
+    build_actions: bool,
+) -> PyResult<Result<Prepared, Vec<Error>>> {
+    let mut errors = Vec::new();
+    let config = match Config::from_sources(
+        main.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
+        runtime_file.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
+        &env,
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            errors.push(Error::Config(e));
+            None
+        }
+    };
+    let schema = match Schema::new(entities) {
+        Ok(s) => s,
+        Err(e) => {
+            errors.push(e);
+            Schema::default()
+        }
+    };
+    let mut declared = Vec::new();
+    for obj in observers.iter() {
+        if let Some(o) = parse_py_observer(&obj, &mut errors)? {
+            declared.push(o);
+        }
+    }
+    // Observers in fraiseql.toml run after those declared in Python.
+    if let Some(c) = &config {
+        declared.extend(c.observers.handlers.iter().map(|h| PyObserver {
+            handler: h.clone(),
+            function: None,
+        }));
+    }
+    let mut specs = Vec::new();
+    for o in declared {
+        let mut actions: Vec<Arc<dyn Action>> = Vec::new();
+        if let Some((function, is_async)) = o.function {
+            actions.push(Arc::new(PythonHandler::new(
+                o.handler.name.clone(),
+                function,
+                is_async,
+                event_loop.clone(),
+            )));
+        }
+        for a in &o.handler.actions {
+            if build_actions {
+                match builtin_action(&o.handler.name, a) {
+                    Ok(action) => actions.push(action),
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        match schema.observer_spec(&o.handler, actions) {
+            Ok(spec) => specs.push(spec),
+            Err(e) => errors.push(at_origin(&o.handler.origin, e)),
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in &specs {
+        if !seen.insert(s.name.as_str()) {
+            errors.push(Error::Schema(format!(
+                "observer name `{}` is declared twice",
+                s.name
+            )));
+        }
+    }
+    Ok(match (config, errors.is_empty()) {
+        (Some(config), true) => Ok(Prepared { config, specs }),
+        _ => Err(errors),
+    })
+}
+
+/// Prefixes an error with where the observer was declared (`schema.py:12`).
+fn at_origin(origin: &str, e: Error) -> Error {
+    match e {
+        Error::Schema(m) if !origin.is_empty() => Error::Schema(format!("{origin}: {m}")),
+        other => other,
+    }
+}
+
+/// Several problems raise one exception: the class of the first, the text of all.
+fn raise_all(errors: Vec<Error>) -> PyErr {
+    let text = errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let first = errors.into_iter().next().expect("at least one error");
+    if text.contains('\n') {
+        let err: PyErr = PyFraiseError(first).into();
+        Python::attach(|py| PyErr::from_type(err.get_type(py), text))
+    } else {
+        PyFraiseError(first).into()
+    }
+}
+
+/// `fraiseql check`: every problem found, without connecting to anything.
+#[pyfunction]
+#[pyo3(signature = (main=None, runtime_file=None, entities=None, observers=None))]
+pub fn check(
+    py: Python<'_>,
+    main: Source,
+    runtime_file: Source,
+    entities: Option<&Bound<'_, PyList>>,
+    observers: Option<&Bound<'_, PyList>>,
+) -> PyResult<Vec<String>> {
+    let entities = entities.map(entity_defs).transpose()?.unwrap_or_default();
+    let empty = PyList::empty(py);
+    let observers = observers.unwrap_or(&empty);
+    let slot: LoopSlot = Arc::new(OnceLock::new());
+    Ok(
+        match prepare(main, runtime_file, entities, observers, &slot, false)? {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.iter().map(ToString::to_string).collect(),
+        },
+    )
+}
+
+struct Running {
+    transport: MemoryTransport,
+    http: Option<HttpServer>,
+}
+
+struct MemoryHealth;
+
+impl HealthSource for MemoryHealth {
+    fn observers(&self) -> Value {
+        json!({"transport": "in_memory", "connected": true})
+    }
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+#[pyclass(name = "Engine", module = "fraiseql._native", frozen)]
+pub struct PyEngine {
+    config: Config,
+    engine: Arc<Engine>,
+    event_loop: LoopSlot,
+    tables: std::collections::HashMap<String, String>,
+    running: Mutex<Option<Arc<Running>>>,
+    http_port: Mutex<Option<u16>>,
+}
+
+impl PyEngine {
+    fn running(&self) -> PyResult<Arc<Running>> {
+        self.running
+            .lock()
+            .expect("running lock")
+            .clone()
+            .ok_or_else(|| {
+                PyFraiseError(Error::Engine(
+                    "the engine is not running: call start() first".into(),
+                ))
+                .into()
+            })
+    }
+
+    fn event(
+        &self,
+        entity: String,
+        event: &str,
+        new: Option<&Bound<'_, PyAny>>,
+        old: Option<&Bound<'_, PyAny>>,
+        id: Option<String>,
+    ) -> PyResult<Event> {
+        let kind: EventKind = event.parse().map_err(PyValueError::new_err)?;
+        let new = row_from_py(new, "new")?;
+        let old = row_from_py(old, "old")?;
+        match kind {
+            EventKind::Insert if new.is_none() => {
+                return Err(PyValueError::new_err("an INSERT needs `new`"))
+            }
+            EventKind::Update if new.is_none() => {
+                return Err(PyValueError::new_err(
+                    "an UPDATE needs `new` (and usually `old`)",
+                ))
+            }
+            EventKind::Delete if old.is_none() => {
+                return Err(PyValueError::new_err("a DELETE needs `old`"))
+            }
+            _ => {}
+        }
+        let table = self
+            .tables
+            .get(&entity)
+            .cloned()
+            .unwrap_or_else(|| default_table(&entity));
+        let mut ev = Event::new(entity, kind, table, new, old);
+        if let Some(id) = id {
+            ev.id = id;
+        }
+        Ok(ev)
+    }
+}
+
+fn dlq_entry_to_py<'py>(py: Python<'py>, e: &DlqEntry) -> PyResult<Bound<'py, PyAny>> {
+    let value = serde_json::to_value(e).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    to_py(py, &value)
+}
+
+#[pymethods]
+impl PyEngine {
+    #[new]
+    #[pyo3(signature = (main=None, runtime_file=None, config=None, entities=None, observers=None))]
+    fn new(
+        py: Python<'_>,
+        main: Source,
+        runtime_file: Source,
+        config: Option<&Bound<'_, PyDict>>,
+        entities: Option<&Bound<'_, PyList>>,
+        observers: Option<&Bound<'_, PyList>>,
+    ) -> PyResult<Self> {
+        let main = match dict_source(config)? {
+            Some(d) => Some(d),
+            None => main,
+        };
+        let entities = entities.map(entity_defs).transpose()?.unwrap_or_default();
+        let tables = entities
+            .iter()
+            .map(|e| (e.name.clone(), e.table.clone()))
+            .collect();
+        let empty = PyList::empty(py);
+        let observers = observers.unwrap_or(&empty);
+        let event_loop: LoopSlot = Arc::new(OnceLock::new());
+        let prepared = prepare(main, runtime_file, entities, observers, &event_loop, true)?
+            .map_err(raise_all)?;
+        let metrics = Arc::new(Metrics::new());
+        let dlq = Arc::new(MemoryDlq::new(prepared.config.observers.max_dlq_size));
+        let engine = Engine::new(
+            prepared.specs,
+            dlq,
+            &MemoryIdempotencyStores::default(),
+            metrics,
+        )
+        .map_err(PyFraiseError)?;
+        Ok(PyEngine {
+            config: prepared.config,
+            engine: Arc::new(engine),
+            event_loop,
+            tables,
+            running: Mutex::new(None),
+            http_port: Mutex::new(None),
+        })
+    }
+
+    /// Starts the transport. `event_loop` runs `async def` handlers. `http_port`: None = no
+    /// HTTP server, 0 = any free port, otherwise that port.
+    #[pyo3(signature = (event_loop=None, http_port=None))]
+    fn start(
+        &self,
+        py: Python<'_>,
+        event_loop: Option<Bound<'_, PyAny>>,
+        http_port: Option<u16>,
+    ) -> PyResult<()> {
+        let mut running = self.running.lock().expect("running lock");
+        if running.is_some() {
+            return Err(
+                PyFraiseError(Error::Engine("the engine is already running".into())).into(),
+            );
+        }
+        if let Some(lp) = event_loop {
+            let locals = TaskLocals::new(lp).copy_context(py)?;
+            let _ = self.event_loop.set(locals);
+        }
+        let backend = self.config.observers.backend;
+        if !matches!(backend, Backend::InMemory) {
+            return Err(PyFraiseError(Error::Transport(format!(
+                "backend `{}` cannot run in this version of fraiseql yet; set [observers] backend = \"in_memory\"",
+                backend.as_str()
+            )))
+            .into());
+        }
+        let engine = self.engine.clone();
+        let obs = &self.config.observers;
+        let (queue, concurrency) = (obs.queue_capacity, obs.max_concurrency);
+        let metrics = engine.metrics().clone();
+        let (transport, http) = py
+            .detach(|| {
+                runtime().block_on(async move {
+                    let transport = MemoryTransport::start(engine, queue, concurrency);
+                    let http = match http_port {
+                        Some(port) => Some(
+                            HttpServer::start("0.0.0.0", port, metrics, Arc::new(MemoryHealth))
+                                .await?,
+                        ),
+                        None => None,
+                    };
+                    Ok::<_, Error>((transport, http))
+                })
+            })
+            .map_err(PyFraiseError)?;
+        *self.http_port.lock().expect("port lock") = http.as_ref().map(|h| h.addr.port());
+        tracing::info!("[observers] transport: in_memory");
+        tracing::info!(
+            "[observers] {} observer(s) loaded",
+            self.engine.observer_names().count()
+        );
+        *running = Some(Arc::new(Running { transport, http }));
+        Ok(())
+    }
+
+    #[getter]
+    fn http_port(&self) -> Option<u16> {
+        *self.http_port.lock().expect("port lock")
+    }
+
+    /// `[observers] http_port` of the config.
+    #[getter]
+    fn configured_http_port(&self) -> u16 {
+        self.config.observers.http_port
+    }
+
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.config.observers.backend.as_str()
+    }
+
+    #[getter]
+    fn observer_names(&self) -> Vec<String> {
+        self.engine.observer_names().map(str::to_owned).collect()
+    }
+
+    /// Queues one change. Blocks (without the GIL) while the queue is full.
+    #[pyo3(signature = (entity, event, new=None, old=None, id=None))]
+    fn emit(
+        &self,
+        py: Python<'_>,
+        entity: String,
+        event: &str,
+        new: Option<&Bound<'_, PyAny>>,
+        old: Option<&Bound<'_, PyAny>>,
+        id: Option<String>,
+    ) -> PyResult<String> {
+        let ev = self.event(entity, event, new, old, id)?;
+        let event_id = ev.id.clone();
+        let running = self.running()?;
+        if let Some(ev) = running.transport.try_emit(ev).map_err(PyFraiseError)? {
+            py.detach(|| runtime().block_on(running.transport.emit(ev)))
+                .map_err(PyFraiseError)?;
+        }
+        Ok(event_id)
+    }
+
+    #[pyo3(signature = (entity, event, new=None, old=None, id=None))]
+    fn emit_async<'py>(
+        &self,
+        py: Python<'py>,
+        entity: String,
+        event: &str,
+        new: Option<&Bound<'_, PyAny>>,
+        old: Option<&Bound<'_, PyAny>>,
+        id: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ev = self.event(entity, event, new, old, id)?;
+        let event_id = ev.id.clone();
+        let running = self.running()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            running.transport.emit(ev).await.map_err(PyFraiseError)?;
+            Ok(event_id)
+        })
+    }
+
+    /// Waits until every emitted event has been processed or dead-lettered.
+    fn drain(&self, py: Python<'_>) -> PyResult<()> {
+        let running = self.running()?;
+        py.detach(|| runtime().block_on(running.transport.drain()));
+        Ok(())
+    }
+
+    fn drain_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let running = self.running()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            running.transport.drain().await;
+            Ok(())
+        })
+    }
+
+    #[getter]
+    fn pending(&self) -> usize {
+        self.running
+            .lock()
+            .expect("running lock")
+            .as_ref()
+            .map_or(0, |r| r.transport.pending())
+    }
+
+    /// Stops accepting events, finishes those accepted, stops the HTTP server.
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        let Some(running) = self.running.lock().expect("running lock").take() else {
+            return Ok(());
+        };
+        py.detach(|| runtime().block_on(stop_running(running)));
+        Ok(())
+    }
+
+    fn stop_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let running = self.running.lock().expect("running lock").take();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            if let Some(running) = running {
+                stop_running(running).await;
+            }
+            Ok(())
+        })
+    }
+
+    #[pyo3(signature = (limit=1000))]
+    fn dlq_list<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let dlq = self.engine.dlq().clone();
+        let entries = py
+            .detach(|| runtime().block_on(dlq.list(limit)))
+            .map_err(PyFraiseError)?;
+        entries.iter().map(|e| dlq_entry_to_py(py, e)).collect()
+    }
+
+    fn dlq_retry(&self, py: Python<'_>, id: u64) -> PyResult<bool> {
+        let engine = self.engine.clone();
+        Ok(py
+            .detach(|| runtime().block_on(engine.retry_dead_letter(id)))
+            .map_err(PyFraiseError)?)
+    }
+
+    fn dlq_retry_async<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyAny>> {
+        let engine = self.engine.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(engine.retry_dead_letter(id).await.map_err(PyFraiseError)?)
+        })
+    }
+
+    fn dlq_purge(&self, py: Python<'_>) -> PyResult<usize> {
+        let engine = self.engine.clone();
+        Ok(py
+            .detach(|| runtime().block_on(engine.purge_dead_letters()))
+            .map_err(PyFraiseError)?)
+    }
+
+    fn metrics_text(&self) -> String {
+        self.engine.metrics().encode()
+    }
+}
+
+async fn stop_running(running: Arc<Running>) {
+    running.transport.stop().await;
+    if let Ok(running) = Arc::try_unwrap(running) {
+        if let Some(http) = running.http {
+            http.stop().await;
+        }
+    }
+}
