@@ -1,0 +1,115 @@
+"""`fraiseql check` and `fraiseql run` as a user runs them: real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "ecommerce"
+FRAISEQL = [sys.executable, "-m", "fraiseql.cli"]
+
+
+def run(*args: str, cwd: Path = ROOT, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FRAISEQL, *args], cwd=cwd, capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+def test_example_runs_and_fires_its_observers() -> None:
+    out = run("run", "--config", "fraiseql.toml", "--events", "events.jsonl", cwd=EXAMPLE)
+    assert out.returncode == 0, out.stderr
+    lines = sorted(out.stdout.splitlines())
+    assert lines == sorted(
+        [
+            "charge_customer: charged ada@example.com 1250.00 for ord_123",
+            "charge_customer: charged bob@example.com 99.99 for ord_124",
+            "on_high_value_order: ord_123 total=1250.0 (event evt-1)",
+            "on_high_value_order: ord_123 total=1250.0 (event evt-1)",
+            "on_order_shipped: ord_123 pending -> shipped",
+            "on_payment_failed: payment pay_1 of order ord_124 failed",
+        ]
+    )
+    assert "[observers] transport: in_memory" in out.stderr
+
+
+def test_debug_log_prints_the_observer_lines() -> None:
+    env = {**os.environ, "RUST_LOG": "debug"}
+    out = run("run", "--config", "fraiseql.toml", "--events", "events.jsonl", cwd=EXAMPLE, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "[observer] on_high_value_order fired: Order{id=ord_123, total=1250.0}" in out.stderr
+    assert "[observer] on_high_value_order completed in" in out.stderr
+    assert "[observer] charge_customer skipped duplicate event evt-1" in out.stderr
+
+
+def test_check_accepts_the_example() -> None:
+    out = run("check", "--config", "fraiseql.toml", cwd=EXAMPLE)
+    assert out.returncode == 0, out.stderr
+    assert "ok:" in out.stdout
+
+
+def test_check_lists_every_error_with_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "fraiseql.toml").write_text(
+        "[observers]\n"
+        'backend = "nats"\n'
+        "max_dlq_sise = 10\n"
+        "run_bridge = true\n"
+        "\n"
+        "[[observers.handlers]]\n"
+        'name = "h"\n'
+        'entity = "Order"\n'
+        'event = "UPSERT"\n'
+        'actions = [{ type = "webhook", url_env = "HOOK" }]\n'
+    )
+    (tmp_path / "schema.py").write_text(
+        "import fraiseql\n"
+        "@fraiseql.type\n"
+        "class Order:\n"
+        "    id: str\n"
+        "    total: float\n"
+        "@fraiseql.subscription(entity_type=Order, operation='create', condition='totl > 5')\n"
+        "def big(o): pass\n"
+    )
+    out = run("check", cwd=tmp_path)
+    assert out.returncode == 1
+    err = out.stderr
+    assert "fraiseql.toml:3: observers.max_dlq_sise: unknown key (did you mean max_dlq_size?)" in err
+    assert "NATS transport requires nats.url to be set" in err
+    assert "run_bridge=true requires transport=nats" not in err  # backend is nats: that one holds
+    assert "fraiseql.toml:9: observers.handlers[0].event" in err
+    assert "schema.py:6: observer `big`: condition unknown field `totl`" in err
+    assert "did you mean `total`?" in err
+
+
+def test_check_reports_the_bridge_rule_and_toml_syntax(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[observers]\nbackend = "postgres"\nrun_bridge = true\n')
+    out = run("check", "--config", str(cfg))
+    assert out.returncode == 1
+    assert "run_bridge=true requires transport=nats" in out.stderr
+    cfg.write_text("[observers\nbackend = 1\n")
+    out = run("check", "--config", str(cfg))
+    assert out.returncode == 1
+    assert f"{cfg}:1:" in out.stderr
+
+
+def test_run_stops_cleanly_on_sigterm_and_exits_0(tmp_path: Path) -> None:
+    (tmp_path / "fraiseql.toml").write_text('[observers]\nbackend = "in_memory"\nhttp_port = 0\n')
+    with subprocess.Popen([*FRAISEQL, "run"], cwd=tmp_path, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 30
+        for line in proc.stderr:
+            if "observer(s) loaded" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "draining in-flight events" in proc.stderr.read()
+
+
+def test_run_refuses_a_backend_it_cannot_serve_yet(tmp_path: Path) -> None:
+    (tmp_path / "fraiseql.toml").write_text('[observers]\nbackend = "postgres"\n')
+    out = run("run", cwd=tmp_path)
+    assert out.returncode == 1
+    assert "backend `postgres` cannot run in this version" in out.stderr
