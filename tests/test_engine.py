@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import urllib.request
 from typing import Any
 
@@ -354,3 +355,26 @@ def test_health_and_metrics_are_served_over_http(registry: fraiseql.Registry) ->
     assert "fraiseql_observer_events_received_total 1" in text
     assert 'fraiseql_observer_events_matched_total{observer="<lambda>"} 1' in text
     assert "fraiseql_observer_action_duration_seconds_bucket" in text
+
+
+def test_blocking_sync_handlers_run_concurrently(registry: fraiseql.Registry) -> None:
+    declare_order()
+    lock = threading.Lock()
+    running = 0
+    peak = 0
+
+    @fraiseql.subscription(entity_type="Order", operation="create")
+    def slow(o: Any) -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.2)  # blocking I/O releases the GIL
+        with lock:
+            running -= 1
+
+    with fraiseql.Engine() as engine:
+        for i in range(8):
+            engine.emit("Order", "INSERT", new=order(id=f"o{i}"))
+        engine.drain()
+    assert peak >= 4, f"blocking handlers ran {peak} at a time"
