@@ -9,4 +9,5 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test -p fraiseql_observers --quiet
 .venv/bin/ruff check python tests examples
 .venv/bin/mypy
+.venv/bin/python -m mypy.stubtest fraiseql._native
 .venv/bin/python -m pytest "$@"

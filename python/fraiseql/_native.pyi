@@ -1,7 +1,23 @@
 """Type stubs of the native module `fraiseql._native` (rust/python)."""
 
 from collections.abc import Awaitable, Mapping
-from typing import Any
+from typing import Any, final
+
+__all__ = [
+    "ActionError",
+    "CheckpointError",
+    "Condition",
+    "ConditionError",
+    "ConfigError",
+    "DeadLetterError",
+    "Engine",
+    "EngineError",
+    "FraiseQLError",
+    "SchemaError",
+    "TransportError",
+    "__version__",
+    "check",
+]
 
 __version__: str
 
@@ -19,6 +35,7 @@ class CheckpointError(FraiseQLError): ...
 class DeadLetterError(FraiseQLError): ...
 class EngineError(FraiseQLError): ...
 
+@final
 class Condition:
     def __new__(cls, expr: str, fields: list[str] | None = None) -> Condition: ...
     def evaluate(
@@ -27,20 +44,21 @@ class Condition:
     @property
     def source(self) -> str: ...
 
-Source = tuple[str, str] | None
+_Source = tuple[str, str] | None
 
 def check(
-    main: Source = None,
-    runtime_file: Source = None,
+    main: _Source = None,
+    runtime_file: _Source = None,
     entities: list[tuple[str, str, list[str]]] | None = None,
     observers: list[dict[str, Any]] | None = None,
 ) -> list[str]: ...
 
+@final
 class Engine:
     def __new__(
         cls,
-        main: Source = None,
-        runtime_file: Source = None,
+        main: _Source = None,
+        runtime_file: _Source = None,
         config: Mapping[str, Any] | None = None,
         entities: list[tuple[str, str, list[str]]] | None = None,
         observers: list[dict[str, Any]] | None = None,
