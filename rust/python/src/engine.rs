@@ -2,7 +2,8 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use fraiseql_observers::config::{self, ActionConfig, HandlerConfig};
+use fraiseql_observers::action;
+use fraiseql_observers::config::{self, HandlerConfig};
 use fraiseql_observers::http::{HealthSource, HttpServer};
 use fraiseql_observers::schema::default_table;
 use fraiseql_observers::{
@@ -121,15 +122,6 @@ fn entity_defs(entities: &Bound<'_, PyList>) -> PyResult<Vec<EntityDef>> {
         .collect()
 }
 
-/// Built-in actions arrive with the actions issue; until then an observer that uses one is
-/// refused at start with this error rather than silently doing nothing.
-fn builtin_action(observer: &str, action: &ActionConfig) -> Result<Arc<dyn Action>, Error> {
-    Err(Error::Action(format!(
-        "observer `{observer}`: the `{}` action is validated but cannot run in this version of fraiseql; use a Python handler (@fraiseql.subscription) meanwhile",
-        action.kind()
-    )))
-}
-
 /// Everything validated and compiled, ready to start.
 struct Prepared {
     config: Config,
@@ -188,11 +180,13 @@ fn prepare(
                 event_loop.clone(),
             )));
         }
-        for a in &o.handler.actions {
-            if build_actions {
-                match builtin_action(&o.handler.name, a) {
+        if build_actions {
+            // Built here, not in `check`: building reads the secrets named by *_env.
+            let entity = schema.entity(&o.handler.entity);
+            for a in &o.handler.actions {
+                match action::build(&o.handler.name, a, entity, &env) {
                     Ok(action) => actions.push(action),
-                    Err(e) => errors.push(e),
+                    Err(e) => errors.push(at_origin(&o.handler.origin, e)),
                 }
             }
         }
@@ -220,6 +214,7 @@ fn prepare(
 fn at_origin(origin: &str, e: Error) -> Error {
     match e {
         Error::Schema(m) if !origin.is_empty() => Error::Schema(format!("{origin}: {m}")),
+        Error::Action(m) if !origin.is_empty() => Error::Action(format!("{origin}: {m}")),
         other => other,
     }
 }

@@ -1,11 +1,23 @@
 //! What an observer does when its condition holds. Built-in actions (webhook, Slack, email)
 //! and host-language handlers (the Python binding's) all implement [`Action`].
 
+pub mod email;
+pub mod slack;
+pub(crate) mod template;
+pub mod webhook;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::config::ActionConfig;
 use crate::event::Event;
+use crate::schema::EntityDef;
+
+pub use email::EmailAction;
+pub use slack::SlackAction;
+pub use webhook::WebhookAction;
 
 /// The outcome of one failed attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,4 +79,21 @@ impl Action for NoopAction {
     async fn execute(&self, _event: &Event) -> Result<(), ActionError> {
         Ok(())
     }
+}
+
+/// Builds the runnable action for one validated action config. `entity` (if declared) is used to
+/// check template fields at startup. `env` reads environment variables (`url_env`,
+/// `secret_env`, `${VAR}` in header values, SMTP credentials…), all at build time: a missing
+/// variable is an error naming it (never a value), not a failure on the first event.
+pub fn build(
+    observer: &str,
+    config: &ActionConfig,
+    entity: Option<&EntityDef>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> crate::Result<Arc<dyn Action>> {
+    Ok(match config {
+        ActionConfig::Webhook(c) => Arc::new(WebhookAction::new(observer, c, entity, env)?),
+        ActionConfig::Slack(c) => Arc::new(SlackAction::new(observer, c, entity, env)?),
+        ActionConfig::Email(c) => Arc::new(EmailAction::new(observer, c, entity, env)?),
+    })
 }

@@ -1,0 +1,332 @@
+"""Built-in actions through the whole stack (Python declarations → native engine → real
+HTTP and SMTP servers started by the test harness)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import fraiseql
+from fraiseql.testing.sinks import SinkResponse, SmtpSink, WebhookSink
+
+FAST = fraiseql.Retry(max_attempts=3, backoff_strategy="fixed", initial_delay_ms=20, max_delay_ms=50)
+
+
+@pytest.fixture
+def env() -> Iterator[dict[str, str]]:
+    """Sets environment variables for one test and restores the environment after."""
+    saved = dict(os.environ)
+    values: dict[str, str] = {}
+    try:
+        yield values
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def setenv(env: dict[str, str], **values: str) -> None:
+    env.update(values)
+    os.environ.update(values)
+
+
+def declare_schema() -> None:
+    @fraiseql.type
+    class Order:
+        id: str
+        customer_email: str
+        status: str
+        total: float
+
+    @fraiseql.type
+    class Payment:
+        id: str
+        order_id: str
+        amount: float
+        status: str
+
+
+ORDER = {"id": "ord_123", "customer_email": "ada@example.com", "status": "confirmed", "total": 1250.0}
+
+
+def test_spec_ecommerce_observers_deliver_the_documented_payloads(
+    registry: fraiseql.Registry, webhook_sink: WebhookSink, env: dict[str, str]
+) -> None:
+    declare_schema()
+    setenv(
+        env,
+        ORDER_WEBHOOK_URL=webhook_sink.url + "/orders",
+        SLACK_WEBHOOK_URL=webhook_sink.url + "/slack",
+        PAYMENT_WEBHOOK_URL=webhook_sink.url + "/payments",
+        API_TOKEN="Bearer s3cr3t-token",
+    )
+    fraiseql.observer(
+        name="on_high_value_order",
+        entity="Order",
+        event="INSERT",
+        condition="total > 1000",
+        actions=[fraiseql.webhook(url_env="ORDER_WEBHOOK_URL", headers={"Authorization": "${API_TOKEN}"})],
+    )
+    fraiseql.observer(
+        name="on_order_shipped",
+        entity="Order",
+        event="UPDATE",
+        condition="status.changed() && status == 'shipped'",
+        actions=[
+            fraiseql.slack(
+                webhook_url_env="SLACK_WEBHOOK_URL",
+                channel="#shipping",
+                message="Order {id} shipped to {customer_email}",
+            )
+        ],
+    )
+    fraiseql.observer(
+        name="on_payment_failed",
+        entity="Payment",
+        event="UPDATE",
+        condition="status == 'failed'",
+        actions=[
+            fraiseql.webhook(
+                url_env="PAYMENT_WEBHOOK_URL",
+                body_template='{"payment": "{{id}}", "order": "{{order_id}}", "was": "{{old.status}}"}',
+            )
+        ],
+    )
+    with fraiseql.Engine() as engine:
+        insert_id = engine.emit("Order", "INSERT", new=ORDER)
+        engine.emit("Order", "INSERT", new={**ORDER, "id": "ord_small", "total": 5.0})
+        engine.emit("Order", "UPDATE", new={**ORDER, "status": "shipped"}, old=ORDER)
+        engine.emit(
+            "Payment",
+            "UPDATE",
+            new={"id": "pay_1", "order_id": "ord_123", "amount": 5.0, "status": "failed"},
+            old={"id": "pay_1", "order_id": "ord_123", "amount": 5.0, "status": "pending"},
+        )
+        engine.drain()
+        assert engine.dlq() == []
+    by_path = {r.path: r for r in webhook_sink.wait_for(3)}
+    assert set(by_path) == {"/orders", "/slack", "/payments"}
+
+    order = by_path["/orders"]
+    body = json.loads(order.body)
+    assert body == {
+        "event": "INSERT",
+        "table": "tb_order",
+        "timestamp": body["timestamp"],
+        "data": {"new": ORDER, "old": None},
+        "id": insert_id,
+    }
+    assert order.header("Authorization") == "Bearer s3cr3t-token"
+    assert order.header("Idempotency-Key") == insert_id
+    assert order.header("Content-Type") == "application/json"
+
+    slack = json.loads(by_path["/slack"].body)
+    assert slack == {"text": "Order ord_123 shipped to ada@example.com", "channel": "#shipping"}
+    assert json.loads(by_path["/payments"].body) == {"payment": "pay_1", "order": "ord_123", "was": "pending"}
+
+
+def test_webhook_retried_on_500_with_the_same_idempotency_key(
+    registry: fraiseql.Registry, webhook_sink: WebhookSink
+) -> None:
+    declare_schema()
+    webhook_sink.script(500, 500, 200)
+    fraiseql.observer(
+        name="hook",
+        entity="Order",
+        event="INSERT",
+        retry=FAST,
+        actions=[fraiseql.webhook(url=webhook_sink.url)],
+    )
+    with fraiseql.Engine() as engine:
+        event_id = engine.emit("Order", "INSERT", new=ORDER)
+        engine.drain()
+        assert engine.dlq() == []
+    calls = webhook_sink.requests
+    assert [c.status for c in calls] == [500, 500, 200]
+    assert {c.header("Idempotency-Key") for c in calls} == {event_id}
+    gaps = [b.time - a.time for a, b in itertools.pairwise(calls)]
+    assert all(g >= 0.009 for g in gaps), gaps  # fixed 20 ms backoff; jitter keeps at least half
+
+
+def test_webhook_400_is_not_retried_and_is_dead_lettered_with_status(
+    registry: fraiseql.Registry, webhook_sink: WebhookSink
+) -> None:
+    declare_schema()
+    webhook_sink.script(SinkResponse(400, body=b'{"error": "bad order"}'))
+    fraiseql.observer(
+        name="hook",
+        entity="Order",
+        event="INSERT",
+        retry=FAST,
+        actions=[fraiseql.webhook(url=webhook_sink.url)],
+    )
+    with fraiseql.Engine() as engine:
+        engine.emit("Order", "INSERT", new=ORDER)
+        engine.drain()
+        [entry] = engine.dlq()
+    assert len(webhook_sink.requests) == 1
+    assert entry["attempts"] == 1
+    assert "400" in entry["error"] and "bad order" in entry["error"]
+
+
+def test_sink_down_past_the_retry_budget_then_dlq_retry_delivers(
+    registry: fraiseql.Registry, webhook_sink: WebhookSink
+) -> None:
+    declare_schema()
+    webhook_sink.script(503, 503, 503)
+    fraiseql.observer(
+        name="hook",
+        entity="Order",
+        event="INSERT",
+        retry=FAST,
+        actions=[fraiseql.webhook(url=webhook_sink.url)],
+    )
+    with fraiseql.Engine() as engine:
+        event_id = engine.emit("Order", "INSERT", new=ORDER)
+        engine.drain()
+        [entry] = engine.dlq()
+        assert entry["attempts"] == 3 and "503" in entry["error"]
+        assert engine.retry_dead_letter(entry["id"]) is True  # the sink answers 200 again
+        assert engine.dlq() == []
+    assert [r.status for r in webhook_sink.requests] == [503, 503, 503, 200]
+    assert webhook_sink.requests[-1].header("Idempotency-Key") == event_id
+
+
+def test_signature_verifies_with_the_documented_recipe(
+    registry: fraiseql.Registry, webhook_sink: WebhookSink, env: dict[str, str]
+) -> None:
+    declare_schema()
+    setenv(env, HOOK_SECRET="whsec-very-secret")
+    fraiseql.observer(
+        name="hook",
+        entity="Order",
+        event="INSERT",
+        actions=[fraiseql.webhook(url=webhook_sink.url, secret_env="HOOK_SECRET")],
+    )
+    with fraiseql.Engine() as engine:
+        engine.emit("Order", "INSERT", new=ORDER)
+        engine.drain()
+    [req] = webhook_sink.wait_for(1)
+    header = req.header("X-Fraiseql-Signature")
+    assert header is not None
+    parts = dict(p.split("=", 1) for p in header.split(","))
+    expected = hmac.new(
+        b"whsec-very-secret", parts["t"].encode() + b"." + req.body, hashlib.sha256
+    ).hexdigest()
+    assert hmac.compare_digest(parts["v1"], expected)
+
+
+def test_email_arrives_with_substituted_subject_and_body(
+    registry: fraiseql.Registry, smtp_sink_factory: Callable[..., SmtpSink], env: dict[str, str]
+) -> None:
+    declare_schema()
+    plain = smtp_sink_factory()
+    authed = smtp_sink_factory(username="mailer", password="smtp-pa55word")
+    setenv(env, SMTP_USER="mailer", SMTP_PASSWORD="smtp-pa55word")
+    for name, sink, auth in [
+        ("plain", plain, {}),
+        ("authed", authed, {"smtp_user_env": "SMTP_USER", "smtp_password_env": "SMTP_PASSWORD"}),
+    ]:
+        fraiseql.observer(
+            name=f"mail_{name}",
+            entity="Order",
+            event="INSERT",
+            actions=[
+                fraiseql.email(
+                    from_="shop@example.com",
+                    to=["ops@example.com"],
+                    subject="Order {id} received",
+                    body_template="Total: {total} from {customer_email}",
+                    smtp_host=sink.host,
+                    smtp_port=sink.port,
+                    tls="none",
+                    **auth,
+                )
+            ],
+        )
+    with fraiseql.Engine() as engine:
+        engine.emit("Order", "INSERT", new=ORDER)
+        engine.drain()
+        assert engine.dlq() == []
+    for sink, login in [(plain, None), (authed, "mailer")]:
+        [mail] = sink.wait_for(1)
+        assert mail.message["Subject"] == "Order ord_123 received"
+        assert mail.message["From"] == "shop@example.com"
+        assert mail.rcpt_tos == ["ops@example.com"]
+        assert "Total: 1250" in mail.message.get_content()
+        assert "ada@example.com" in mail.message.get_content()
+        assert mail.login == login
+
+
+def test_missing_env_and_unknown_template_fields_fail_at_start(
+    registry: fraiseql.Registry, env: dict[str, str]
+) -> None:
+    declare_schema()
+    os.environ.pop("NOT_SET_HOOK", None)
+    fraiseql.observer(
+        name="hook", entity="Order", event="INSERT", actions=[fraiseql.webhook(url_env="NOT_SET_HOOK")]
+    )
+    with pytest.raises(fraiseql.ActionError, match="NOT_SET_HOOK"):
+        fraiseql.Engine()
+    registry.observers.clear()
+    fraiseql.observer(
+        name="slack",
+        entity="Order",
+        event="INSERT",
+        actions=[fraiseql.slack(webhook_url="http://127.0.0.1:9/x", message="{totl}")],
+    )
+    with pytest.raises(fraiseql.FraiseQLError, match="did you mean"):
+        fraiseql.Engine()
+
+
+def test_no_secret_appears_in_any_output(tmp_path: Path, webhook_sink: WebhookSink) -> None:
+    """A whole `fraiseql run` with failing actions: the secrets never reach stdout, stderr,
+    the DLQ or the metrics."""
+    secrets = {
+        "API_TOKEN": "tok-9f8e7d6c5b4a",
+        "HOOK_SECRET": "sig-1a2b3c4d5e6f",
+        "SMTP_PASSWORD": "pw-0f1e2d3c4b5a",
+        "SMTP_USER": "user-zz",
+    }
+    hook_url = webhook_sink.url.replace("http://", "http://admin:pw-url-77aa66bb@") + "/hook?key=q-secret-88"
+    webhook_sink.script(500, 500, 500, 500, 500, 500)
+    (tmp_path / "fraiseql.toml").write_text(
+        '[observers]\nbackend = "in_memory"\n\n'
+        '[[observers.handlers]]\nname = "h"\nentity = "Order"\nevent = "INSERT"\n'
+        'retry = { max_attempts = 2, backoff_strategy = "fixed", initial_delay_ms = 1, max_delay_ms = 1 }\n'
+        "actions = [\n"
+        '  { type = "webhook", url_env = "HOOK_URL", secret_env = "HOOK_SECRET",'
+        ' headers = { Authorization = "${API_TOKEN}" } },\n'
+        '  { type = "email", from = "a@example.com", to = "b@example.com", subject = "s",'
+        ' body_template = "b", smtp_host = "127.0.0.1", smtp_port = 9, tls = "none",'
+        ' smtp_user_env = "SMTP_USER", smtp_password_env = "SMTP_PASSWORD" },\n'
+        "]\n"
+    )
+    (tmp_path / "events.jsonl").write_text(
+        json.dumps({"entity": "Order", "event": "INSERT", "new": ORDER}) + "\n"
+    )
+    script = (
+        "import fraiseql, sys\n"
+        "from fraiseql.cli import load_schema\n"
+        "e = fraiseql.Engine('fraiseql.toml', schema=load_schema(None))\n"
+        "e.start(); e.emit('Order', 'INSERT', new={'id': 'o1'}); e.drain()\n"
+        "print(e.dlq()); print(e.metrics()); e.stop()\n"
+    )
+    run_env = {**os.environ, **secrets, "HOOK_URL": hook_url, "RUST_LOG": "debug"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert "moved event" in text  # the failures were logged and dead-lettered
+    for value in [*secrets.values(), "pw-url-77aa66bb", "q-secret-88"]:
+        assert value not in text, f"secret {value!r} leaked"
+    assert webhook_sink.requests, "the webhook was called"
