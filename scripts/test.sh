@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-cargo test -p fraiseql_observers --quiet
+# The live PostgreSQL tests (--test postgres) run from pytest, against the harness database.
+cargo test -p fraiseql_observers --quiet --lib --test actions --test condition_alloc
 .venv/bin/ruff check python tests examples
 .venv/bin/mypy
 .venv/bin/python -m mypy.stubtest fraiseql._native

@@ -4,6 +4,7 @@
 //! caller's tokio runtime. The PyO3 binding lives in the `fraiseql-python` crate.
 
 pub mod action;
+pub mod capture;
 pub mod checkpoint;
 pub mod condition;
 pub mod config;
@@ -18,10 +19,12 @@ pub mod schema;
 pub mod transport;
 
 pub use action::{Action, ActionError, NoopAction};
+pub use capture::CaptureOptions;
 pub use checkpoint::{
     is_duplicate, record_idempotency_key, CheckpointStrategy, IdempotencyStore, ListenerConfig,
     MemoryIdempotencyStore,
 };
+pub use checkpoint::{PgIdempotencyStore, PgIdempotencyStores};
 pub use condition::{Condition, ConditionError};
 pub use config::{Backend, Config, ConfigError, ConfigErrors};
 pub use dlq::{DeadLetterQueue, DlqEntry, MemoryDlq};
@@ -32,3 +35,4 @@ pub use metrics::Metrics;
 pub use retry::RetryPolicy;
 pub use schema::{EntityDef, Schema};
 pub use transport::memory::MemoryTransport;
+pub use transport::postgres::{PostgresOptions, PostgresSource};

@@ -4,10 +4,12 @@
 //! delivery of the same change — on any instance sharing the store — skips the action.
 
 mod memory;
+mod postgres;
 
 use async_trait::async_trait;
 
 pub use memory::MemoryIdempotencyStore;
+pub use postgres::{PgIdempotencyStore, PgIdempotencyStores};
 
 use crate::config::CheckpointConfig;
 use crate::error::Result;

@@ -1,0 +1,290 @@
+//! The change-capture SQL behind `fraiseql db install`: the change log (the outbox that is the
+//! truth), the per-listener cursor table, the trigger function and one trigger per entity table.
+//!
+//! Everything is idempotent (`CREATE … IF NOT EXISTS`, `CREATE OR REPLACE`, `DROP TRIGGER IF
+//! EXISTS` + `CREATE TRIGGER`) and runs in one transaction that first takes a transaction-level
+//! advisory lock, so two installers started at once serialise instead of racing. Requires
+//! PostgreSQL 13 or later (`xid8`, `pg_current_xact_id()`, `pg_current_snapshot()`).
+//!
+//! Every identifier that reaches SQL text — entity names, table names, the NOTIFY channel — is
+//! first checked with [`validate_sql_identifier`] and then double-quoted, so names are taken
+//! exactly as written (case-sensitive; lower case is the normal PostgreSQL spelling).
+//!
+//! The trigger function:
+//! - writes one change-log row per changed row: `new` = `to_jsonb(NEW)` (NULL for DELETE),
+//!   `old` = `to_jsonb(OLD)` (NULL for INSERT), `txid` = the writing transaction's id;
+//! - skips an UPDATE that changes nothing (`to_jsonb(NEW) = to_jsonb(OLD)`) unless installed
+//!   with [`CaptureOptions::skip_unchanged_updates`] = false;
+//! - sends at most one `pg_notify(channel, '<change-log id>')` per transaction, guarded by the
+//!   transaction-local setting `fraiseql.notified`. The notification is only a wake-up: readers
+//!   always read the change log by cursor;
+//! - is `SECURITY DEFINER` with the installer's `search_path`, so application roles that write
+//!   the entity tables need no privileges on the change log, and a session `search_path` cannot
+//!   redirect its insert.
+
+use sqlx::PgPool;
+
+use crate::config::validate_sql_identifier;
+use crate::error::{Error, Result};
+use crate::schema::Schema;
+
+/// The change log: one row per captured row change.
+pub const CHANGE_LOG_TABLE: &str = "fraiseql_change_log";
+/// Where each listener's acknowledged position `(last_txid, last_id)` is stored.
+pub const CURSOR_TABLE: &str = "fraiseql_cursor";
+/// The trigger function installed on every entity table.
+pub const CAPTURE_FUNCTION: &str = "fraiseql_capture";
+/// Trigger name prefix; the trigger on an entity's table is `fraiseql_capture_<Entity>`.
+pub const TRIGGER_PREFIX: &str = "fraiseql_capture_";
+
+/// How the capture triggers behave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureOptions {
+    /// The channel `pg_notify` wakes readers on (`[observers] notify_channel`).
+    pub notify_channel: String,
+    /// Skip UPDATEs whose new row equals the old one (default true).
+    pub skip_unchanged_updates: bool,
+}
+
+impl CaptureOptions {
+    pub fn new(notify_channel: impl Into<String>) -> Self {
+        CaptureOptions {
+            notify_channel: notify_channel.into(),
+            skip_unchanged_updates: true,
+        }
+    }
+}
+
+/// Validates an identifier (optionally `schema.table`) and double-quotes each part.
+pub(crate) fn quote_identifier(name: &str) -> std::result::Result<String, String> {
+    validate_sql_identifier(name)?;
+    Ok(name
+        .split('.')
+        .map(|part| format!("\"{part}\""))
+        .collect::<Vec<_>>()
+        .join("."))
+}
+
+/// An unqualified identifier (no `.`), validated; returned unquoted for use in literals.
+fn plain_identifier<'a>(what: &str, name: &'a str) -> Result<&'a str> {
+    validate_sql_identifier(name).map_err(|e| Error::Schema(format!("{what} {name:?}: {e}")))?;
+    if name.contains('.') {
+        return Err(Error::Schema(format!(
+            "{what} {name:?}: expected a name without '.'"
+        )));
+    }
+    Ok(name)
+}
+
+struct EntityTrigger {
+    /// Quoted trigger name.
+    trigger: String,
+    /// Quoted (possibly qualified) table.
+    table: String,
+    /// The table exactly as declared: a validated identifier, safe inside a '…' literal.
+    table_literal: String,
+    entity: String,
+}
+
+fn entity_triggers(schema: &Schema) -> Result<Vec<EntityTrigger>> {
+    let mut out = Vec::with_capacity(schema.entities().len());
+    for e in schema.entities() {
+        let entity = plain_identifier("entity name", &e.name)?;
+        let trigger = format!("{TRIGGER_PREFIX}{entity}");
+        if trigger.len() > 63 {
+            return Err(Error::Schema(format!(
+                "entity name {entity:?} is too long for its capture trigger name `{trigger}` \
+                 (PostgreSQL names are at most 63 characters)"
+            )));
+        }
+        let table = quote_identifier(&e.table).map_err(|msg| {
+            Error::Schema(format!(
+                "table of entity `{}` ({:?}): {msg}",
+                e.name, e.table
+            ))
+        })?;
+        out.push(EntityTrigger {
+            trigger: format!("\"{trigger}\""),
+            table,
+            table_literal: e.table.clone(),
+            entity: entity.to_owned(),
+        });
+    }
+    Ok(out)
+}
+
+/// The statements of an install, without transaction control (see [`install_sql`]).
+fn install_body(schema: &Schema, options: &CaptureOptions) -> Result<String> {
+    let channel = plain_identifier("notify channel", &options.notify_channel)?;
+    let mode = if options.skip_unchanged_updates {
+        "skip_unchanged"
+    } else {
+        "all"
+    };
+    let mut sql = format!(
+        r#"SELECT pg_advisory_xact_lock(hashtext('fraiseql.capture'));
+
+CREATE TABLE IF NOT EXISTS {CHANGE_LOG_TABLE} (
+    id           bigserial PRIMARY KEY,
+    txid         xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    entity       text NOT NULL,
+    event        text NOT NULL,
+    table_name   text NOT NULL,
+    new          jsonb,
+    old          jsonb,
+    committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS {CHANGE_LOG_TABLE}_txid_id_idx ON {CHANGE_LOG_TABLE} (txid, id);
+
+CREATE TABLE IF NOT EXISTS {CURSOR_TABLE} (
+    listener_id text PRIMARY KEY,
+    last_txid   xid8 NOT NULL DEFAULT '0',
+    last_id     bigint NOT NULL DEFAULT 0,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- TG_ARGV: entity, notify channel, 'skip_unchanged' | 'all', declared table.
+CREATE OR REPLACE FUNCTION {CAPTURE_FUNCTION}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $fraiseql$
+DECLARE
+    v_new jsonb;
+    v_old jsonb;
+    v_id  bigint;
+BEGIN
+    IF TG_OP <> 'DELETE' THEN
+        v_new := to_jsonb(NEW);
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        v_old := to_jsonb(OLD);
+    END IF;
+    IF TG_OP = 'UPDATE' AND TG_ARGV[2] = 'skip_unchanged' AND v_new = v_old THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO {CHANGE_LOG_TABLE} (entity, event, table_name, new, old)
+    VALUES (TG_ARGV[0], TG_OP, TG_ARGV[3], v_new, v_old)
+    RETURNING id INTO v_id;
+    -- One wake-up per transaction: the setting is transaction-local.
+    IF current_setting('fraiseql.notified', true) IS DISTINCT FROM TG_ARGV[1] THEN
+        PERFORM set_config('fraiseql.notified', TG_ARGV[1], true);
+        PERFORM pg_notify(TG_ARGV[1], v_id::text);
+    END IF;
+    RETURN NULL;
+END
+$fraiseql$;
+"#
+    );
+    for t in entity_triggers(schema)? {
+        sql.push_str(&format!(
+            "\nDROP TRIGGER IF EXISTS {trigger} ON {table};\n\
+             CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON {table}\n    \
+             FOR EACH ROW EXECUTE FUNCTION {CAPTURE_FUNCTION}('{entity}', '{channel}', '{mode}', '{table_literal}');\n",
+            trigger = t.trigger,
+            table = t.table,
+            entity = t.entity,
+            table_literal = t.table_literal,
+        ));
+    }
+    Ok(sql)
+}
+
+fn uninstall_body(schema: &Schema) -> Result<String> {
+    let mut sql = String::from("SELECT pg_advisory_xact_lock(hashtext('fraiseql.capture'));\n");
+    for t in entity_triggers(schema)? {
+        // The quoted name is made of validated characters only: safe inside '…'.
+        sql.push_str(&format!(
+            "DO $fraiseql$ BEGIN\n    IF to_regclass('{table}') IS NOT NULL THEN\n        \
+             DROP TRIGGER IF EXISTS {trigger} ON {table};\n    END IF;\nEND $fraiseql$;\n",
+            table = t.table,
+            trigger = t.trigger,
+        ));
+    }
+    sql.push_str(&format!(
+        "DO $fraiseql$ BEGIN\n    IF to_regprocedure('{CAPTURE_FUNCTION}()') IS NOT NULL AND NOT EXISTS (\n        \
+         SELECT 1 FROM pg_trigger WHERE tgfoid = to_regprocedure('{CAPTURE_FUNCTION}()')) THEN\n        \
+         DROP FUNCTION {CAPTURE_FUNCTION}();\n    END IF;\nEND $fraiseql$;\n"
+    ));
+    Ok(sql)
+}
+
+/// The install script for `schema` with default [`CaptureOptions`], wrapped in
+/// `BEGIN; … COMMIT;` (what `fraiseql db install` runs; printable for a DBA to review).
+///
+/// Errors when an entity name, table name or the channel is not a plain SQL identifier.
+pub fn install_sql(schema: &Schema, notify_channel: &str) -> Result<String> {
+    install_sql_with(schema, &CaptureOptions::new(notify_channel))
+}
+
+/// [`install_sql`] with explicit options.
+pub fn install_sql_with(schema: &Schema, options: &CaptureOptions) -> Result<String> {
+    Ok(format!(
+        "BEGIN;\n{}COMMIT;\n",
+        install_body(schema, options)?
+    ))
+}
+
+/// The uninstall script: drops the capture triggers of `schema`'s entities, then the trigger
+/// function if no other table still uses it. The change log and cursor tables are kept (they
+/// may hold undelivered changes); drop them by hand when no longer wanted.
+pub fn uninstall_sql(schema: &Schema) -> Result<String> {
+    Ok(format!("BEGIN;\n{}COMMIT;\n", uninstall_body(schema)?))
+}
+
+/// Installs (or re-installs) change capture for every entity of `schema`, in one transaction.
+pub async fn install(pool: &PgPool, schema: &Schema, notify_channel: &str) -> Result<()> {
+    install_with(pool, schema, &CaptureOptions::new(notify_channel)).await
+}
+
+/// [`install`] with explicit options.
+pub async fn install_with(pool: &PgPool, schema: &Schema, options: &CaptureOptions) -> Result<()> {
+    let body = install_body(schema, options)?;
+    run_in_transaction(pool, &body, "installing change capture").await
+}
+
+/// Removes the capture triggers of `schema` (see [`uninstall_sql`]).
+pub async fn uninstall(pool: &PgPool, schema: &Schema) -> Result<()> {
+    let body = uninstall_body(schema)?;
+    run_in_transaction(pool, &body, "uninstalling change capture").await
+}
+
+async fn run_in_transaction(pool: &PgPool, body: &str, what: &str) -> Result<()> {
+    let fail = |e: sqlx::Error| Error::Transport(format!("{what}: {e}"));
+    let mut tx = pool.begin().await.map_err(fail)?;
+    sqlx::raw_sql(body).execute(&mut *tx).await.map_err(fail)?;
+    tx.commit().await.map_err(fail)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::EntityDef;
+
+    fn schema(name: &str, table: &str) -> Schema {
+        Schema::new(vec![EntityDef {
+            name: name.into(),
+            table: table.into(),
+            fields: vec![],
+        }])
+        .unwrap()
+    }
+
+    #[test]
+    fn install_sql_quotes_tables_and_names_triggers_per_entity() {
+        let sql = install_sql(&schema("Order", "public.tb_order"), "fraiseql_changes").unwrap();
+        assert!(sql.starts_with("BEGIN;\n") && sql.ends_with("COMMIT;\n"));
+        assert!(sql.contains(r#"CREATE TRIGGER "fraiseql_capture_Order" AFTER INSERT OR UPDATE OR DELETE ON "public"."tb_order""#), "{sql}");
+        assert!(sql.contains(
+            "fraiseql_capture('Order', 'fraiseql_changes', 'skip_unchanged', 'public.tb_order')"
+        ));
+    }
+
+    #[test]
+    fn hostile_names_are_rejected() {
+        assert!(install_sql(&schema("Order", "tb_order; DROP TABLE x"), "c").is_err());
+        assert!(install_sql(&schema("Or'der", "tb_order"), "c").is_err());
+        assert!(install_sql(&schema("Order", "tb_order"), "c'); --").is_err());
+        assert!(install_sql(&schema("Order", "tb_order"), "a.b").is_err());
+        assert!(uninstall_sql(&schema("Order", "x\"y")).is_err());
+        assert!(install_sql(&schema(&"O".repeat(60), "t"), "c").is_err());
+    }
+}

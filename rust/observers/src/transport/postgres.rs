@@ -1,0 +1,679 @@
+//! The `postgres` transport: reads the change log written by the capture triggers
+//! ([`crate::capture`]) by cursor, wakes on `NOTIFY`, polls as a safety net, and acknowledges
+//! (moves the cursor) only after the engine has finished every event of a batch.
+//!
+//! # Delivery: why no committed change is ever skipped
+//!
+//! Rows are read and the cursor is kept in `(txid, id)` order, where `txid` is the id of the
+//! writing transaction (`pg_current_xact_id()`) and `id` the change-log sequence:
+//!
+//! ```sql
+//! WHERE (txid, id) > ($last_txid, $last_id)
+//!   AND txid < pg_snapshot_xmin(pg_current_snapshot())
+//! ORDER BY txid, id LIMIT $batch
+//! ```
+//!
+//! The classic hazard of a cursor over a sequence is the late commit: transaction A takes
+//! `id = 10` and commits after transaction B, which took `id = 11`; a reader that saw 11 and
+//! moved its cursor past it never sees 10. Here, the snapshot's `xmin` is the oldest
+//! transaction id still running when the statement's snapshot was taken (or the next id to be
+//! assigned if none is). So:
+//! - every transaction with `txid < xmin` has finished: its rows are all visible (committed)
+//!   or will never be (rolled back) — nothing more can appear below `xmin`;
+//! - every transaction still running, or starting later, has `txid ≥ xmin` (ids are assigned
+//!   in increasing order, and a transaction gets its id at its first write, i.e. no earlier
+//!   than "now"), so it is not read yet and the cursor cannot pass it;
+//! - `xmin` never decreases, so a range once complete stays complete.
+//!
+//! Hence the cursor only ever moves over ranges that are final, and a late commit is delivered
+//! as soon as it commits (and the transactions before it have finished). The price: a long
+//! transaction that writes anything holds back delivery of all later changes until it ends
+//! (`lag_rows` in `/health` shows it). Read-only transactions have no id and hold nothing back.
+//!
+//! # Acknowledgement
+//!
+//! A batch's events run concurrently (up to `max_concurrency`; `1` keeps strict order); the
+//! cursor row is upserted (never moved backwards) only after every [`Engine::process`] of the
+//! batch has returned. A crash before that redelivers the batch: at-least-once, with
+//! `EffectivelyOnce` observers deduplicating by event id (= the change-log id).
+//!
+//! # Several instances on one listener id
+//!
+//! One reader per `listener_id` is active at a time: the reader holds a session-level
+//! `pg_try_advisory_lock(hashtext('fraiseql.listener'), hashtext(listener_id))` on its own
+//! dedicated connection, and reads and moves the cursor on that same connection. The others
+//! stay on standby and retry the lock every `poll_interval`; when the active process dies or
+//! its connection drops, PostgreSQL releases the lock and a standby takes over from the stored
+//! cursor. This was chosen over row-level claiming (`FOR UPDATE SKIP LOCKED` per batch) because
+//! it keeps one totally ordered cursor per listener, needs no claim bookkeeping, and failover
+//! is done by PostgreSQL itself. Horizontal scaling of the *work* is the NATS backend's job (a
+//! bridge plus a shared durable consumer). A connection drop during a batch can let a standby
+//! start on the same batch before the old reader notices: that is a redelivery, which
+//! at-least-once allows. Session advisory locks need a session: point `database.url` at
+//! PostgreSQL or a session-pooling proxy, not a transaction-pooling one.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Row};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::capture::{CHANGE_LOG_TABLE, CURSOR_TABLE};
+use crate::config::{redact_url, validate_sql_identifier, Config, DEFAULT_NOTIFY_CHANNEL};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::event::{Event, EventKind};
+use crate::http::HealthSource;
+
+/// Counting more than this many pending rows for `/health` is not worth the scan.
+const LAG_COUNT_CAP: i64 = 1_000_000;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// How the source reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// Identifies the cursor; instances sharing it share the work (one active at a time).
+    pub listener_id: String,
+    /// The channel the capture triggers notify (`[observers] notify_channel`).
+    pub notify_channel: String,
+    /// Change-log rows read per batch (at least 1).
+    pub batch_size: usize,
+    /// Safety-net poll and standby lock-retry period.
+    pub poll_interval: Duration,
+    /// Events of a batch processed at once (at least 1).
+    pub max_concurrency: usize,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            listener_id: "fraiseql".to_owned(),
+            notify_channel: DEFAULT_NOTIFY_CHANNEL.to_owned(),
+            batch_size: 100,
+            poll_interval: Duration::from_secs(1),
+            max_concurrency: 256,
+        }
+    }
+}
+
+impl PostgresOptions {
+    /// `[observers] notify_channel`, `max_concurrency`, `[observers.bridge] batch_size`,
+    /// `poll_interval_secs`.
+    pub fn from_config(config: &Config, listener_id: impl Into<String>) -> Self {
+        let o = &config.observers;
+        PostgresOptions {
+            listener_id: listener_id.into(),
+            notify_channel: o.notify_channel.clone(),
+            batch_size: o.bridge.batch_size,
+            poll_interval: Duration::from_secs(o.bridge.poll_interval_secs.max(1)),
+            max_concurrency: o.max_concurrency,
+        }
+    }
+}
+
+/// A position in the change log: the last acknowledged `(txid, id)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+struct Cursor {
+    txid: u64,
+    id: i64,
+}
+
+const ROLE_STARTING: u8 = 0;
+const ROLE_STANDBY: u8 = 1;
+const ROLE_ACTIVE: u8 = 2;
+const ROLE_RECONNECTING: u8 = 3;
+const ROLE_STOPPED: u8 = 4;
+
+/// Shared state behind `/health`.
+struct SourceHealth {
+    listener_id: String,
+    listener_connected: AtomicBool,
+    database_ok: AtomicBool,
+    lag_rows: AtomicU64,
+    skipped_rows: AtomicU64,
+    delivered: AtomicU64,
+    role: AtomicU8,
+}
+
+impl HealthSource for SourceHealth {
+    fn observers(&self) -> Value {
+        let role = match self.role.load(Ordering::Relaxed) {
+            ROLE_STANDBY => "standby",
+            ROLE_ACTIVE => "active",
+            ROLE_RECONNECTING => "reconnecting",
+            ROLE_STOPPED => "stopped",
+            _ => "starting",
+        };
+        json!({
+            "transport": "postgres",
+            "connected": self.listener_connected.load(Ordering::Relaxed),
+            "lag_rows": self.lag_rows.load(Ordering::Relaxed),
+            "listener_id": self.listener_id,
+            "role": role,
+            "events_delivered": self.delivered.load(Ordering::Relaxed),
+            "skipped_rows": self.skipped_rows.load(Ordering::Relaxed),
+        })
+    }
+
+    fn databases(&self) -> Option<Value> {
+        let status = if self.database_ok.load(Ordering::Relaxed) {
+            "ok"
+        } else {
+            "down"
+        };
+        Some(json!({ "primary": { "status": status } }))
+    }
+
+    fn healthy(&self) -> bool {
+        self.listener_connected.load(Ordering::Relaxed) && self.database_ok.load(Ordering::Relaxed)
+    }
+}
+
+/// The change-log reader. See the module documentation for the delivery argument.
+pub struct PostgresSource {
+    pool: PgPool,
+    connect_options: PgConnectOptions,
+    options: PostgresOptions,
+    health: Arc<SourceHealth>,
+}
+
+impl PostgresSource {
+    /// Connects a pool and checks that the change-capture tables exist.
+    pub async fn connect(url: &str, options: PostgresOptions) -> Result<PostgresSource> {
+        let mut options = options;
+        validate_sql_identifier(&options.notify_channel)
+            .map_err(|e| Error::Transport(format!("observers.notify_channel: {e}")))?;
+        if options.listener_id.is_empty() {
+            return Err(Error::Transport("listener id must not be empty".into()));
+        }
+        options.batch_size = options.batch_size.max(1);
+        options.max_concurrency = options.max_concurrency.max(1);
+        options.poll_interval = options.poll_interval.max(Duration::from_millis(10));
+
+        let shown = redact_url(url);
+        let connect_options = PgConnectOptions::from_str(url)
+            .map_err(|e| Error::Transport(format!("invalid database.url ({shown}): {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_concurrency.clamp(2, 16) as u32)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(connect_options.clone())
+            .await
+            .map_err(|e| {
+                Error::Transport(format!("cannot connect to PostgreSQL at {shown}: {e}"))
+            })?;
+        let (log, cursor): (bool, bool) =
+            sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL")
+                .bind(CHANGE_LOG_TABLE)
+                .bind(CURSOR_TABLE)
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| Error::Transport(format!("PostgreSQL at {shown}: {e}")))?;
+        if !(log && cursor) {
+            let missing = if log { CURSOR_TABLE } else { CHANGE_LOG_TABLE };
+            return Err(Error::Transport(format!(
+                "the change-capture table `{missing}` does not exist in the database at {shown}: \
+                 run `fraiseql db install` (or enable [observers] auto_install) first"
+            )));
+        }
+        let health = Arc::new(SourceHealth {
+            listener_id: options.listener_id.clone(),
+            listener_connected: AtomicBool::new(false),
+            database_ok: AtomicBool::new(true),
+            lag_rows: AtomicU64::new(0),
+            skipped_rows: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            role: AtomicU8::new(ROLE_STARTING),
+        });
+        Ok(PostgresSource {
+            pool,
+            connect_options,
+            options,
+            health,
+        })
+    }
+
+    /// The pool (for idempotency stores, the DLQ, installs). Not used by the reader itself,
+    /// which has dedicated connections.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn options(&self) -> &PostgresOptions {
+        &self.options
+    }
+
+    /// `/health` view: unhealthy while the LISTEN connection or the database is down.
+    pub fn health(&self) -> Arc<dyn HealthSource> {
+        self.health.clone()
+    }
+
+    /// Runs until `shutdown` becomes true (or its sender is dropped); finishes the batch in
+    /// flight and acknowledges it, then returns. Connection failures are retried with backoff;
+    /// they never end the run.
+    pub async fn run(self, engine: Arc<Engine>, shutdown: watch::Receiver<bool>) -> Result<()> {
+        let mut shutdown = shutdown;
+        let wake = Arc::new(Notify::new());
+        let listener = tokio::spawn(listen_loop(
+            self.connect_options.clone(),
+            self.options.notify_channel.clone(),
+            wake.clone(),
+            self.health.clone(),
+        ));
+        let result = self.read_loop(&engine, &mut shutdown, &wake).await;
+        listener.abort();
+        let _ = listener.await;
+        self.health
+            .listener_connected
+            .store(false, Ordering::Relaxed);
+        self.health.role.store(ROLE_STOPPED, Ordering::Relaxed);
+        result
+    }
+
+    async fn read_loop(
+        &self,
+        engine: &Arc<Engine>,
+        shutdown: &mut watch::Receiver<bool>,
+        wake: &Notify,
+    ) -> Result<()> {
+        let mut backoff = Backoff::default();
+        loop {
+            if is_shutdown(shutdown) {
+                return Ok(());
+            }
+            let mut conn = match PgConnection::connect_with(&self.connect_options).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    self.health.database_ok.store(false, Ordering::Relaxed);
+                    self.health.role.store(ROLE_RECONNECTING, Ordering::Relaxed);
+                    tracing::warn!("postgres source: cannot connect: {e}; retrying");
+                    if sleep_or_shutdown(shutdown, backoff.next_delay()).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            self.health.database_ok.store(true, Ordering::Relaxed);
+            match self
+                .serve(&mut conn, engine, shutdown, wake, &mut backoff)
+                .await
+            {
+                Ok(()) => {
+                    // Closing the session releases the advisory lock at once.
+                    let _ = conn.close().await;
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.health.database_ok.store(false, Ordering::Relaxed);
+                    self.health.role.store(ROLE_RECONNECTING, Ordering::Relaxed);
+                    tracing::warn!(
+                        "postgres source `{}`: {e}; reconnecting",
+                        self.options.listener_id
+                    );
+                    drop(conn);
+                    if sleep_or_shutdown(shutdown, backoff.next_delay()).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// One session: become the active reader, then read, process and acknowledge until
+    /// shutdown (Ok) or a database error (Err: the caller reconnects).
+    async fn serve(
+        &self,
+        conn: &mut PgConnection,
+        engine: &Arc<Engine>,
+        shutdown: &mut watch::Receiver<bool>,
+        wake: &Notify,
+        backoff: &mut Backoff,
+    ) -> std::result::Result<(), sqlx::Error> {
+        let o = &self.options;
+        let mut announced = false;
+        loop {
+            let locked: bool = sqlx::query_scalar(
+                "SELECT pg_try_advisory_lock(hashtext('fraiseql.listener'), hashtext($1))",
+            )
+            .bind(&o.listener_id)
+            .fetch_one(&mut *conn)
+            .await?;
+            self.health.database_ok.store(true, Ordering::Relaxed);
+            backoff.reset();
+            if locked {
+                break;
+            }
+            if !announced {
+                tracing::info!(
+                    "postgres source `{}`: another instance is reading; standing by",
+                    o.listener_id
+                );
+                announced = true;
+            }
+            self.health.role.store(ROLE_STANDBY, Ordering::Relaxed);
+            let cursor = load_cursor(conn, &o.listener_id).await?;
+            self.store_lag(conn, cursor).await?;
+            if sleep_or_shutdown(shutdown, o.poll_interval).await {
+                return Ok(());
+            }
+        }
+        self.health.role.store(ROLE_ACTIVE, Ordering::Relaxed);
+        let mut cursor = load_cursor(conn, &o.listener_id).await?;
+        tracing::info!(
+            "postgres source `{}`: reading the change log after ({}, {})",
+            o.listener_id,
+            cursor.txid,
+            cursor.id
+        );
+        let mut lag_checked: Option<Instant> = None;
+        loop {
+            if is_shutdown(shutdown) {
+                return Ok(());
+            }
+            let rows = fetch_batch(conn, cursor, o.batch_size).await?;
+            let full = rows.len() == o.batch_size;
+            if let Some(last) = rows.last() {
+                let last = row_cursor(last)?;
+                let events = self.decode_batch(&rows);
+                let n = events.len() as u64;
+                process_batch(engine, events, o.max_concurrency).await;
+                save_cursor(conn, &o.listener_id, last).await?;
+                cursor = last;
+                self.health.delivered.fetch_add(n, Ordering::Relaxed);
+            }
+            if lag_checked.is_none_or(|t| t.elapsed() >= o.poll_interval) {
+                self.store_lag(conn, cursor).await?;
+                lag_checked = Some(Instant::now());
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        return Ok(());
+                    }
+                }
+                () = wake.notified() => {}
+                () = tokio::time::sleep(o.poll_interval) => {}
+            }
+        }
+    }
+
+    async fn store_lag(
+        &self,
+        conn: &mut PgConnection,
+        cursor: Cursor,
+    ) -> std::result::Result<(), sqlx::Error> {
+        let lag: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM (SELECT 1 FROM {CHANGE_LOG_TABLE} \
+             WHERE (txid, id) > ($1::text::xid8, $2) LIMIT {LAG_COUNT_CAP}) AS pending"
+        ))
+        .bind(cursor.txid.to_string())
+        .bind(cursor.id)
+        .fetch_one(&mut *conn)
+        .await?;
+        self.health
+            .lag_rows
+            .store(lag.max(0) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Rows that cannot become an event are logged, counted and skipped (the cursor still
+    /// moves past them): one bad row never stalls the listener.
+    fn decode_batch(&self, rows: &[PgRow]) -> Vec<Event> {
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            match decode_event(row) {
+                Ok(event) => events.push(event),
+                Err(reason) => {
+                    self.health.skipped_rows.fetch_add(1, Ordering::Relaxed);
+                    let id = row.try_get::<i64, _>("id").unwrap_or_default();
+                    tracing::warn!(
+                        "postgres source `{}`: skipping change-log row {id}: {reason}",
+                        self.options.listener_id
+                    );
+                }
+            }
+        }
+        events
+    }
+}
+
+/// Keeps one LISTEN connection up and turns notifications into wake-ups. Any (re)connect
+/// also wakes the reader, since notifications sent while disconnected are lost.
+async fn listen_loop(
+    options: PgConnectOptions,
+    channel: String,
+    wake: Arc<Notify>,
+    health: Arc<SourceHealth>,
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        match connect_listener(&options, &channel).await {
+            Ok(mut listener) => {
+                health.listener_connected.store(true, Ordering::Relaxed);
+                backoff.reset();
+                wake.notify_one();
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => wake.notify_one(),
+                        // Lost and re-established (eager reconnect): catch up.
+                        Ok(None) => wake.notify_one(),
+                        Err(e) => {
+                            tracing::warn!("postgres source: LISTEN connection failed: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("postgres source: cannot LISTEN on `{channel}`: {e}"),
+        }
+        health.listener_connected.store(false, Ordering::Relaxed);
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+async fn connect_listener(
+    options: &PgConnectOptions,
+    channel: &str,
+) -> std::result::Result<PgListener, sqlx::Error> {
+    // A one-connection pool of its own, as `PgListener::connect` builds: it only serves
+    // reconnects.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_with(options.clone())
+        .await?;
+    let mut listener = PgListener::connect_with(&pool).await?;
+    listener.listen(channel).await?;
+    Ok(listener)
+}
+
+/// Processes the events concurrently (bounded) and returns when every one has finished.
+async fn process_batch(engine: &Arc<Engine>, events: Vec<Event>, max_concurrency: usize) {
+    let permits = Arc::new(Semaphore::new(max_concurrency));
+    let mut tasks = JoinSet::new();
+    for event in events {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let engine = engine.clone();
+        tasks.spawn(async move {
+            engine.metrics().events_in_flight.inc();
+            engine.process(&event).await;
+            engine.metrics().events_in_flight.dec();
+            drop(permit);
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done {
+            tracing::error!("postgres source: an event's processing task failed: {e}");
+        }
+    }
+}
+
+fn batch_sql() -> String {
+    format!(
+        "SELECT id, txid::text AS txid, entity, event, table_name, new, old, \
+         to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS committed_at \
+         FROM {CHANGE_LOG_TABLE} \
+         WHERE (txid, id) > ($1::text::xid8, $2) \
+           AND txid < (SELECT pg_snapshot_xmin(pg_current_snapshot())) \
+         ORDER BY txid, id \
+         LIMIT $3"
+    )
+}
+
+async fn fetch_batch(
+    conn: &mut PgConnection,
+    after: Cursor,
+    limit: usize,
+) -> std::result::Result<Vec<PgRow>, sqlx::Error> {
+    sqlx::query(&batch_sql())
+        .bind(after.txid.to_string())
+        .bind(after.id)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *conn)
+        .await
+}
+
+fn row_cursor(row: &PgRow) -> std::result::Result<Cursor, sqlx::Error> {
+    let id: i64 = row.try_get("id")?;
+    let txid: String = row.try_get("txid")?;
+    let txid = txid.parse().map_err(|e| sqlx::Error::ColumnDecode {
+        index: "txid".into(),
+        source: Box::new(e),
+    })?;
+    Ok(Cursor { txid, id })
+}
+
+fn decode_event(row: &PgRow) -> std::result::Result<Event, String> {
+    let text = |name: &str| -> std::result::Result<String, String> {
+        row.try_get::<Option<String>, _>(name)
+            .map_err(|e| format!("column {name}: {e}"))?
+            .ok_or_else(|| format!("column {name} is NULL"))
+    };
+    let json = |name: &str| -> std::result::Result<Option<Value>, String> {
+        row.try_get::<Option<Value>, _>(name)
+            .map_err(|e| format!("column {name}: {e}"))
+    };
+    let id: i64 = row.try_get("id").map_err(|e| format!("column id: {e}"))?;
+    let kind: EventKind = text("event")?.parse()?;
+    Ok(Event {
+        id: id.to_string(),
+        entity: text("entity")?,
+        event: kind,
+        table: text("table_name")?,
+        timestamp: text("committed_at")?,
+        new: json("new")?,
+        old: json("old")?,
+    })
+}
+
+async fn load_cursor(
+    conn: &mut PgConnection,
+    listener_id: &str,
+) -> std::result::Result<Cursor, sqlx::Error> {
+    let row: Option<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT last_txid::text, last_id FROM {CURSOR_TABLE} WHERE listener_id = $1"
+    ))
+    .bind(listener_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        None => Ok(Cursor::default()),
+        Some((txid, id)) => Ok(Cursor {
+            txid: txid.parse().map_err(|e| sqlx::Error::ColumnDecode {
+                index: "last_txid".into(),
+                source: Box::new(e),
+            })?,
+            id,
+        }),
+    }
+}
+
+/// Upserts the cursor; never moves it backwards.
+async fn save_cursor(
+    conn: &mut PgConnection,
+    listener_id: &str,
+    cursor: Cursor,
+) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO {CURSOR_TABLE} AS c (listener_id, last_txid, last_id, updated_at) \
+         VALUES ($1, $2::text::xid8, $3, now()) \
+         ON CONFLICT (listener_id) DO UPDATE \
+         SET last_txid = EXCLUDED.last_txid, last_id = EXCLUDED.last_id, updated_at = EXCLUDED.updated_at \
+         WHERE (c.last_txid, c.last_id) < (EXCLUDED.last_txid, EXCLUDED.last_id)"
+    ))
+    .bind(listener_id)
+    .bind(cursor.txid.to_string())
+    .bind(cursor.id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+fn is_shutdown(shutdown: &watch::Receiver<bool>) -> bool {
+    *shutdown.borrow() || shutdown.has_changed().is_err()
+}
+
+/// Sleeps `delay` unless shutdown comes first; returns true on shutdown.
+async fn sleep_or_shutdown(shutdown: &mut watch::Receiver<bool>, delay: Duration) -> bool {
+    if is_shutdown(shutdown) {
+        return true;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        changed = shutdown.changed() => changed.is_err() || *shutdown.borrow(),
+    }
+}
+
+/// Exponential reconnect backoff, 100 ms doubling up to 10 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn next_delay(&mut self) -> Duration {
+        let delay = BACKOFF_MIN.saturating_mul(1 << self.failures.min(16));
+        self.failures = self.failures.saturating_add(1);
+        delay.min(BACKOFF_MAX)
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut b = Backoff::default();
+        let delays: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
+        assert_eq!(delays[0], Duration::from_millis(100));
+        assert_eq!(delays[1], Duration::from_millis(200));
+        assert_eq!(delays[9], BACKOFF_MAX);
+        b.reset();
+        assert_eq!(b.next_delay(), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn batch_query_reads_only_below_the_snapshot_xmin() {
+        let sql = batch_sql();
+        assert!(sql.contains("txid < (SELECT pg_snapshot_xmin(pg_current_snapshot()))"));
+        assert!(sql.contains("ORDER BY txid, id"));
+    }
+}

@@ -1,0 +1,832 @@
+//! The PostgreSQL transport, capture SQL and idempotency store against a real PostgreSQL
+//! (`FRAISEQL_TEST_DATABASE_URL`, else `postgres://postgres@127.0.0.1:5432/postgres`). Each
+//! test creates its own database and drops it at the end.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fraiseql_observers::checkpoint::{is_duplicate, record_idempotency_key};
+use fraiseql_observers::engine::Engine;
+use fraiseql_observers::http::HealthSource;
+use fraiseql_observers::{
+    capture, Action, ActionError, CheckpointStrategy, EntityDef, Event, EventKind,
+    IdempotencyStore, IdempotencyStores, MemoryDlq, MemoryIdempotencyStores, Metrics, ObserverSpec,
+    PgIdempotencyStore, PgIdempotencyStores, PostgresOptions, PostgresSource, RetryPolicy, Schema,
+};
+use serde_json::json;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(60);
+const CHANNEL: &str = "fraiseql_test_changes";
+
+fn base_url() -> String {
+    std::env::var("FRAISEQL_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// `url` with its database replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let (main, query) = match url.find('?') {
+        Some(i) => (&url[..i], &url[i..]),
+        None => (url, ""),
+    };
+    let authority_start = main.find("://").map_or(0, |i| i + 3);
+    let root = match main[authority_start..].find('/') {
+        Some(i) => &main[..authority_start + i],
+        None => main,
+    };
+    format!("{root}/{db}{query}")
+}
+
+/// A database of its own, dropped by `cleanup` (or, if the test panicked, on drop).
+struct TestDb {
+    name: String,
+    url: String,
+    pool: PgPool,
+    cleaned: bool,
+}
+
+impl TestDb {
+    async fn create() -> TestDb {
+        let name = format!("fraiseql_rs_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&base_url())
+            .await
+            .expect("connect to the test PostgreSQL");
+        admin
+            .execute(format!("CREATE DATABASE \"{name}\"").as_str())
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        let url = with_database(&base_url(), &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .unwrap();
+        pool.execute(
+            "CREATE TABLE tb_order (id serial PRIMARY KEY, status text NOT NULL DEFAULT 'new', \
+             total numeric NOT NULL DEFAULT 0, note text)",
+        )
+        .await
+        .unwrap();
+        TestDb {
+            name,
+            url,
+            pool,
+            cleaned: false,
+        }
+    }
+
+    async fn install(&self) {
+        capture::install(&self.pool, &schema(), CHANNEL)
+            .await
+            .unwrap();
+    }
+
+    async fn cleanup(mut self) {
+        self.pool.close().await;
+        drop_database(&self.name).await;
+        self.cleaned = true;
+    }
+}
+
+async fn drop_database(name: &str) {
+    let mut admin = PgConnection::connect(&base_url()).await.unwrap();
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+    let _ = admin.close().await;
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(drop_database(&name));
+        })
+        .join();
+    }
+}
+
+fn schema() -> Schema {
+    Schema::new(vec![EntityDef {
+        name: "Order".into(),
+        table: "tb_order".into(),
+        fields: vec!["id".into(), "status".into(), "total".into(), "note".into()],
+    }])
+    .unwrap()
+}
+
+/// Records every event it is given.
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Vec<Event>>,
+    changed: Notify,
+}
+
+#[async_trait]
+impl Action for Recorder {
+    fn kind(&self) -> &'static str {
+        "recorder"
+    }
+
+    async fn execute(&self, event: &Event) -> Result<(), ActionError> {
+        self.events.lock().unwrap().push(event.clone());
+        self.changed.notify_waiters();
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    fn len(&self) -> usize {
+        self.events.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` events arrived; returns them sorted by change-log id.
+    async fn wait_for(&self, n: usize) -> Vec<Event> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let notified = self.changed.notified();
+                if self.len() >= n {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("expected {n} events, got {}", self.len()));
+        by_id(self.events())
+    }
+}
+
+fn by_id(mut events: Vec<Event>) -> Vec<Event> {
+    events.sort_by_key(|e| e.id.parse::<i64>().unwrap());
+    events
+}
+
+/// One observer per event kind on `Order`, all feeding `recorder`.
+fn engine(recorder: &Arc<Recorder>) -> Arc<Engine> {
+    let specs = EventKind::ALL
+        .iter()
+        .map(|&kind| ObserverSpec {
+            name: format!("record_{}", kind.as_lower()),
+            entity: "Order".into(),
+            event: kind,
+            condition: None,
+            retry: RetryPolicy::default(),
+            checkpoint: CheckpointStrategy::AtLeastOnce,
+            actions: vec![recorder.clone() as Arc<dyn Action>],
+        })
+        .collect();
+    Arc::new(
+        Engine::new(
+            specs,
+            Arc::new(MemoryDlq::new(None)),
+            &MemoryIdempotencyStores::default(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap(),
+    )
+}
+
+fn options(listener_id: &str) -> PostgresOptions {
+    PostgresOptions {
+        listener_id: listener_id.into(),
+        notify_channel: CHANNEL.into(),
+        batch_size: 100,
+        poll_interval: Duration::from_millis(200),
+        max_concurrency: 8,
+    }
+}
+
+struct Running {
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<fraiseql_observers::Result<()>>,
+    health: Arc<dyn HealthSource>,
+}
+
+impl Running {
+    async fn start(url: &str, listener_id: &str, engine: Arc<Engine>) -> Running {
+        let source = PostgresSource::connect(url, options(listener_id))
+            .await
+            .unwrap();
+        let health = source.health();
+        let (shutdown, rx) = watch::channel(false);
+        let task = tokio::spawn(source.run(engine, rx));
+        Running {
+            shutdown,
+            task,
+            health,
+        }
+    }
+
+    fn role(&self) -> String {
+        self.health.observers()["role"].as_str().unwrap().to_owned()
+    }
+
+    async fn wait_until(&self, what: &str, check: impl Fn(&dyn HealthSource) -> bool) {
+        tokio::time::timeout(WAIT, async {
+            while !check(self.health.as_ref()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}: {}", self.health.observers()));
+    }
+
+    async fn stop(self) {
+        self.shutdown.send(true).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Several poll intervals: long enough for a wrongly delivered event to show up.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_is_idempotent_and_notifies_once_per_transaction() {
+    let db = TestDb::create().await;
+    db.install().await;
+    db.install().await;
+    // Two installers at once serialise on the advisory lock.
+    let entities = schema();
+    let (a, b) = tokio::join!(
+        capture::install(&db.pool, &entities, CHANNEL),
+        capture::install(&db.pool, &entities, CHANNEL)
+    );
+    a.unwrap();
+    b.unwrap();
+    let triggers = count(
+        &db.pool,
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'tb_order'::regclass AND NOT tgisinternal",
+    )
+    .await;
+    assert_eq!(triggers, 1);
+
+    let mut listener = PgListener::connect(&db.url).await.unwrap();
+    listener.listen(CHANNEL).await.unwrap();
+    // One transaction of 10 rows, then one of 1 row: exactly one notification each.
+    db.pool
+        .execute("INSERT INTO tb_order (total) SELECT g FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
+    db.pool
+        .execute("INSERT INTO tb_order (total) VALUES (11)")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM fraiseql_change_log").await,
+        11
+    );
+    let first = listener.recv().await.unwrap();
+    let second = listener.recv().await.unwrap();
+    assert_eq!(first.channel(), CHANNEL);
+    assert_eq!(first.payload(), "1");
+    assert_eq!(second.payload(), "11");
+
+    capture::uninstall(&db.pool, &schema()).await.unwrap();
+    capture::uninstall(&db.pool, &schema()).await.unwrap();
+    db.pool
+        .execute("INSERT INTO tb_order (total) VALUES (12)")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM fraiseql_change_log").await,
+        11
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM pg_proc WHERE proname = 'fraiseql_capture'"
+        )
+        .await,
+        0
+    );
+    drop(listener);
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_and_missing_names_are_rejected() {
+    let db = TestDb::create().await;
+    let hostile = Schema::new(vec![EntityDef {
+        name: "Order".into(),
+        table: "tb_order; DROP TABLE tb_order".into(),
+        fields: vec![],
+    }])
+    .unwrap();
+    let err = capture::install(&db.pool, &hostile, CHANNEL)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected a SQL identifier"), "{err}");
+    let err = capture::install(&db.pool, &schema(), "chan'; --")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("notify channel"), "{err}");
+    for bad in ["keys; DROP TABLE tb_order", "a\"b", "1keys", "a.b.c", ""] {
+        assert!(
+            PgIdempotencyStore::new(db.pool.clone(), bad).await.is_err(),
+            "{bad:?} accepted"
+        );
+    }
+    // Nothing was created or dropped.
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        )
+        .await,
+        1
+    );
+    // A source refuses to start before the install, and says what to do.
+    let err = PostgresSource::connect(&db.url, options("x"))
+        .await
+        .err()
+        .expect("connect must fail without the change log")
+        .to_string();
+    assert!(err.contains("fraiseql db install"), "{err}");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_updates_and_deletes_reach_observers() {
+    let db = TestDb::create().await;
+    db.install().await;
+    let recorder = Arc::new(Recorder::default());
+    let running = Running::start(&db.url, "crud", engine(&recorder)).await;
+    running
+        .wait_until("the LISTEN connection", |h| h.healthy())
+        .await;
+    assert_eq!(running.health.observers()["transport"], "postgres");
+    assert_eq!(
+        running.health.databases().unwrap(),
+        json!({"primary": {"status": "ok"}})
+    );
+
+    db.pool
+        .execute("INSERT INTO tb_order (id, status, total) VALUES (1, 'new', 1250.5)")
+        .await
+        .unwrap();
+    db.pool
+        .execute("UPDATE tb_order SET status = 'shipped' WHERE id = 1")
+        .await
+        .unwrap();
+    // An UPDATE that changes nothing is not captured.
+    db.pool
+        .execute("UPDATE tb_order SET status = status WHERE id = 1")
+        .await
+        .unwrap();
+    db.pool
+        .execute("DELETE FROM tb_order WHERE id = 1")
+        .await
+        .unwrap();
+    let events = recorder.wait_for(3).await;
+    settle().await;
+    assert_eq!(recorder.len(), 3);
+
+    let kinds: Vec<_> = events.iter().map(|e| e.event).collect();
+    assert_eq!(
+        kinds,
+        [EventKind::Insert, EventKind::Update, EventKind::Delete]
+    );
+    for e in &events {
+        assert_eq!(e.entity, "Order");
+        assert_eq!(e.table, "tb_order");
+        e.id.parse::<i64>().unwrap();
+        chrono::DateTime::parse_from_rfc3339(&e.timestamp).unwrap();
+    }
+    let row = json!({"id": 1, "status": "new", "total": 1250.5, "note": null});
+    let shipped = json!({"id": 1, "status": "shipped", "total": 1250.5, "note": null});
+    assert_eq!(events[0].new, Some(row.clone()));
+    assert_eq!(events[0].old, None);
+    assert_eq!(events[1].new, Some(shipped.clone()));
+    assert_eq!(events[1].old, Some(row));
+    assert_eq!(events[2].new, None);
+    assert_eq!(events[2].old, Some(shipped));
+
+    running.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_rows_written_before_start_are_all_processed() {
+    let db = TestDb::create().await;
+    db.install().await;
+    db.pool
+        .execute("INSERT INTO tb_order (total) SELECT g FROM generate_series(1, 600) g")
+        .await
+        .unwrap();
+    for i in 0..4 {
+        db.pool
+            .execute(
+                format!(
+                    "INSERT INTO tb_order (total) SELECT g FROM generate_series({}, {}) g",
+                    601 + i * 100,
+                    700 + i * 100
+                )
+                .as_str(),
+            )
+            .await
+            .unwrap();
+    }
+    let recorder = Arc::new(Recorder::default());
+    let running = Running::start(&db.url, "backlog", engine(&recorder)).await;
+    let events = recorder.wait_for(1000).await;
+    settle().await;
+    assert_eq!(recorder.len(), 1000);
+    let totals: HashSet<i64> = events
+        .iter()
+        .map(|e| e.new.as_ref().unwrap()["total"].as_i64().unwrap())
+        .collect();
+    assert_eq!(totals, (1..=1000).collect());
+    running
+        .wait_until("lag 0", |h| h.observers()["lag_rows"] == 0)
+        .await;
+    running.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_delivers_what_came_after_and_nothing_acknowledged() {
+    let db = TestDb::create().await;
+    db.install().await;
+    let first = Arc::new(Recorder::default());
+    let running = Running::start(&db.url, "restart", engine(&first)).await;
+    for i in 0..10 {
+        db.pool
+            .execute(format!("INSERT INTO tb_order (total) VALUES ({i})").as_str())
+            .await
+            .unwrap();
+    }
+    first.wait_for(10).await;
+    running.stop().await;
+
+    // Written while no source runs.
+    db.pool
+        .execute("INSERT INTO tb_order (total) SELECT g FROM generate_series(100, 104) g")
+        .await
+        .unwrap();
+    let second = Arc::new(Recorder::default());
+    let running = Running::start(&db.url, "restart", engine(&second)).await;
+    let events = second.wait_for(5).await;
+    settle().await;
+    assert_eq!(second.len(), 5, "acknowledged events were redelivered");
+    let totals: Vec<i64> = events
+        .iter()
+        .map(|e| e.new.as_ref().unwrap()["total"].as_i64().unwrap())
+        .collect();
+    assert_eq!(totals, [100, 101, 102, 103, 104]);
+    assert_eq!(first.len(), 10);
+    running.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_commits_late_is_not_skipped() {
+    let db = TestDb::create().await;
+    db.install().await;
+    let recorder = Arc::new(Recorder::default());
+    let running = Running::start(&db.url, "late", engine(&recorder)).await;
+    running.wait_until("healthy", |h| h.healthy()).await;
+    let mut a = PgConnection::connect(&db.url).await.unwrap();
+    let mut b = PgConnection::connect(&db.url).await.unwrap();
+
+    // 1. A begins and inserts first (lower id), B inserts and commits, then A commits.
+    a.execute("BEGIN").await.unwrap();
+    a.execute("INSERT INTO tb_order (note) VALUES ('a1')")
+        .await
+        .unwrap();
+    b.execute("INSERT INTO tb_order (note) VALUES ('b1')")
+        .await
+        .unwrap();
+    settle().await;
+    assert_eq!(recorder.len(), 0, "B must wait while the older A is open");
+    a.execute("COMMIT").await.unwrap();
+    let events = recorder.wait_for(2).await;
+    let notes: Vec<_> = events
+        .iter()
+        .map(|e| e.new.as_ref().unwrap()["note"].clone())
+        .collect();
+    assert_eq!(notes, [json!("a1"), json!("b1")]);
+
+    // 2. A takes its transaction id first but writes its row only after B has committed:
+    //    A's row comes after B's in id order but before it in txid order.
+    a.execute("BEGIN").await.unwrap();
+    a.execute("SELECT pg_current_xact_id()").await.unwrap();
+    b.execute("INSERT INTO tb_order (note) VALUES ('b2')")
+        .await
+        .unwrap();
+    settle().await;
+    assert_eq!(recorder.len(), 2, "B must wait while the older A is open");
+    a.execute("INSERT INTO tb_order (note) VALUES ('a2')")
+        .await
+        .unwrap();
+    a.execute("COMMIT").await.unwrap();
+    recorder.wait_for(4).await;
+    settle().await;
+    let notes: HashSet<String> = recorder
+        .events()
+        .iter()
+        .map(|e| e.new.as_ref().unwrap()["note"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(recorder.len(), 4);
+    assert_eq!(
+        notes,
+        ["a1", "b1", "a2", "b2"]
+            .map(String::from)
+            .into_iter()
+            .collect()
+    );
+    running.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_kb_row_is_delivered_whole() {
+    let db = TestDb::create().await;
+    db.install().await;
+    let recorder = Arc::new(Recorder::default());
+    let running = Running::start(&db.url, "large", engine(&recorder)).await;
+    let note = "x".repeat(100 * 1024);
+    sqlx::query("INSERT INTO tb_order (note) VALUES ($1)")
+        .bind(&note)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let events = recorder.wait_for(1).await;
+    assert_eq!(events[0].new.as_ref().unwrap()["note"], json!(note));
+    running.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_change_log_row_is_skipped_and_counted() {
+    let db = TestDb::create().await;
+    db.install().await;
+    db.pool
+        .execute(
+            "INSERT INTO fraiseql_change_log (entity, event, table_name, new) \
+             VALUES ('Order', 'TRUNCATE', 'tb_order', '{}'), ('Ghost', 'INSERT', 'tb_ghost', '{}')",
+        )
+        .await
+        .unwrap();
+    db.pool
+        .execute("INSERT INTO tb_order (note) VALUES ('after')")
+        .await
+        .unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let running = Running::start(&db.url, "bad", engine(&recorder)).await;
+    let events = recorder.wait_for(1).await;
+    assert_eq!(events[0].new.as_ref().unwrap()["note"], "after");
+    running
+        .wait_until("the bad row counted", |h| {
+            h.observers()["skipped_rows"] == 1
+        })
+        .await;
+    running.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sources_on_one_listener_id_process_each_change_once() {
+    let db = TestDb::create().await;
+    db.install().await;
+    let (r1, r2) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+    let s1 = Running::start(&db.url, "shared", engine(&r1)).await;
+    let s2 = Running::start(&db.url, "shared", engine(&r2)).await;
+    for i in 0..20 {
+        db.pool
+            .execute(
+                format!(
+                    "INSERT INTO tb_order (total) SELECT g FROM generate_series({}, {}) g",
+                    i * 10,
+                    i * 10 + 9
+                )
+                .as_str(),
+            )
+            .await
+            .unwrap();
+    }
+    let total = || r1.len() + r2.len();
+    tokio::time::timeout(WAIT, async {
+        while total() < 200 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("all 200 changes processed");
+    settle().await;
+    let ids: HashSet<String> = r1
+        .events()
+        .into_iter()
+        .chain(r2.events())
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(total(), 200);
+    assert_eq!(ids.len(), 200);
+    let mut roles = [s1.role(), s2.role()];
+    roles.sort();
+    assert_eq!(roles, ["active", "standby"]);
+
+    // The active one leaves: the standby takes over from the stored cursor.
+    let (active, standby, standby_recorder) = if s1.role() == "active" {
+        (s1, s2, &r2)
+    } else {
+        (s2, s1, &r1)
+    };
+    active.stop().await;
+    let before = standby_recorder.len();
+    db.pool
+        .execute("INSERT INTO tb_order (total) SELECT g FROM generate_series(1000, 1009) g")
+        .await
+        .unwrap();
+    standby_recorder.wait_for(before + 10).await;
+    settle().await;
+    assert_eq!(total(), 210);
+    assert_eq!(standby.role(), "active");
+    standby.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_store_records_each_key_once() {
+    let db = TestDb::create().await;
+    let store = PgIdempotencyStore::new(db.pool.clone(), "billing_observer_keys")
+        .await
+        .unwrap();
+    // Creating it again finds the table.
+    PgIdempotencyStore::new(db.pool.clone(), "billing_observer_keys")
+        .await
+        .unwrap();
+    let columns: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text, is_nullable::text FROM information_schema.columns \
+         WHERE table_name = 'billing_observer_keys' ORDER BY ordinal_position",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let columns: Vec<(&str, &str, &str)> = columns
+        .iter()
+        .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            ("listener_id", "text", "NO"),
+            ("event_key", "text", "NO"),
+            ("processed_at", "timestamp with time zone", "NO"),
+        ]
+    );
+
+    assert!(!is_duplicate(&store, "billing", "evt-1").await.unwrap());
+    assert!(record_idempotency_key(&store, "billing", "evt-1")
+        .await
+        .unwrap());
+    assert!(!record_idempotency_key(&store, "billing", "evt-1")
+        .await
+        .unwrap());
+    assert!(is_duplicate(&store, "billing", "evt-1").await.unwrap());
+    assert!(record_idempotency_key(&store, "shipping", "evt-1")
+        .await
+        .unwrap());
+    store.forget("billing", "evt-1").await.unwrap();
+    assert!(!is_duplicate(&store, "billing", "evt-1").await.unwrap());
+
+    // Two tasks racing on each key: exactly one wins.
+    let store = Arc::new(store);
+    for i in 0..50 {
+        let key = format!("race-{i}");
+        let (a, b) = tokio::join!(
+            tokio::spawn({
+                let (store, key) = (store.clone(), key.clone());
+                async move { store.record_idempotency_key("billing", &key).await }
+            }),
+            tokio::spawn({
+                let (store, key) = (store.clone(), key.clone());
+                async move { store.record_idempotency_key("billing", &key).await }
+            })
+        );
+        let (a, b) = (a.unwrap().unwrap(), b.unwrap().unwrap());
+        assert!(a ^ b, "key {key}: {a} {b}");
+    }
+    drop(store);
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn effectively_once_holds_across_engines_sharing_the_table() {
+    let db = TestDb::create().await;
+    let stores = PgIdempotencyStores::new(db.pool.clone());
+    stores.prepare(["charge_keys"]).await.unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let build = |stores: &dyn IdempotencyStores| {
+        Engine::new(
+            vec![ObserverSpec {
+                name: "charge_customer".into(),
+                entity: "Order".into(),
+                event: EventKind::Insert,
+                condition: None,
+                retry: RetryPolicy::default(),
+                checkpoint: CheckpointStrategy::EffectivelyOnce {
+                    idempotency_table: "charge_keys".into(),
+                },
+                actions: vec![recorder.clone() as Arc<dyn Action>],
+            }],
+            Arc::new(MemoryDlq::new(None)),
+            stores,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap()
+    };
+    let e1 = build(&stores);
+    // A second instance, with stores of its own, created lazily on first use.
+    let e2 = build(&PgIdempotencyStores::new(db.pool.clone()));
+    let event = Event {
+        id: "42".into(),
+        ..Event::new(
+            "Order",
+            EventKind::Insert,
+            "tb_order",
+            Some(json!({"id": 1})),
+            None,
+        )
+    };
+    let (r1, r2) = tokio::join!(e1.process(&event), e2.process(&event));
+    assert_eq!(r1.duplicates + r2.duplicates, 1);
+    assert_eq!(recorder.len(), 1);
+    let store = stores.store_for("charge_keys");
+    assert!(is_duplicate(store.as_ref(), "charge_customer", "42")
+        .await
+        .unwrap());
+    // A hostile table name gives a store that fails (the engine dead-letters), never SQL.
+    let bad: Arc<dyn IdempotencyStore> = stores.store_for("x; DROP TABLE charge_keys");
+    assert!(bad.record_idempotency_key("l", "k").await.is_err());
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_reconnects_after_its_connections_are_killed() {
+    let db = TestDb::create().await;
+    db.install().await;
+    let recorder = Arc::new(Recorder::default());
+    let running = Running::start(&db.url, "reconnect", engine(&recorder)).await;
+    running.wait_until("healthy", |h| h.healthy()).await;
+    db.pool
+        .execute("INSERT INTO tb_order (note) VALUES ('before')")
+        .await
+        .unwrap();
+    recorder.wait_for(1).await;
+    running
+        .wait_until("the cursor saved", |h| h.observers()["lag_rows"] == 0)
+        .await;
+
+    let mut admin = PgConnection::connect(&db.url).await.unwrap();
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() \
+           AND backend_type = 'client backend'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(killed >= 2, "killed {killed} connections");
+    admin
+        .execute("INSERT INTO tb_order (note) SELECT 'after' FROM generate_series(1, 5)")
+        .await
+        .unwrap();
+    let events = recorder.wait_for(6).await;
+    let after = events
+        .iter()
+        .filter(|e| e.new.as_ref().unwrap()["note"] == "after")
+        .count();
+    assert_eq!(after, 5);
+    running.wait_until("healthy again", |h| h.healthy()).await;
+    assert_eq!(running.role(), "active");
+    running.stop().await;
+    db.cleanup().await;
+}

@@ -1,0 +1,28 @@
+"""Runs the Rust crate's live-service tests against the services this harness provides, so
+they get the same PostgreSQL (found on the standard port, from the environment, or started
+here) as the Python tests — on a machine with none installed too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(1800)
+def test_rust_postgres_source_against_the_harness_database(fraiseql_database_url: str) -> None:
+    env = {**os.environ, "FRAISEQL_TEST_DATABASE_URL": fraiseql_database_url}
+    out = subprocess.run(
+        ["cargo", "test", "--quiet", "-p", "fraiseql_observers", "--test", "postgres"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1700,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "test result: ok. 12 passed" in out.stdout, out.stdout[-2000:]
