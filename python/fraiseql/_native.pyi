@@ -17,6 +17,7 @@ __all__ = [
     "TransportError",
     "__version__",
     "check",
+    "db_install",
 ]
 
 __version__: str
@@ -52,6 +53,13 @@ def check(
     entities: list[tuple[str, str, list[str]]] | None = None,
     observers: list[dict[str, Any]] | None = None,
 ) -> list[str]: ...
+def db_install(
+    main: _Source = None,
+    runtime_file: _Source = None,
+    entities: list[tuple[str, str, list[str]]] | None = None,
+    uninstall: bool = False,
+    print_only: bool = False,
+) -> str: ...
 
 @final
 class Engine:

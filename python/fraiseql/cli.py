@@ -132,6 +132,37 @@ def check(config: Path | None, runtime: Path | None, schema: str | None) -> None
     click.echo(f"ok: {cfg}, {len(reg.types)} type(s), {len(reg.observers)} Python observer(s)")
 
 
+@main.group()
+def db() -> None:
+    """Database change capture (backend postgres)."""
+
+
+@db.command("install")
+@_config_opt
+@_runtime_opt
+@_schema_opt
+@click.option("--print", "print_only", is_flag=True, help="print the SQL instead of running it")
+@click.option("--uninstall", is_flag=True, help="remove the triggers (the change log stays)")
+def db_install(
+    config: Path | None, runtime: Path | None, schema: str | None, print_only: bool, uninstall: bool
+) -> None:
+    """Install (idempotently) the change-log table and a trigger on every entity's table."""
+    cfg = _find_config(config)
+    reg = load_schema(_schema_path(cfg, schema))
+    try:
+        out = _native.db_install(
+            read_source(cfg),
+            read_source(_runtime_config(cfg, runtime)),
+            reg.entities(),
+            uninstall,
+            print_only,
+        )
+    except _native.FraiseQLError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(out)
+
+
 def _emit_lines(engine: Engine, source: str) -> int:
     """Feeds JSON-lines events to the in-memory transport; returns how many were rejected."""
     stream = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115

@@ -3,12 +3,12 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use fraiseql_observers::action;
+use fraiseql_observers::capture;
 use fraiseql_observers::config::{self, HandlerConfig};
-use fraiseql_observers::http::{HealthSource, HttpServer};
 use fraiseql_observers::schema::default_table;
 use fraiseql_observers::{
-    Action, Backend, Config, DlqEntry, Engine, EntityDef, Error, Event, EventKind, MemoryDlq,
-    MemoryIdempotencyStores, MemoryTransport, Metrics, ObserverSpec, Schema,
+    Action, Backend, Config, DeadLetterQueue, DlqEntry, Engine, EntityDef, Error, Event, EventKind,
+    MemoryDlq, MemoryIdempotencyStores, MemoryTransport, Metrics, ObserverSpec, Schema,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -16,6 +16,7 @@ use pyo3::types::{PyDict, PyList};
 use pyo3_async_runtimes::TaskLocals;
 use serde_json::{json, Value};
 
+use crate::backend::{self, Running, Transport};
 use crate::convert::{row_from_py, to_json, to_py};
 use crate::errors::PyFraiseError;
 use crate::handler::{LoopSlot, PythonHandler};
@@ -125,6 +126,7 @@ fn entity_defs(entities: &Bound<'_, PyList>) -> PyResult<Vec<EntityDef>> {
 /// Everything validated and compiled, ready to start.
 struct Prepared {
     config: Config,
+    schema: Schema,
     specs: Vec<ObserverSpec>,
 }
 
@@ -205,7 +207,11 @@ fn prepare(
         }
     }
     Ok(match (config, errors.is_empty()) {
-        (Some(config), true) => Ok(Prepared { config, specs }),
+        (Some(config), true) => Ok(Prepared {
+            config,
+            schema,
+            specs,
+        }),
         _ => Err(errors),
     })
 }
@@ -257,26 +263,36 @@ pub fn check(
     )
 }
 
-struct Running {
-    transport: MemoryTransport,
-    http: Option<HttpServer>,
+/// The in-memory queue of a running engine; emit() and drain() need it.
+fn memory(running: &Running) -> PyResult<&MemoryTransport> {
+    match &running.transport {
+        Transport::Memory(t) => Ok(t),
+        Transport::Postgres { .. } => Err(PyFraiseError(Error::Engine(
+            "emit() and drain() work on the in_memory backend; with backend postgres, write rows to the database".into(),
+        ))
+        .into()),
+    }
 }
 
-struct MemoryHealth;
-
-impl HealthSource for MemoryHealth {
-    fn observers(&self) -> Value {
-        json!({"transport": "in_memory", "connected": true})
-    }
-    fn healthy(&self) -> bool {
-        true
-    }
+fn not_running() -> PyErr {
+    PyFraiseError(Error::Engine(
+        "the engine is not running: call start() first".into(),
+    ))
+    .into()
 }
 
 #[pyclass(name = "Engine", module = "fraiseql._native", frozen)]
 pub struct PyEngine {
     config: Config,
-    engine: Arc<Engine>,
+    /// Declared types plus TOML-only entities: the tables change capture covers.
+    schema: Schema,
+    metrics: Arc<Metrics>,
+    dlq: Arc<dyn DeadLetterQueue>,
+    observer_names: Vec<String>,
+    /// Compiled observers, until the engine is built. The in-memory engine is built at once;
+    /// the PostgreSQL one at start, when its idempotency stores have a pool.
+    specs: Mutex<Option<Vec<ObserverSpec>>>,
+    engine: OnceLock<Arc<Engine>>,
     event_loop: LoopSlot,
     tables: std::collections::HashMap<String, String>,
     running: Mutex<Option<Arc<Running>>>,
@@ -289,12 +305,11 @@ impl PyEngine {
             .lock()
             .expect("running lock")
             .clone()
-            .ok_or_else(|| {
-                PyFraiseError(Error::Engine(
-                    "the engine is not running: call start() first".into(),
-                ))
-                .into()
-            })
+            .ok_or_else(not_running)
+    }
+
+    fn engine(&self) -> PyResult<Arc<Engine>> {
+        self.engine.get().cloned().ok_or_else(not_running)
     }
 
     fn event(
@@ -340,6 +355,46 @@ fn dlq_entry_to_py<'py>(py: Python<'py>, e: &DlqEntry) -> PyResult<Bound<'py, Py
     to_py(py, &value)
 }
 
+/// `fraiseql db install|uninstall`: change capture for the declared entities. Needs the
+/// config and schema only (no action secrets). `print_only` returns the SQL instead.
+#[pyfunction]
+#[pyo3(signature = (main=None, runtime_file=None, entities=None, uninstall=false, print_only=false))]
+pub fn db_install(
+    py: Python<'_>,
+    main: Source,
+    runtime_file: Source,
+    entities: Option<&Bound<'_, PyList>>,
+    uninstall: bool,
+    print_only: bool,
+) -> PyResult<String> {
+    let config = Config::from_sources(
+        main.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
+        runtime_file.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
+        &env,
+    )
+    .map_err(|e| PyFraiseError(Error::Config(e)))?;
+    let declared = Schema::new(entities.map(entity_defs).transpose()?.unwrap_or_default())
+        .map_err(PyFraiseError)?;
+    let schema = backend::capture_schema(&config, &declared).map_err(PyFraiseError)?;
+    if print_only {
+        let sql = if uninstall {
+            capture::uninstall_sql(&schema)
+        } else {
+            capture::install_sql(&schema, &config.observers.notify_channel)
+        };
+        return Ok(sql.map_err(PyFraiseError)?);
+    }
+    let tables: Vec<String> = schema.entities().iter().map(|e| e.table.clone()).collect();
+    py.detach(|| runtime().block_on(backend::install(&config, &schema, uninstall)))
+        .map_err(PyFraiseError)?;
+    let verb = if uninstall {
+        "removed from"
+    } else {
+        "installed on"
+    };
+    Ok(format!("change capture {verb} {}", tables.join(", ")))
+}
+
 #[pymethods]
 impl PyEngine {
     #[new]
@@ -366,18 +421,32 @@ impl PyEngine {
         let event_loop: LoopSlot = Arc::new(OnceLock::new());
         let prepared = prepare(main, runtime_file, entities, observers, &event_loop, true)?
             .map_err(raise_all)?;
+        let config = prepared.config;
+        let schema = backend::capture_schema(&config, &prepared.schema).map_err(PyFraiseError)?;
         let metrics = Arc::new(Metrics::new());
-        let dlq = Arc::new(MemoryDlq::new(prepared.config.observers.max_dlq_size));
-        let engine = Engine::new(
-            prepared.specs,
-            dlq,
-            &MemoryIdempotencyStores::default(),
-            metrics,
-        )
-        .map_err(PyFraiseError)?;
+        // Dead letters stay in process memory for now; the PostgreSQL DLQ comes next.
+        let dlq: Arc<dyn DeadLetterQueue> = Arc::new(MemoryDlq::new(config.observers.max_dlq_size));
+        let observer_names = prepared.specs.iter().map(|s| s.name.clone()).collect();
+        let engine = OnceLock::new();
+        let mut specs = Some(prepared.specs);
+        if matches!(config.observers.backend, Backend::InMemory) {
+            let built = Engine::new(
+                specs.take().unwrap_or_default(),
+                dlq.clone(),
+                &MemoryIdempotencyStores::default(),
+                metrics.clone(),
+            )
+            .map_err(PyFraiseError)?;
+            let _ = engine.set(Arc::new(built));
+        }
         Ok(PyEngine {
-            config: prepared.config,
-            engine: Arc::new(engine),
+            config,
+            schema,
+            metrics,
+            dlq,
+            observer_names,
+            specs: Mutex::new(specs),
+            engine,
             event_loop,
             tables,
             running: Mutex::new(None),
@@ -404,40 +473,48 @@ impl PyEngine {
             let locals = TaskLocals::new(lp).copy_context(py)?;
             let _ = self.event_loop.set(locals);
         }
-        let backend = self.config.observers.backend;
-        if !matches!(backend, Backend::InMemory) {
-            return Err(PyFraiseError(Error::Transport(format!(
-                "backend `{}` cannot run in this version of fraiseql yet; set [observers] backend = \"in_memory\"",
-                backend.as_str()
-            )))
-            .into());
-        }
-        let engine = self.engine.clone();
-        let obs = &self.config.observers;
-        let (queue, concurrency) = (obs.queue_capacity, obs.max_concurrency);
-        let metrics = engine.metrics().clone();
-        let (transport, http) = py
-            .detach(|| {
-                runtime().block_on(async move {
-                    let transport = MemoryTransport::start(engine, queue, concurrency);
-                    let http = match http_port {
-                        Some(port) => Some(
-                            HttpServer::start("0.0.0.0", port, metrics, Arc::new(MemoryHealth))
-                                .await?,
-                        ),
-                        None => None,
-                    };
-                    Ok::<_, Error>((transport, http))
+        let started = match self.config.observers.backend {
+            Backend::InMemory => {
+                let engine = self.engine()?;
+                py.detach(|| runtime().block_on(backend::start_memory(engine, &self.config, http_port)))
+            }
+            Backend::Postgres => {
+                let specs = self.specs.lock().expect("specs lock").take().ok_or_else(|| {
+                    PyFraiseError(Error::Engine("a postgres engine can be started once".into()))
+                })?;
+                py.detach(|| {
+                    runtime().block_on(backend::start_postgres(
+                        specs,
+                        &self.config,
+                        &self.schema,
+                        self.dlq.clone(),
+                        self.metrics.clone(),
+                        http_port,
+                    ))
                 })
-            })
-            .map_err(PyFraiseError)?;
-        *self.http_port.lock().expect("port lock") = http.as_ref().map(|h| h.addr.port());
-        tracing::info!("[observers] transport: in_memory");
+                .map(|(engine, running)| {
+                    let _ = self.engine.set(engine);
+                    running
+                })
+            }
+            other => Err(Error::Transport(format!(
+                "backend `{}` cannot run in this version of fraiseql yet; use \"postgres\" or \"in_memory\"",
+                other.as_str()
+            ))),
+        }
+        .map_err(PyFraiseError)?;
+        let port = started
+            .http
+            .lock()
+            .expect("http lock")
+            .as_ref()
+            .map(|h| h.addr.port());
+        *self.http_port.lock().expect("port lock") = port;
         tracing::info!(
             "[observers] {} observer(s) loaded",
-            self.engine.observer_names().count()
+            self.observer_names.len()
         );
-        *running = Some(Arc::new(Running { transport, http }));
+        *running = Some(Arc::new(started));
         Ok(())
     }
 
@@ -459,7 +536,7 @@ impl PyEngine {
 
     #[getter]
     fn observer_names(&self) -> Vec<String> {
-        self.engine.observer_names().map(str::to_owned).collect()
+        self.observer_names.clone()
     }
 
     /// Queues one change. Blocks (without the GIL) while the queue is full.
@@ -476,8 +553,9 @@ impl PyEngine {
         let ev = self.event(entity, event, new, old, id)?;
         let event_id = ev.id.clone();
         let running = self.running()?;
-        if let Some(ev) = running.transport.try_emit(ev).map_err(PyFraiseError)? {
-            py.detach(|| runtime().block_on(running.transport.emit(ev)))
+        let transport = memory(&running)?;
+        if let Some(ev) = transport.try_emit(ev).map_err(PyFraiseError)? {
+            py.detach(|| runtime().block_on(transport.emit(ev)))
                 .map_err(PyFraiseError)?;
         }
         Ok(event_id)
@@ -496,8 +574,10 @@ impl PyEngine {
         let ev = self.event(entity, event, new, old, id)?;
         let event_id = ev.id.clone();
         let running = self.running()?;
+        memory(&running)?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            running.transport.emit(ev).await.map_err(PyFraiseError)?;
+            let transport = memory(&running)?;
+            transport.emit(ev).await.map_err(PyFraiseError)?;
             Ok(event_id)
         })
     }
@@ -505,25 +585,27 @@ impl PyEngine {
     /// Waits until every emitted event has been processed or dead-lettered.
     fn drain(&self, py: Python<'_>) -> PyResult<()> {
         let running = self.running()?;
-        py.detach(|| runtime().block_on(running.transport.drain()));
+        let transport = memory(&running)?;
+        py.detach(|| runtime().block_on(transport.drain()));
         Ok(())
     }
 
     fn drain_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let running = self.running()?;
+        memory(&running)?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            running.transport.drain().await;
+            memory(&running)?.drain().await;
             Ok(())
         })
     }
 
     #[getter]
     fn pending(&self) -> usize {
-        self.running
-            .lock()
-            .expect("running lock")
-            .as_ref()
-            .map_or(0, |r| r.transport.pending())
+        let running = self.running.lock().expect("running lock").clone();
+        match running.as_deref().map(|r| &r.transport) {
+            Some(Transport::Memory(t)) => t.pending(),
+            _ => 0,
+        }
     }
 
     /// Stops accepting events, finishes those accepted, stops the HTTP server.
@@ -531,7 +613,7 @@ impl PyEngine {
         let Some(running) = self.running.lock().expect("running lock").take() else {
             return Ok(());
         };
-        py.detach(|| runtime().block_on(stop_running(running)));
+        py.detach(|| runtime().block_on(running.stop()));
         Ok(())
     }
 
@@ -539,7 +621,7 @@ impl PyEngine {
         let running = self.running.lock().expect("running lock").take();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             if let Some(running) = running {
-                stop_running(running).await;
+                running.stop().await;
             }
             Ok(())
         })
@@ -547,7 +629,7 @@ impl PyEngine {
 
     #[pyo3(signature = (limit=1000))]
     fn dlq_list<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let dlq = self.engine.dlq().clone();
+        let dlq = self.dlq.clone();
         let entries = py
             .detach(|| runtime().block_on(dlq.list(limit)))
             .map_err(PyFraiseError)?;
@@ -555,36 +637,30 @@ impl PyEngine {
     }
 
     fn dlq_retry(&self, py: Python<'_>, id: u64) -> PyResult<bool> {
-        let engine = self.engine.clone();
+        let engine = self.engine()?;
         Ok(py
             .detach(|| runtime().block_on(engine.retry_dead_letter(id)))
             .map_err(PyFraiseError)?)
     }
 
     fn dlq_retry_async<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyAny>> {
-        let engine = self.engine.clone();
+        let engine = self.engine()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             Ok(engine.retry_dead_letter(id).await.map_err(PyFraiseError)?)
         })
     }
 
     fn dlq_purge(&self, py: Python<'_>) -> PyResult<usize> {
-        let engine = self.engine.clone();
-        Ok(py
-            .detach(|| runtime().block_on(engine.purge_dead_letters()))
-            .map_err(PyFraiseError)?)
+        let dlq = self.dlq.clone();
+        let metrics = self.metrics.clone();
+        let n = py
+            .detach(|| runtime().block_on(dlq.purge()))
+            .map_err(PyFraiseError)?;
+        metrics.dlq_size.set(0);
+        Ok(n)
     }
 
     fn metrics_text(&self) -> String {
-        self.engine.metrics().encode()
-    }
-}
-
-async fn stop_running(running: Arc<Running>) {
-    running.transport.stop().await;
-    if let Ok(running) = Arc::try_unwrap(running) {
-        if let Some(http) = running.http {
-            http.stop().await;
-        }
+        self.metrics.encode()
     }
 }

@@ -1,6 +1,7 @@
 //! `fraiseql._native`: the PyO3 binding of `fraiseql_observers`. All Python glue lives here;
 //! the core crate knows nothing of Python.
 
+mod backend;
 mod condition;
 mod convert;
 mod engine;
@@ -30,6 +31,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<condition::PyCondition>()?;
     m.add_class::<engine::PyEngine>()?;
     m.add_function(wrap_pyfunction!(engine::check, m)?)?;
+    m.add_function(wrap_pyfunction!(engine::db_install, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,0 +1,185 @@
+//! Starting and stopping the transport a config selects. Runs inside the runtime.
+
+use std::sync::{Arc, Mutex};
+
+use fraiseql_observers::capture::{self, CaptureOptions};
+use fraiseql_observers::http::{HealthSource, HttpServer};
+use fraiseql_observers::{
+    Config, DeadLetterQueue, Engine, EntityDef, Error, MemoryTransport, Metrics, ObserverSpec,
+    PgIdempotencyStores, PostgresOptions, PostgresSource, Result, Schema,
+};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The listener id of the engine's change-log cursor. One per database for now: every
+/// `fraiseql run` against the same database shares it (one active reader, others stand by).
+pub const LISTENER_ID: &str = "fraiseql";
+
+pub enum Transport {
+    Memory(MemoryTransport),
+    Postgres {
+        shutdown: watch::Sender<bool>,
+        task: Mutex<Option<JoinHandle<Result<()>>>>,
+    },
+}
+
+pub struct Running {
+    pub transport: Transport,
+    pub http: Mutex<Option<HttpServer>>,
+}
+
+impl Running {
+    /// Stops intake, finishes the work in flight, stops the HTTP server.
+    pub async fn stop(&self) {
+        match &self.transport {
+            Transport::Memory(t) => t.stop().await,
+            Transport::Postgres { shutdown, task } => {
+                let _ = shutdown.send(true);
+                let task = task.lock().expect("task lock").take();
+                if let Some(task) = task {
+                    match task.await {
+                        Ok(Err(e)) => tracing::error!("[observers] postgres source stopped: {e}"),
+                        Err(e) => tracing::error!("[observers] postgres source task failed: {e}"),
+                        Ok(Ok(())) => {}
+                    }
+                }
+            }
+        }
+        let http = self.http.lock().expect("http lock").take();
+        if let Some(http) = http {
+            http.stop().await;
+        }
+    }
+}
+
+struct MemoryHealth;
+
+impl HealthSource for MemoryHealth {
+    fn observers(&self) -> Value {
+        json!({"transport": "in_memory", "connected": true})
+    }
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+async fn serve_http(
+    http_port: Option<u16>,
+    metrics: Arc<Metrics>,
+    health: Arc<dyn HealthSource>,
+) -> Result<Option<HttpServer>> {
+    match http_port {
+        Some(port) => Ok(Some(
+            HttpServer::start("0.0.0.0", port, metrics, health).await?,
+        )),
+        None => Ok(None),
+    }
+}
+
+pub async fn start_memory(
+    engine: Arc<Engine>,
+    config: &Config,
+    http_port: Option<u16>,
+) -> Result<Running> {
+    let obs = &config.observers;
+    let metrics = engine.metrics().clone();
+    let transport = MemoryTransport::start(engine, obs.queue_capacity, obs.max_concurrency);
+    let http = serve_http(http_port, metrics, Arc::new(MemoryHealth)).await?;
+    tracing::info!("[observers] transport: in_memory");
+    Ok(Running {
+        transport: Transport::Memory(transport),
+        http: Mutex::new(http),
+    })
+}
+
+/// The tables to capture: every declared type, plus the entities that `[[observers.handlers]]`
+/// name without a Python type (a TOML-only deployment), with their configured tables.
+pub fn capture_schema(config: &Config, declared: &Schema) -> Result<Schema> {
+    let mut entities = declared.entities().to_vec();
+    for h in &config.observers.handlers {
+        if !entities.iter().any(|e| e.name == h.entity) {
+            entities.push(EntityDef {
+                name: h.entity.clone(),
+                table: h.table.clone(),
+                fields: Vec::new(),
+            });
+        }
+    }
+    Schema::new(entities)
+}
+
+pub fn database_url(config: &Config) -> Result<&str> {
+    config.database.url.as_deref().ok_or_else(|| {
+        Error::Transport(
+            "backend `postgres` needs a database: set [database] url in fraiseql.toml or DATABASE_URL".into(),
+        )
+    })
+}
+
+async fn pool(url: &str) -> Result<sqlx::PgPool> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(url)
+        .await
+        .map_err(|e| Error::Transport(format!("cannot connect to the database: {e}")))
+}
+
+/// `fraiseql db install` / `uninstall`.
+pub async fn install(config: &Config, schema: &Schema, uninstall: bool) -> Result<()> {
+    let pool = pool(database_url(config)?).await?;
+    if uninstall {
+        capture::uninstall(&pool, schema).await
+    } else {
+        let options = CaptureOptions::new(config.observers.notify_channel.clone());
+        capture::install_with(&pool, schema, &options).await
+    }
+}
+
+/// Installs capture if configured, connects the source, builds the engine with PostgreSQL
+/// idempotency stores, and starts reading the change log.
+pub async fn start_postgres(
+    specs: Vec<ObserverSpec>,
+    config: &Config,
+    schema: &Schema,
+    dlq: Arc<dyn DeadLetterQueue>,
+    metrics: Arc<Metrics>,
+    http_port: Option<u16>,
+) -> Result<(Arc<Engine>, Running)> {
+    let url = database_url(config)?;
+    if config.observers.auto_install {
+        install(config, schema, false).await?;
+    }
+    let source =
+        PostgresSource::connect(url, PostgresOptions::from_config(config, LISTENER_ID)).await?;
+    let stores = PgIdempotencyStores::new(source.pool().clone());
+    let tables: Vec<String> = specs
+        .iter()
+        .filter_map(|s| match &s.checkpoint {
+            fraiseql_observers::CheckpointStrategy::EffectivelyOnce { idempotency_table } => {
+                Some(idempotency_table.clone())
+            }
+            fraiseql_observers::CheckpointStrategy::AtLeastOnce => None,
+        })
+        .collect();
+    stores.prepare(tables.iter().map(String::as_str)).await?;
+    let engine = Arc::new(Engine::new(specs, dlq, &stores, metrics.clone())?);
+    let health = source.health();
+    let http = serve_http(http_port, metrics, health).await?;
+    let (shutdown, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(source.run(engine.clone(), stop_rx));
+    tracing::info!(
+        "[observers] transport: postgres (channel {})",
+        config.observers.notify_channel
+    );
+    Ok((
+        engine,
+        Running {
+            transport: Transport::Postgres {
+                shutdown,
+                task: Mutex::new(Some(task)),
+            },
+            http: Mutex::new(http),
+        },
+    ))
+}

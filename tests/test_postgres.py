@@ -1,0 +1,168 @@
+"""backend = "postgres": rows written with plain SQL fire observers, through the native
+change capture, against the harness's live PostgreSQL."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import fraiseql
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def table(fraiseql_database_url: str) -> Iterator[tuple[str, str]]:
+    """A fresh entity (and its tb_ table) per test: `(entity, table)`."""
+    suffix = uuid.uuid4().hex[:8]
+    entity, name = f"Order{suffix}", f"tb_order{suffix}"
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {name} (id text primary key, status text, total numeric, email text)")
+    yield entity, name
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def pg_config(url: str) -> dict[str, Any]:
+    return {"database": {"url": url}, "observers": {"backend": "postgres"}}
+
+
+def declare(entity: str, table: str) -> type:
+    return fraiseql.type(table=table, name=entity)(
+        type(entity, (), {"__annotations__": {"id": str, "status": str, "total": float, "email": str}})
+    )
+
+
+def test_sql_writes_fire_observers_with_old_and_new(
+    registry: fraiseql.Registry, fraiseql_database_url: str, table: tuple[str, str]
+) -> None:
+    entity, name = table
+    declare(entity, name)
+    lock = threading.Lock()
+    seen: list[tuple[str, Any, Any]] = []
+
+    def record(tag: str) -> Callable[[Any, fraiseql.Event], None]:
+        def handler(o: Any, event: fraiseql.Event) -> None:
+            with lock:
+                seen.append((tag, event.new, event.old))
+
+        return handler
+
+    fraiseql.subscription(entity_type=entity, operation="create", condition="total > 1000", name="big")(
+        record("big")
+    )
+    fraiseql.subscription(
+        entity_type=entity,
+        operation="update",
+        name="shipped",
+        condition="status.changed() && status == 'shipped'",
+    )(record("shipped"))
+    fraiseql.subscription(entity_type=entity, operation="delete", name="gone")(record("gone"))
+    with (
+        fraiseql.Engine(pg_config(fraiseql_database_url)) as engine,
+        psycopg.connect(fraiseql_database_url, autocommit=True) as conn,
+    ):
+        conn.execute(f"INSERT INTO {name} VALUES ('o1', 'new', 1500, 'a@x.io'), ('o2', 'new', 5, 'b@x.io')")
+        conn.execute(f"UPDATE {name} SET status = 'shipped' WHERE id = 'o1'")
+        conn.execute(f"UPDATE {name} SET total = 6 WHERE id = 'o2'")
+        conn.execute(f"DELETE FROM {name} WHERE id = 'o2'")
+        wait_until(lambda: len(seen) >= 3)
+        time.sleep(0.3)  # nothing else may arrive
+        assert engine.dlq() == []
+    tags = sorted(t for t, _, _ in seen)
+    assert tags == ["big", "gone", "shipped"]
+    shipped = next(s for s in seen if s[0] == "shipped")
+    assert shipped[1]["status"] == "shipped" and shipped[2]["status"] == "new"
+    gone = next(s for s in seen if s[0] == "gone")
+    assert gone[1] is None and gone[2]["id"] == "o2"
+
+
+def test_changes_made_while_stopped_are_processed_after_start(
+    registry: fraiseql.Registry, fraiseql_database_url: str, table: tuple[str, str]
+) -> None:
+    entity, name = table
+    declare(entity, name)
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def handler(o: Any) -> None:
+        with lock:
+            seen.append(o.id)
+
+    fraiseql.subscription(
+        entity_type=entity,
+        operation="create",
+        checkpoint=fraiseql.EffectivelyOnce(idempotency_table="test_pg_keys"),
+    )(handler)
+    with fraiseql.Engine(pg_config(fraiseql_database_url)):  # installs the trigger
+        pass
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.executemany(
+            f"INSERT INTO {name} (id, status, total) VALUES (%s, 'new', 1)",
+            [(f"o{i}",) for i in range(500)],
+        )
+    with fraiseql.Engine(pg_config(fraiseql_database_url)):
+        wait_until(lambda: len(seen) >= 500)
+    with fraiseql.Engine(pg_config(fraiseql_database_url)):  # a restart redelivers nothing
+        time.sleep(0.5)
+    assert sorted(seen) == sorted(f"o{i}" for i in range(500))
+    with psycopg.connect(fraiseql_database_url) as conn:
+        (keys,) = conn.execute("SELECT count(*) FROM test_pg_keys").fetchone()  # type: ignore[misc]
+    assert keys >= 500
+
+
+def test_emit_is_refused_on_the_postgres_backend(
+    registry: fraiseql.Registry, fraiseql_database_url: str, table: tuple[str, str]
+) -> None:
+    entity, name = table
+    declare(entity, name)
+    fraiseql.subscription(entity_type=entity, operation="create")(lambda o: None)
+    with (
+        fraiseql.Engine(pg_config(fraiseql_database_url)) as engine,
+        pytest.raises(fraiseql.EngineError, match="write rows to the database"),
+    ):
+        engine.emit(entity, "INSERT", new={"id": "x"})
+
+
+def test_missing_database_url_is_a_clear_error(registry: fraiseql.Registry) -> None:
+    engine = fraiseql.Engine({"observers": {"backend": "postgres"}})
+    with pytest.raises(fraiseql.TransportError, match=r"\[database\] url"):
+        engine.start()
+
+
+def test_db_install_prints_and_runs_the_capture_sql(
+    tmp_path: Path, fraiseql_database_url: str, table: tuple[str, str]
+) -> None:
+    entity, name = table
+    (tmp_path / "fraiseql.toml").write_text(
+        f'[database]\nurl = "{fraiseql_database_url}"\n\n[observers]\nbackend = "postgres"\n'
+    )
+    (tmp_path / "schema.py").write_text(
+        f"import fraiseql\n@fraiseql.type(table={name!r}, name={entity!r})\nclass T:\n    id: str\n"
+    )
+    cli = [sys.executable, "-m", "fraiseql.cli", "db", "install"]
+    out = subprocess.run([*cli, "--print"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "fraiseql_change_log" in out.stdout and name in out.stdout
+    for _ in range(2):  # idempotent
+        out = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert f"change capture installed on {name}" in out.stdout
+    with psycopg.connect(fraiseql_database_url) as conn:
+        rows = conn.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass", (name,)).fetchall()
+    assert len(rows) == 1
