@@ -26,3 +26,18 @@ def test_rust_postgres_source_against_the_harness_database(fraiseql_database_url
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "test result: ok. 12 passed" in out.stdout, out.stdout[-2000:]
+
+
+@pytest.mark.timeout(1800)
+def test_rust_nats_transport_against_the_harness_server(fraiseql_nats_url: str) -> None:
+    env = {**os.environ, "FRAISEQL_TEST_NATS_URL": fraiseql_nats_url}
+    out = subprocess.run(
+        ["cargo", "test", "--quiet", "-p", "fraiseql_observers", "--test", "nats"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1700,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "test result: ok. 10 passed" in out.stdout, out.stdout[-2000:]

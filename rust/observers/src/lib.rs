@@ -35,4 +35,5 @@ pub use metrics::Metrics;
 pub use retry::RetryPolicy;
 pub use schema::{EntityDef, Schema};
 pub use transport::memory::MemoryTransport;
+pub use transport::nats::{NatsHealth, NatsMetrics, NatsPublisher, NatsSource};
 pub use transport::postgres::{PostgresOptions, PostgresSource};

@@ -3,6 +3,7 @@
 //! intake, bounded concurrency, acknowledgement only after [`crate::Engine::process`].
 
 pub mod memory;
+pub mod nats;
 pub mod postgres;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,0 +1,896 @@
+//! The `nats` transport: JetStream publishing and a durable pull consumer.
+//!
+//! - [`connect`] opens the client (comma-separated URLs, credentials in the URL, retry on the
+//!   initial connect, reconnects forever) and checks that JetStream is enabled.
+//! - [`ensure_stream`] / [`ensure_consumer`] create or update the stream over
+//!   `{subject_prefix}.>` and the durable pull consumer with the configured limits.
+//! - [`NatsPublisher`] publishes events to `{prefix}.{entity_lowercase}.{event_lowercase}` with
+//!   `Nats-Msg-Id = event.id` (server-side deduplication within the duplicate window) and
+//!   waits for every PubAck.
+//! - [`NatsSource`] pulls from the durable consumer, runs [`Engine::process`] with bounded
+//!   concurrency and acknowledges each message only after processing returned.
+//!
+//! Wire format (body): the spec's `{"event","entity","subject","timestamp","data"}` plus
+//! `"id"` (stable event id), `"old"` (previous row for UPDATE/DELETE, else null) and `"table"`.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{
+    self,
+    consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer},
+    message::{AckKind, PublishMessage},
+    stream::{self, RetentionPolicy, StorageType, Stream},
+};
+use async_nats::{Client, ConnectOptions, HeaderMap, ServerAddr};
+use futures::{FutureExt, StreamExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use serde_json::{json, Map, Value};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::NatsConfig;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::event::{Event, EventKind};
+use crate::http::HealthSource;
+use crate::schema::default_table;
+
+/// Header carrying the stable event id; JetStream deduplicates on it.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+/// Unacknowledged messages a consumer may hand out at once (across all instances).
+pub const DEFAULT_MAX_ACK_PENDING: i64 = 1024;
+/// Publishes kept in flight by [`NatsPublisher::publish_all`].
+pub const DEFAULT_PUBLISH_WINDOW: usize = 1024;
+/// Attempts for one publish (1 + retries), same `Nats-Msg-Id` each time.
+pub const PUBLISH_ATTEMPTS: u32 = 4;
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+
+/// NATS metrics (`fraiseql_nats_*`). Cheap to clone handles; register them once.
+#[derive(Clone, Debug)]
+pub struct NatsMetrics {
+    /// `fraiseql_nats_messages_published_total`: publishes confirmed by a PubAck.
+    pub published: Counter,
+    /// `fraiseql_nats_messages_received_total`: messages pulled from the consumer.
+    pub received: Counter,
+    /// `fraiseql_nats_subscriptions_active`: running consumer loops.
+    pub subscriptions_active: Gauge,
+    /// `fraiseql_nats_jetstream_pending`: messages received and not yet acknowledged.
+    pub jetstream_pending: Gauge,
+    /// `fraiseql_nats_publish_latency_seconds`: send → PubAck, per attempt that succeeded.
+    pub publish_latency: Histogram,
+}
+
+impl Default for NatsMetrics {
+    fn default() -> Self {
+        NatsMetrics {
+            published: Counter::default(),
+            received: Counter::default(),
+            subscriptions_active: Gauge::default(),
+            jetstream_pending: Gauge::default(),
+            // 100 µs … ~6.5 s
+            publish_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+        }
+    }
+}
+
+impl NatsMetrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers every metric under its spec name (counters get `_total` from the encoder).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "fraiseql_nats_messages_published",
+            "Total messages published to NATS",
+            self.published.clone(),
+        );
+        registry.register(
+            "fraiseql_nats_messages_received",
+            "Total messages received from NATS",
+            self.received.clone(),
+        );
+        registry.register(
+            "fraiseql_nats_subscriptions_active",
+            "Currently active subscriptions",
+            self.subscriptions_active.clone(),
+        );
+        registry.register(
+            "fraiseql_nats_jetstream_pending",
+            "Messages pending acknowledgement",
+            self.jetstream_pending.clone(),
+        );
+        registry.register(
+            "fraiseql_nats_publish_latency_seconds",
+            "Histogram of publish latency",
+            self.publish_latency.clone(),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection
+
+/// The URL(s) with any password (or token) replaced by `***`, for logs and errors.
+pub fn mask_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|part| {
+            let part = part.trim();
+            let Some(i) = part.find("://") else {
+                return part.to_string();
+            };
+            let (scheme, rest) = (&part[..i], &part[i + 3..]);
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(end);
+            match authority.rfind('@') {
+                Some(at) => {
+                    let userinfo = &authority[..at];
+                    let host = &authority[at + 1..];
+                    match userinfo.find(':') {
+                        Some(c) => format!("{scheme}://{}:***@{host}{tail}", &userinfo[..c]),
+                        None => format!("{scheme}://***@{host}{tail}"),
+                    }
+                }
+                None => part.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses the comma-separated server list and the credentials embedded in it.
+fn parse_servers(urls: &str) -> Result<(Vec<ServerAddr>, ConnectOptions)> {
+    let mut addrs = Vec::new();
+    let mut options = ConnectOptions::new();
+    let mut have_auth = false;
+    for part in urls.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let addr: ServerAddr = part.parse().map_err(|e| {
+            Error::Transport(format!(
+                "invalid NATS server URL {} (observers.nats.url): {e}",
+                mask_url(part)
+            ))
+        })?;
+        if !have_auth {
+            if let Some(user) = addr.username() {
+                let user = percent_decode(user);
+                options = match addr.password() {
+                    Some(pass) => options.user_and_password(user, percent_decode(pass)),
+                    None => options.token(user),
+                };
+                have_auth = true;
+            }
+        }
+        addrs.push(addr);
+    }
+    if addrs.is_empty() {
+        return Err(Error::Transport(
+            crate::config::NATS_URL_REQUIRED.to_string(),
+        ));
+    }
+    Ok((addrs, options))
+}
+
+/// Connects to NATS and checks that JetStream is enabled. The initial connect is retried
+/// (with backoff, up to 5 s between attempts) until it succeeds; after that the client
+/// reconnects forever on its own. Logs the spec's startup lines.
+pub async fn connect(config: &NatsConfig) -> Result<Client> {
+    let urls = config
+        .url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty())
+        .ok_or_else(|| Error::Transport(crate::config::NATS_URL_REQUIRED.to_string()))?;
+    let masked = mask_url(urls);
+    let mut delay = Duration::from_millis(100);
+    let client = loop {
+        let (addrs, options) = parse_servers(urls)?;
+        let options = options
+            .name("fraiseql-observers")
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("[observers] nats: disconnected; reconnecting")
+                    }
+                    async_nats::Event::Connected => {
+                        tracing::info!("[observers] nats: connected")
+                    }
+                    other => tracing::debug!("[observers] nats: {other}"),
+                }
+            });
+        match options.connect(addrs).await {
+            Ok(client) => break client,
+            Err(e) => {
+                // Authentication problems will not fix themselves.
+                if matches!(
+                    e.kind(),
+                    async_nats::ConnectErrorKind::AuthorizationViolation
+                        | async_nats::ConnectErrorKind::Authentication
+                        | async_nats::ConnectErrorKind::ServerParse
+                ) {
+                    return Err(Error::Transport(format!(
+                        "cannot connect to NATS at {masked}: {e}"
+                    )));
+                }
+                tracing::warn!(
+                    "[observers] cannot connect to NATS at {masked}: {e}; retrying in {delay:?}"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    tracing::info!("[observers] transport: nats ({masked})");
+    match jetstream_info(&client).await {
+        Ok(()) => tracing::info!("[observers] JetStream enabled: true"),
+        Err(e) => {
+            tracing::info!("[observers] JetStream enabled: false");
+            return Err(Error::Transport(format!(
+                "JetStream is not available on the NATS server at {masked} \
+                 (start nats-server with -js): {e}"
+            )));
+        }
+    }
+    tracing::info!("[observers] stream: {}", config.stream_name);
+    Ok(client)
+}
+
+/// `$JS.API.INFO`: fails when JetStream is not enabled for this account. Parsed loosely so
+/// that any server version (2.2+) answers.
+async fn jetstream_info(client: &Client) -> std::result::Result<(), String> {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request("$JS.API.INFO", Vec::new().into()),
+    )
+    .await
+    .map_err(|_| "no answer from $JS.API.INFO".to_string())?
+    .map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_slice(&reply.payload).map_err(|e| e.to_string())?;
+    match v.get("error") {
+        Some(err) => Err(err
+            .get("description")
+            .and_then(Value::as_str)
+            .unwrap_or("JetStream error")
+            .to_string()),
+        None => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream and consumer
+
+/// The stream configuration derived from `config` (limits retention, file storage).
+pub fn stream_config(config: &NatsConfig) -> stream::Config {
+    let j = &config.jetstream;
+    stream::Config {
+        name: config.stream_name.clone(),
+        subjects: vec![format!("{}.>", config.subject_prefix)],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        max_age: Duration::from_secs(j.max_age_days.saturating_mul(86_400)),
+        max_messages: j.max_msgs,
+        max_bytes: j.max_bytes,
+        duplicate_window: Duration::from_secs(j.dedup_window_minutes.max(1).saturating_mul(60)),
+        ..Default::default()
+    }
+}
+
+fn js_err(what: &str, name: &str, e: impl std::fmt::Display) -> Error {
+    Error::Transport(format!("JetStream: cannot {what} `{name}`: {e}"))
+}
+
+/// Creates the stream, or updates an existing one to the configured subjects and limits
+/// (other settings of an existing stream, e.g. replicas, are kept). Settings that JetStream
+/// cannot change on an existing stream (storage, retention) are compared first and a
+/// mismatch is reported naming the setting.
+pub async fn ensure_stream(js: &jetstream::Context, config: &NatsConfig) -> Result<Stream> {
+    let want = stream_config(config);
+    let name = want.name.clone();
+    match js.get_stream(&name).await {
+        Ok(mut existing) => {
+            let info = existing
+                .info()
+                .await
+                .map_err(|e| js_err("read stream", &name, e))?;
+            let current = info.config.clone();
+            if current.storage != want.storage {
+                return Err(Error::Transport(format!(
+                    "JetStream stream `{name}` exists with storage {:?}, expected {:?}; storage \
+                     cannot be changed on an existing stream: delete the stream or use another \
+                     stream_name",
+                    current.storage, want.storage
+                )));
+            }
+            if current.retention != want.retention {
+                return Err(Error::Transport(format!(
+                    "JetStream stream `{name}` exists with retention {:?}, expected {:?}; \
+                     retention cannot be changed on an existing stream: delete the stream or use \
+                     another stream_name",
+                    current.retention, want.retention
+                )));
+            }
+            let mut updated = current.clone();
+            for s in &want.subjects {
+                if !updated.subjects.contains(s) {
+                    updated.subjects.push(s.clone());
+                }
+            }
+            updated.max_age = want.max_age;
+            updated.max_messages = want.max_messages;
+            updated.max_bytes = want.max_bytes;
+            updated.duplicate_window = want.duplicate_window;
+            if updated != current {
+                js.update_stream(&updated)
+                    .await
+                    .map_err(|e| js_err("update stream", &name, e))?;
+                tracing::info!("[observers] JetStream stream `{name}` updated");
+            }
+            js.get_stream(&name)
+                .await
+                .map_err(|e| js_err("open stream", &name, e))
+        }
+        Err(e) => {
+            let not_found = matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref je)
+                    if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            );
+            if !not_found {
+                return Err(js_err("look up stream", &name, e));
+            }
+            let created = js
+                .create_stream(want)
+                .await
+                .map_err(|e| js_err("create stream", &name, e))?;
+            tracing::info!("[observers] JetStream stream `{name}` created");
+            Ok(created)
+        }
+    }
+}
+
+/// The durable pull consumer's configuration.
+pub fn consumer_config(config: &NatsConfig) -> pull::Config {
+    let j = &config.jetstream;
+    pull::Config {
+        durable_name: Some(config.consumer_name.clone()),
+        description: Some("fraiseql observers".to_string()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(j.ack_wait_secs.max(1)),
+        max_deliver: j.max_deliver,
+        max_ack_pending: DEFAULT_MAX_ACK_PENDING,
+        ..Default::default()
+    }
+}
+
+/// Creates the durable pull consumer `consumer_name` on `stream`, or updates it.
+pub async fn ensure_consumer(stream: &Stream, config: &NatsConfig) -> Result<PullConsumer> {
+    stream
+        .create_consumer(consumer_config(config))
+        .await
+        .map_err(|e| js_err("create consumer", &config.consumer_name, e))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire format
+
+fn subject_token(s: &str, what: &str) -> Result<String> {
+    let t = s.to_lowercase();
+    if t.is_empty()
+        || t.chars()
+            .any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace())
+    {
+        return Err(Error::Transport(format!(
+            "{what} {s:?} cannot be used in a NATS subject (no '.', '*', '>' or whitespace)"
+        )));
+    }
+    Ok(t)
+}
+
+/// `{prefix}.{entity_lowercase}.{event_lowercase}`
+pub fn subject_for(prefix: &str, event: &Event) -> Result<String> {
+    Ok(format!(
+        "{prefix}.{}.{}",
+        subject_token(&event.entity, "entity")?,
+        event.event.as_lower()
+    ))
+}
+
+/// The JSON body published for `event` on `subject`.
+pub fn message_body(subject: &str, event: &Event) -> Value {
+    json!({
+        "event": event.event.as_str(),
+        "entity": event.entity,
+        "subject": subject,
+        "timestamp": event.timestamp,
+        "data": event.row().cloned().unwrap_or(Value::Null),
+        "id": event.id,
+        "old": event.old.clone().unwrap_or(Value::Null),
+        "table": event.table,
+    })
+}
+
+/// Rebuilds the event from a message body. `fallback_id` (the `Nats-Msg-Id` header, else the
+/// stream sequence) is used when the body has no `"id"`.
+pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event, String> {
+    let v: Value = serde_json::from_slice(payload).map_err(|e| format!("invalid JSON: {e}"))?;
+    let obj: &Map<String, Value> = v.as_object().ok_or("the body is not a JSON object")?;
+    let str_field = |k: &str| -> Result<Option<&str>, String> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(_) => Err(format!("field \"{k}\" must be a string")),
+        }
+    };
+    let kind: EventKind = str_field("event")?
+        .ok_or("missing field \"event\"")?
+        .parse()?;
+    let entity = str_field("entity")?
+        .filter(|s| !s.is_empty())
+        .ok_or("missing field \"entity\"")?
+        .to_string();
+    let id = match str_field("id")? {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => fallback_id.ok_or("missing field \"id\" and no Nats-Msg-Id header")?,
+    };
+    let timestamp = match str_field("timestamp")? {
+        Some(t) => t.to_string(),
+        None => crate::event::now_rfc3339(),
+    };
+    let table = match str_field("table")? {
+        Some(t) if !t.is_empty() => t.to_string(),
+        _ => default_table(&entity),
+    };
+    let data = obj.get("data").cloned().filter(|d| !d.is_null());
+    let old = obj.get("old").cloned().filter(|d| !d.is_null());
+    let (new, old) = match kind {
+        EventKind::Insert => (data, None),
+        EventKind::Update => (data, old),
+        EventKind::Delete => (None, old.or(data)),
+    };
+    if new.is_none() && old.is_none() {
+        return Err("missing field \"data\"".into());
+    }
+    Ok(Event {
+        id,
+        entity,
+        event: kind,
+        table,
+        timestamp,
+        new,
+        old,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publisher
+
+/// Publishes events to JetStream and waits for their PubAcks.
+#[derive(Clone)]
+pub struct NatsPublisher {
+    js: jetstream::Context,
+    prefix: String,
+    metrics: NatsMetrics,
+    window: usize,
+}
+
+impl NatsPublisher {
+    /// A publisher on `client` for `config.subject_prefix`. The stream must exist
+    /// ([`ensure_stream`]).
+    pub fn new(client: Client, config: &NatsConfig, metrics: NatsMetrics) -> Self {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .max_ack_inflight(DEFAULT_PUBLISH_WINDOW * 2)
+            .backpressure_on_inflight(true)
+            .build(client);
+        NatsPublisher {
+            js,
+            prefix: config.subject_prefix.clone(),
+            metrics,
+            window: DEFAULT_PUBLISH_WINDOW,
+        }
+    }
+
+    /// Publishes kept in flight by [`Self::publish_all`] (at least 1).
+    pub fn with_window(mut self, window: usize) -> Self {
+        self.window = window.max(1);
+        self
+    }
+
+    pub fn metrics(&self) -> &NatsMetrics {
+        &self.metrics
+    }
+
+    /// Publishes one event and waits for its PubAck, retrying with the same `Nats-Msg-Id`
+    /// (so a retry of a publish that was in fact stored is deduplicated by the server).
+    pub async fn publish(&self, event: &Event) -> Result<()> {
+        let subject = subject_for(&self.prefix, event)?;
+        let payload = serde_json::to_vec(&message_body(&subject, event))
+            .map_err(|e| Error::Transport(format!("cannot encode event {}: {e}", event.id)))?;
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            match self
+                .publish_once(&subject, &event.id, payload.clone())
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt >= PUBLISH_ATTEMPTS => {
+                    return Err(Error::Transport(format!(
+                        "cannot publish event {} to `{subject}` after {attempt} attempts: {e}",
+                        event.id
+                    )));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "publish of event {} to `{subject}` failed (attempt {attempt}): {e}; \
+                         retrying in {delay:?}",
+                        event.id
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        subject: &str,
+        id: &str,
+        payload: Vec<u8>,
+    ) -> std::result::Result<(), String> {
+        let started = Instant::now();
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+        let ack = self
+            .js
+            .send_publish(
+                subject.to_string(),
+                PublishMessage::build()
+                    .payload(payload.into())
+                    .headers(headers),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        ack.await.map_err(|e| e.to_string())?;
+        self.metrics
+            .publish_latency
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.published.inc();
+        Ok(())
+    }
+
+    /// Publishes every event with up to `window` publishes in flight and waits for every
+    /// PubAck. Each failed publish is retried ([`Self::publish`]); an error is returned if any
+    /// event could not be published, after all the others were tried.
+    pub async fn publish_all(&self, events: &[Event]) -> Result<()> {
+        let mut results = futures::stream::iter(events.iter())
+            .map(|e| self.publish(e))
+            .buffer_unordered(self.window);
+        let mut failed = 0usize;
+        let mut first: Option<Error> = None;
+        while let Some(r) = results.next().await {
+            if let Err(e) = r {
+                failed += 1;
+                first.get_or_insert(e);
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some(e) => Err(Error::Transport(format!(
+                "{failed} of {} events were not published; first error: {e}",
+                events.len()
+            ))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health
+
+/// `/health` view of a NATS connection.
+pub struct NatsHealth {
+    client: Client,
+    stream: String,
+}
+
+impl NatsHealth {
+    pub fn new(client: Client, stream: impl Into<String>) -> Self {
+        NatsHealth {
+            client,
+            stream: stream.into(),
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+impl HealthSource for NatsHealth {
+    fn observers(&self) -> Value {
+        json!({
+            "transport": "nats",
+            "connected": self.connected(),
+            "stream": self.stream,
+        })
+    }
+
+    fn healthy(&self) -> bool {
+        self.connected()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumer
+
+/// Runs the engine on the messages of the durable pull consumer.
+pub struct NatsSource {
+    client: Client,
+    config: NatsConfig,
+    consumer: PullConsumer,
+    metrics: NatsMetrics,
+    max_concurrency: usize,
+    batch_size: usize,
+}
+
+impl NatsSource {
+    /// Ensures the stream and the durable consumer, and binds to it. `max_concurrency` bounds
+    /// the events processed at once (and the messages pulled ahead of processing).
+    pub async fn new(
+        client: Client,
+        config: &NatsConfig,
+        metrics: NatsMetrics,
+        max_concurrency: usize,
+    ) -> Result<NatsSource> {
+        let js = jetstream::new(client.clone());
+        let stream = ensure_stream(&js, config).await?;
+        let consumer = ensure_consumer(&stream, config).await?;
+        let max_concurrency = max_concurrency.max(1);
+        Ok(NatsSource {
+            client,
+            config: config.clone(),
+            consumer,
+            metrics,
+            max_concurrency,
+            batch_size: max_concurrency.clamp(1, 256),
+        })
+    }
+
+    /// Messages requested per pull (default: `max_concurrency`, at most 256).
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// `/health`: `{"transport":"nats","connected":…,"stream":…}`, unhealthy while disconnected.
+    pub fn health(&self) -> Arc<dyn HealthSource> {
+        Arc::new(NatsHealth::new(
+            self.client.clone(),
+            self.config.stream_name.clone(),
+        ))
+    }
+
+    pub fn consumer(&self) -> &PullConsumer {
+        &self.consumer
+    }
+
+    /// Pulls and processes until `shutdown` turns true (or its sender is dropped), then waits
+    /// for the events being processed and returns. Messages pulled but not started are left
+    /// unacknowledged and are redelivered after `ack_wait`.
+    pub async fn run(self, engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let ack_wait = Duration::from_secs(self.config.jetstream.ack_wait_secs.max(1));
+        let shared = Arc::new(Shared {
+            engine,
+            metrics: self.metrics.clone(),
+            max_deliver: self.config.jetstream.max_deliver,
+            progress_every: (ack_wait / 2).max(Duration::from_millis(100)),
+        });
+        let permits = Arc::new(Semaphore::new(self.max_concurrency));
+        let mut tasks = JoinSet::new();
+        self.metrics.subscriptions_active.inc();
+        let mut backoff = Duration::from_millis(200);
+        'outer: loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let messages = self
+                .consumer
+                .stream()
+                .max_messages_per_batch(self.batch_size)
+                .expires(Duration::from_secs(5))
+                .heartbeat(Duration::from_secs(2))
+                .messages()
+                .await;
+            let mut messages = match messages {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(
+                        "nats source `{}`: cannot pull: {e}; retrying in {backoff:?}",
+                        self.config.consumer_name
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown_signal(&mut shutdown) => break 'outer,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(200);
+            loop {
+                while tasks.try_join_next().is_some() {}
+                let permit = tokio::select! {
+                    p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                    _ = shutdown_signal(&mut shutdown) => break 'outer,
+                };
+                let next = tokio::select! {
+                    m = messages.next() => m,
+                    _ = shutdown_signal(&mut shutdown) => break 'outer,
+                };
+                match next {
+                    None => break,
+                    Some(Ok(message)) => {
+                        let shared = shared.clone();
+                        tasks.spawn(async move {
+                            handle(message, &shared).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
+                        match e.kind() {
+                            K::MissingHeartbeat | K::Pull | K::Other => {
+                                tracing::debug!("nats source `{}`: {e}", self.config.consumer_name)
+                            }
+                            _ => {
+                                tracing::warn!(
+                                    "nats source `{}`: {e}; re-subscribing",
+                                    self.config.consumer_name
+                                );
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            // The pull stream ended (consumer deleted, …): make sure the consumer exists again.
+            let js = jetstream::new(self.client.clone());
+            if let Ok(stream) = ensure_stream(&js, &self.config).await {
+                if let Err(e) = ensure_consumer(&stream, &self.config).await {
+                    tracing::warn!("{e}");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown_signal(&mut shutdown) => break 'outer,
+            }
+        }
+        while let Some(r) = tasks.join_next().await {
+            if let Err(e) = r {
+                tracing::error!("nats source: a message task failed: {e}");
+            }
+        }
+        self.metrics.subscriptions_active.dec();
+        Ok(())
+    }
+}
+
+/// Resolves when shutdown is requested or the sender is gone.
+async fn shutdown_signal(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+struct Shared {
+    engine: Arc<Engine>,
+    metrics: NatsMetrics,
+    max_deliver: i64,
+    progress_every: Duration,
+}
+
+fn fallback_id(message: &jetstream::Message) -> Option<String> {
+    if let Some(v) = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|v| v.as_str().to_string())
+        .filter(|v| !v.is_empty())
+    {
+        return Some(v);
+    }
+    message
+        .info()
+        .ok()
+        .map(|i| format!("{}:{}", i.stream, i.stream_sequence))
+}
+
+async fn handle(message: jetstream::Message, shared: &Shared) {
+    shared.metrics.received.inc();
+    shared.metrics.jetstream_pending.inc();
+    let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+    let last_delivery = shared.max_deliver > 0 && delivered >= shared.max_deliver;
+    let event = match decode_body(&message.payload, fallback_id(&message)) {
+        Ok(event) => event,
+        Err(reason) => {
+            tracing::error!(
+                "nats: terminating malformed message on `{}`: {reason}",
+                message.subject
+            );
+            if let Err(e) = message.ack_with(AckKind::Term).await {
+                tracing::warn!("nats: cannot terminate a malformed message: {e}");
+            }
+            shared.metrics.jetstream_pending.dec();
+            return;
+        }
+    };
+    let processing = AssertUnwindSafe(shared.engine.process(&event)).catch_unwind();
+    tokio::pin!(processing);
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + shared.progress_every,
+        shared.progress_every,
+    );
+    let outcome = loop {
+        tokio::select! {
+            r = &mut processing => break r,
+            _ = ticker.tick() => {
+                if let Err(e) = message.ack_with(AckKind::Progress).await {
+                    tracing::debug!("nats: cannot signal progress for event {}: {e}", event.id);
+                }
+            }
+        }
+    };
+    let kind = match outcome {
+        Ok(_report) => AckKind::Ack,
+        Err(_) if last_delivery => {
+            tracing::error!(
+                "nats: processing event {} panicked on its last delivery ({delivered}); \
+                 acknowledging so that it is not redelivered forever",
+                event.id
+            );
+            AckKind::Ack
+        }
+        Err(_) => {
+            tracing::error!(
+                "nats: processing event {} panicked (delivery {delivered}); it will be redelivered",
+                event.id
+            );
+            AckKind::Nak(Some(Duration::from_secs(1)))
+        }
+    };
+    if let Err(e) = message.ack_with(kind).await {
+        tracing::warn!(
+            "nats: cannot acknowledge event {}: {e}; it will be redelivered",
+            event.id
+        );
+    }
+    shared.metrics.jetstream_pending.dec();
+}
