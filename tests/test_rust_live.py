@@ -17,7 +17,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_rust_postgres_source_against_the_harness_database(fraiseql_database_url: str) -> None:
     env = {**os.environ, "FRAISEQL_TEST_DATABASE_URL": fraiseql_database_url}
     out = subprocess.run(
-        ["cargo", "test", "--quiet", "-p", "fraiseql_observers", "--test", "postgres"],
+        [
+            "cargo",
+            "test",
+            "--quiet",
+            "-p",
+            "fraiseql_observers",
+            "--test",
+            "postgres",
+            "--test",
+            "postgres_dlq",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -25,7 +35,8 @@ def test_rust_postgres_source_against_the_harness_database(fraiseql_database_url
         timeout=1700,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "test result: ok. 12 passed" in out.stdout, out.stdout[-2000:]
+    assert "test result: ok. 12 passed" in out.stdout, out.stdout[-2000:]  # the source
+    assert "test result: ok. 8 passed" in out.stdout, out.stdout[-2000:]  # the dead-letter queue
 
 
 @pytest.mark.timeout(1800)

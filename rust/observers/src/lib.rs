@@ -27,7 +27,7 @@ pub use checkpoint::{
 pub use checkpoint::{PgIdempotencyStore, PgIdempotencyStores};
 pub use condition::{Condition, ConditionError};
 pub use config::{Backend, Config, ConfigError, ConfigErrors};
-pub use dlq::{DeadLetterQueue, DlqEntry, MemoryDlq};
+pub use dlq::{DeadLetterQueue, DlqEntry, MemoryDlq, PgDeadLetterQueue};
 pub use engine::{Engine, IdempotencyStores, MemoryIdempotencyStores, ObserverSpec, ProcessReport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};

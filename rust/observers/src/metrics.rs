@@ -53,6 +53,12 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::new_with(|_| {})
+    }
+
+    /// With more metrics in the same registry (a transport's, e.g. `fraiseql_nats_*`), so
+    /// one `/metrics` serves them all.
+    pub fn new_with(extra: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
             events_received: Counter::default(),
@@ -117,6 +123,7 @@ impl Metrics {
             "Events accepted and not yet fully processed",
             m.events_in_flight.clone(),
         );
+        extra(&mut registry);
         Metrics { registry, ..m }
     }
 

@@ -4,9 +4,11 @@ use std::sync::{Arc, Mutex};
 
 use fraiseql_observers::capture::{self, CaptureOptions};
 use fraiseql_observers::http::{HealthSource, HttpServer};
+use fraiseql_observers::transport::nats;
 use fraiseql_observers::{
-    Config, DeadLetterQueue, Engine, EntityDef, Error, MemoryTransport, Metrics, ObserverSpec,
-    PgIdempotencyStores, PostgresOptions, PostgresSource, Result, Schema,
+    Config, DeadLetterQueue, Engine, EntityDef, Error, IdempotencyStores, MemoryIdempotencyStores,
+    MemoryTransport, Metrics, NatsMetrics, NatsSource, ObserverSpec, PgIdempotencyStores,
+    PostgresOptions, PostgresSource, Result, Schema,
 };
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -18,7 +20,8 @@ pub const LISTENER_ID: &str = "fraiseql";
 
 pub enum Transport {
     Memory(MemoryTransport),
-    Postgres {
+    /// A source task (postgres, nats) stopped through its watch channel.
+    Source {
         shutdown: watch::Sender<bool>,
         task: Mutex<Option<JoinHandle<Result<()>>>>,
     },
@@ -34,13 +37,13 @@ impl Running {
     pub async fn stop(&self) {
         match &self.transport {
             Transport::Memory(t) => t.stop().await,
-            Transport::Postgres { shutdown, task } => {
+            Transport::Source { shutdown, task } => {
                 let _ = shutdown.send(true);
                 let task = task.lock().expect("task lock").take();
                 if let Some(task) = task {
                     match task.await {
-                        Ok(Err(e)) => tracing::error!("[observers] postgres source stopped: {e}"),
-                        Err(e) => tracing::error!("[observers] postgres source task failed: {e}"),
+                        Ok(Err(e)) => tracing::error!("[observers] source stopped: {e}"),
+                        Err(e) => tracing::error!("[observers] source task failed: {e}"),
                         Ok(Ok(())) => {}
                     }
                 }
@@ -136,6 +139,68 @@ pub async fn install(config: &Config, schema: &Schema, uninstall: bool) -> Resul
     }
 }
 
+fn idempotency_tables(specs: &[ObserverSpec]) -> Vec<String> {
+    specs
+        .iter()
+        .filter_map(|s| match &s.checkpoint {
+            fraiseql_observers::CheckpointStrategy::EffectivelyOnce { idempotency_table } => {
+                Some(idempotency_table.clone())
+            }
+            fraiseql_observers::CheckpointStrategy::AtLeastOnce => None,
+        })
+        .collect()
+}
+
+/// Consumes the durable JetStream consumer shared by every instance. EffectivelyOnce keys
+/// live in PostgreSQL when a database is configured (so they hold across instances), in
+/// process memory otherwise.
+pub async fn start_nats(
+    specs: Vec<ObserverSpec>,
+    config: &Config,
+    dlq: Arc<dyn DeadLetterQueue>,
+    metrics: Arc<Metrics>,
+    nats_metrics: NatsMetrics,
+    http_port: Option<u16>,
+) -> Result<(Arc<Engine>, Running)> {
+    let stores: Box<dyn IdempotencyStores> = match &config.database.url {
+        Some(url) => {
+            let stores = PgIdempotencyStores::new(pool(url).await?);
+            stores
+                .prepare(idempotency_tables(&specs).iter().map(String::as_str))
+                .await?;
+            Box::new(stores)
+        }
+        None => {
+            if !idempotency_tables(&specs).is_empty() {
+                tracing::warn!("[observers] no [database] url: EffectivelyOnce keys are kept per process, so several instances may each run an event once");
+            }
+            Box::new(MemoryIdempotencyStores::default())
+        }
+    };
+    let engine = Arc::new(Engine::new(specs, dlq, stores.as_ref(), metrics.clone())?);
+    let client = nats::connect(&config.observers.nats).await?;
+    let source = NatsSource::new(
+        client,
+        &config.observers.nats,
+        nats_metrics,
+        config.observers.max_concurrency,
+    )
+    .await?;
+    let http = serve_http(http_port, metrics, source.health()).await?;
+    let (shutdown, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(source.run(engine.clone(), stop_rx));
+    Ok((
+        engine,
+        Running {
+            transport: Transport::Source {
+                shutdown,
+                task: Mutex::new(Some(task)),
+            },
+            http: Mutex::new(http),
+        },
+    ))
+}
+
 /// Installs capture if configured, connects the source, builds the engine with PostgreSQL
 /// idempotency stores, and starts reading the change log.
 pub async fn start_postgres(
@@ -153,16 +218,9 @@ pub async fn start_postgres(
     let source =
         PostgresSource::connect(url, PostgresOptions::from_config(config, LISTENER_ID)).await?;
     let stores = PgIdempotencyStores::new(source.pool().clone());
-    let tables: Vec<String> = specs
-        .iter()
-        .filter_map(|s| match &s.checkpoint {
-            fraiseql_observers::CheckpointStrategy::EffectivelyOnce { idempotency_table } => {
-                Some(idempotency_table.clone())
-            }
-            fraiseql_observers::CheckpointStrategy::AtLeastOnce => None,
-        })
-        .collect();
-    stores.prepare(tables.iter().map(String::as_str)).await?;
+    stores
+        .prepare(idempotency_tables(&specs).iter().map(String::as_str))
+        .await?;
     let engine = Arc::new(Engine::new(specs, dlq, &stores, metrics.clone())?);
     let health = source.health();
     let http = serve_http(http_port, metrics, health).await?;
@@ -175,7 +233,7 @@ pub async fn start_postgres(
     Ok((
         engine,
         Running {
-            transport: Transport::Postgres {
+            transport: Transport::Source {
                 shutdown,
                 task: Mutex::new(Some(task)),
             },

@@ -8,7 +8,8 @@ use fraiseql_observers::config::{self, HandlerConfig};
 use fraiseql_observers::schema::default_table;
 use fraiseql_observers::{
     Action, Backend, Config, DeadLetterQueue, DlqEntry, Engine, EntityDef, Error, Event, EventKind,
-    MemoryDlq, MemoryIdempotencyStores, MemoryTransport, Metrics, ObserverSpec, Schema,
+    MemoryDlq, MemoryIdempotencyStores, MemoryTransport, Metrics, NatsMetrics, ObserverSpec,
+    Schema,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -267,8 +268,8 @@ pub fn check(
 fn memory(running: &Running) -> PyResult<&MemoryTransport> {
     match &running.transport {
         Transport::Memory(t) => Ok(t),
-        Transport::Postgres { .. } => Err(PyFraiseError(Error::Engine(
-            "emit() and drain() work on the in_memory backend; with backend postgres, write rows to the database".into(),
+        Transport::Source { .. } => Err(PyFraiseError(Error::Engine(
+            "emit() and drain() work on the in_memory backend; with backend postgres, write rows to the database (with nats, publish to the stream)".into(),
         ))
         .into()),
     }
@@ -287,6 +288,8 @@ pub struct PyEngine {
     /// Declared types plus TOML-only entities: the tables change capture covers.
     schema: Schema,
     metrics: Arc<Metrics>,
+    /// The NATS metrics registered in `metrics`, handed to the source at start.
+    nats_metrics: NatsMetrics,
     dlq: Arc<dyn DeadLetterQueue>,
     observer_names: Vec<String>,
     /// Compiled observers, until the engine is built. The in-memory engine is built at once;
@@ -306,6 +309,20 @@ impl PyEngine {
             .expect("running lock")
             .clone()
             .ok_or_else(not_running)
+    }
+
+    /// The compiled observers, for an engine built at start (it can start once).
+    fn take_specs(&self) -> PyResult<Vec<ObserverSpec>> {
+        self.specs
+            .lock()
+            .expect("specs lock")
+            .take()
+            .ok_or_else(|| {
+                PyFraiseError(Error::Engine(
+                    "this engine was already started once; create a new one".into(),
+                ))
+                .into()
+            })
     }
 
     fn engine(&self) -> PyResult<Arc<Engine>> {
@@ -423,7 +440,12 @@ impl PyEngine {
             .map_err(raise_all)?;
         let config = prepared.config;
         let schema = backend::capture_schema(&config, &prepared.schema).map_err(PyFraiseError)?;
-        let metrics = Arc::new(Metrics::new());
+        let nats_metrics = NatsMetrics::new();
+        let metrics = Arc::new(Metrics::new_with(|r| {
+            if matches!(config.observers.backend, Backend::Nats) {
+                nats_metrics.register(r);
+            }
+        }));
         // Dead letters stay in process memory for now; the PostgreSQL DLQ comes next.
         let dlq: Arc<dyn DeadLetterQueue> = Arc::new(MemoryDlq::new(config.observers.max_dlq_size));
         let observer_names = prepared.specs.iter().map(|s| s.name.clone()).collect();
@@ -443,6 +465,7 @@ impl PyEngine {
             config,
             schema,
             metrics,
+            nats_metrics,
             dlq,
             observer_names,
             specs: Mutex::new(specs),
@@ -479,9 +502,7 @@ impl PyEngine {
                 py.detach(|| runtime().block_on(backend::start_memory(engine, &self.config, http_port)))
             }
             Backend::Postgres => {
-                let specs = self.specs.lock().expect("specs lock").take().ok_or_else(|| {
-                    PyFraiseError(Error::Engine("a postgres engine can be started once".into()))
-                })?;
+                let specs = self.take_specs()?;
                 py.detach(|| {
                     runtime().block_on(backend::start_postgres(
                         specs,
@@ -489,6 +510,23 @@ impl PyEngine {
                         &self.schema,
                         self.dlq.clone(),
                         self.metrics.clone(),
+                        http_port,
+                    ))
+                })
+                .map(|(engine, running)| {
+                    let _ = self.engine.set(engine);
+                    running
+                })
+            }
+            Backend::Nats => {
+                let specs = self.take_specs()?;
+                py.detach(|| {
+                    runtime().block_on(backend::start_nats(
+                        specs,
+                        &self.config,
+                        self.dlq.clone(),
+                        self.metrics.clone(),
+                        self.nats_metrics.clone(),
                         http_port,
                     ))
                 })

@@ -3,11 +3,13 @@
 //! oldest stay available (spec), and `fraiseql_observer_dlq_overflow_total` counts the drop.
 
 mod memory;
+mod postgres;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use memory::MemoryDlq;
+pub use postgres::PgDeadLetterQueue;
 
 use crate::error::Result;
 use crate::event::Event;

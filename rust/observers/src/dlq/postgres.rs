@@ -1,0 +1,327 @@
+//! [`PgDeadLetterQueue`]: the dead-letter queue in a PostgreSQL table.
+
+use async_trait::async_trait;
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{PgPool, Row};
+
+use super::{DeadLetterQueue, DlqEntry, PushOutcome};
+use crate::error::{Error, Result};
+use crate::event::Event;
+
+const CREATE_SQL: &str = "CREATE TABLE IF NOT EXISTS fraiseql_dead_letters (
+    id              bigserial PRIMARY KEY,
+    event_id        text NOT NULL,
+    observer        text NOT NULL,
+    action_index    int NOT NULL,
+    action          text NOT NULL,
+    event           jsonb NOT NULL,
+    error           text NOT NULL,
+    attempts        int NOT NULL,
+    first_failed_at timestamptz NOT NULL,
+    last_failed_at  timestamptz NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now()
+)";
+
+const CREATE_INDEX_SQL: &str = "CREATE INDEX IF NOT EXISTS fraiseql_dead_letters_created_at_idx \
+     ON fraiseql_dead_letters (created_at, id)";
+
+/// Serialises table creation and bounded pushes across processes.
+const LOCK_SQL: &str =
+    "SELECT pg_advisory_xact_lock(hashtext('fraiseql.dlq'), hashtext('fraiseql_dead_letters'))";
+
+const COLUMNS: &str = "event_id, observer, action_index, action, event, error, attempts, \
+     first_failed_at, last_failed_at";
+
+const VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8::timestamptz, $9::timestamptz";
+
+/// Selected columns, timestamps rendered as RFC 3339 UTC with microseconds.
+const SELECT_COLUMNS: &str = "id, observer, action_index, action, event, error, attempts, \
+     to_char(first_failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS first_failed_at, \
+     to_char(last_failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS last_failed_at";
+
+/// The dead-letter queue in a PostgreSQL table, shared by every instance using the database
+/// and surviving restarts.
+///
+/// The table is created if missing:
+/// ```sql
+/// CREATE TABLE fraiseql_dead_letters (
+///     id              bigserial PRIMARY KEY,
+///     event_id        text NOT NULL,
+///     observer        text NOT NULL,
+///     action_index    int NOT NULL,
+///     action          text NOT NULL,
+///     event           jsonb NOT NULL,
+///     error           text NOT NULL,
+///     attempts        int NOT NULL,
+///     first_failed_at timestamptz NOT NULL,
+///     last_failed_at  timestamptz NOT NULL,
+///     created_at      timestamptz NOT NULL DEFAULT now()
+/// );
+/// CREATE INDEX fraiseql_dead_letters_created_at_idx ON fraiseql_dead_letters (created_at, id);
+/// ```
+/// Semantics are those of [`MemoryDlq`](super::MemoryDlq): ids are assigned on push and
+/// increase, [`list`](DeadLetterQueue::list) is oldest (lowest id) first — served by the
+/// primary key; the `(created_at, id)` index serves inspection by age — and when the queue
+/// holds `max_size` entries the *incoming* entry is dropped ([`PushOutcome::Overflow`]).
+///
+/// # The cap under concurrency
+///
+/// A bounded push is one short transaction, READ COMMITTED (set explicitly):
+/// ```sql
+/// SELECT pg_advisory_xact_lock(hashtext('fraiseql.dlq'), hashtext('fraiseql_dead_letters'));
+/// INSERT INTO fraiseql_dead_letters (…) SELECT … WHERE (SELECT count(*) FROM …) < $max
+/// RETURNING id;
+/// ```
+/// The advisory lock serialises bounded pushes of every process on the database, and because
+/// under READ COMMITTED each statement takes a new snapshot, the `INSERT` (started after the
+/// lock was granted) sees every row committed by the previous holder, which commits before
+/// releasing it. The conditional `INSERT … SELECT` alone would not be enough: two concurrent
+/// statements could both count `max - 1` and both insert. Removals need no lock (they only
+/// lower the count). An unbounded queue (`max_size = None`) inserts without locking.
+/// Each bounded push counts the queue (at most `max_size` rows), which is cheap for a failure
+/// path capped at a size meant for manual inspection.
+///
+/// # Stored forms
+///
+/// - `event` is the serialised [`Event`] as `jsonb`, so object keys in `new`/`old` come back in
+///   jsonb order (the values are equal), and a string containing `\u0000` cannot be stored.
+/// - `first_failed_at` / `last_failed_at` must be RFC 3339; they are stored as `timestamptz`
+///   and read back as UTC with microseconds (`2024-05-01T12:00:00.123456Z`, the form the
+///   engine writes, which therefore round-trips unchanged). Anything else is an error.
+/// - NUL characters, which PostgreSQL text cannot hold, are replaced by U+FFFD in `error` and
+///   `action` (free text such as a response body), so such an entry is kept rather than lost.
+///
+/// The table name is resolved through the connection's `search_path`.
+#[derive(Debug, Clone)]
+pub struct PgDeadLetterQueue {
+    pool: PgPool,
+    max_size: Option<usize>,
+    insert_sql: String,
+    bounded_insert_sql: String,
+    list_sql: String,
+    get_sql: String,
+}
+
+impl PgDeadLetterQueue {
+    /// The table the entries live in.
+    pub const TABLE: &'static str = "fraiseql_dead_letters";
+
+    /// Creates the table and its index if missing. `max_size`: `None` is unbounded; at the
+    /// cap, pushes return [`PushOutcome::Overflow`] and store nothing.
+    pub async fn new(pool: PgPool, max_size: Option<usize>) -> Result<Self> {
+        let dlq = PgDeadLetterQueue {
+            pool,
+            max_size,
+            insert_sql: format!(
+                "INSERT INTO fraiseql_dead_letters ({COLUMNS}) VALUES ({VALUES}) RETURNING id"
+            ),
+            bounded_insert_sql: format!(
+                "INSERT INTO fraiseql_dead_letters ({COLUMNS}) SELECT {VALUES} \
+                 WHERE (SELECT count(*) FROM fraiseql_dead_letters) < $10 RETURNING id"
+            ),
+            list_sql: format!(
+                "SELECT {SELECT_COLUMNS} FROM fraiseql_dead_letters ORDER BY id LIMIT $1"
+            ),
+            get_sql: format!("SELECT {SELECT_COLUMNS} FROM fraiseql_dead_letters WHERE id = $1"),
+        };
+        dlq.ensure_table().await?;
+        Ok(dlq)
+    }
+
+    /// The cap given to [`new`](Self::new).
+    pub fn max_size(&self) -> Option<usize> {
+        self.max_size
+    }
+
+    /// Two simultaneous `CREATE TABLE IF NOT EXISTS` of one name can fail on the catalog's
+    /// unique index, so creators (other queues, other processes) take the advisory lock.
+    async fn ensure_table(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        for sql in [LOCK_SQL, CREATE_SQL, CREATE_INDEX_SQL] {
+            sqlx::query(sql).execute(&mut *tx).await.map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)
+    }
+
+    fn bind_entry<'q>(
+        sql: &'q str,
+        entry: &'q DlqEntry,
+        row: &'q Prepared,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(sql)
+            .bind(&entry.event.id)
+            .bind(&entry.observer)
+            .bind(row.action_index)
+            .bind(&row.action)
+            .bind(Json(&entry.event))
+            .bind(&row.error)
+            .bind(row.attempts)
+            .bind(&row.first_failed_at)
+            .bind(&row.last_failed_at)
+    }
+}
+
+/// The converted column values of an entry about to be inserted.
+struct Prepared {
+    action_index: i32,
+    action: String,
+    error: String,
+    attempts: i32,
+    first_failed_at: String,
+    last_failed_at: String,
+}
+
+impl Prepared {
+    fn new(entry: &DlqEntry) -> Result<Self> {
+        Ok(Prepared {
+            action_index: i32::try_from(entry.action_index).map_err(|_| {
+                Error::DeadLetter(format!("action_index {} out of range", entry.action_index))
+            })?,
+            action: without_nul(&entry.action),
+            error: without_nul(&entry.error),
+            attempts: i32::try_from(entry.attempts).map_err(|_| {
+                Error::DeadLetter(format!("attempts {} out of range", entry.attempts))
+            })?,
+            first_failed_at: normalise_timestamp("first_failed_at", &entry.first_failed_at)?,
+            last_failed_at: normalise_timestamp("last_failed_at", &entry.last_failed_at)?,
+        })
+    }
+}
+
+fn without_nul(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
+}
+
+/// RFC 3339 → UTC with microseconds, the form read back.
+fn normalise_timestamp(field: &str, value: &str) -> Result<String> {
+    chrono::DateTime::parse_from_rfc3339(value)
+        .map(|t| {
+            t.with_timezone(&chrono::Utc)
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        })
+        .map_err(|e| Error::DeadLetter(format!("{field} {value:?} is not RFC 3339: {e}")))
+}
+
+fn db_error(e: sqlx::Error) -> Error {
+    Error::DeadLetter(format!("table `fraiseql_dead_letters`: {e}"))
+}
+
+fn stored_id(id: i64) -> Result<u64> {
+    u64::try_from(id).map_err(|_| Error::DeadLetter(format!("negative entry id {id}")))
+}
+
+fn entry_from_row(row: &PgRow) -> Result<DlqEntry> {
+    let action_index: i32 = row.try_get("action_index").map_err(db_error)?;
+    let attempts: i32 = row.try_get("attempts").map_err(db_error)?;
+    let Json(event): Json<Event> = row.try_get("event").map_err(db_error)?;
+    Ok(DlqEntry {
+        id: stored_id(row.try_get("id").map_err(db_error)?)?,
+        event,
+        observer: row.try_get("observer").map_err(db_error)?,
+        action_index: usize::try_from(action_index).map_err(|_| {
+            Error::DeadLetter(format!("stored action_index {action_index} is negative"))
+        })?,
+        action: row.try_get("action").map_err(db_error)?,
+        error: row.try_get("error").map_err(db_error)?,
+        attempts: u32::try_from(attempts)
+            .map_err(|_| Error::DeadLetter(format!("stored attempts {attempts} is negative")))?,
+        first_failed_at: row.try_get("first_failed_at").map_err(db_error)?,
+        last_failed_at: row.try_get("last_failed_at").map_err(db_error)?,
+    })
+}
+
+#[async_trait]
+impl DeadLetterQueue for PgDeadLetterQueue {
+    async fn push(&self, entry: DlqEntry) -> Result<PushOutcome> {
+        let row = Prepared::new(&entry)?;
+        let Some(max) = self.max_size else {
+            let id: i64 = Self::bind_entry(&self.insert_sql, &entry, &row)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_error)?
+                .try_get(0)
+                .map_err(db_error)?;
+            return Ok(PushOutcome::Stored(stored_id(id)?));
+        };
+        if max == 0 {
+            return Ok(PushOutcome::Overflow);
+        }
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        // First statement of the transaction; the count below needs its own fresh snapshot.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        sqlx::query(LOCK_SQL)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let inserted = Self::bind_entry(&self.bounded_insert_sql, &entry, &row)
+            .bind(max)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let outcome = match inserted {
+            Some(r) => PushOutcome::Stored(stored_id(r.try_get(0).map_err(db_error)?)?),
+            None => PushOutcome::Overflow,
+        };
+        tx.commit().await.map_err(db_error)?;
+        Ok(outcome)
+    }
+
+    async fn list(&self, limit: usize) -> Result<Vec<DlqEntry>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        sqlx::query(&self.list_sql)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(entry_from_row)
+            .collect()
+    }
+
+    async fn get(&self, id: u64) -> Result<Option<DlqEntry>> {
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(None);
+        };
+        sqlx::query(&self.get_sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(entry_from_row)
+            .transpose()
+    }
+
+    async fn remove(&self, id: u64) -> Result<bool> {
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(false);
+        };
+        let done = sqlx::query("DELETE FROM fraiseql_dead_letters WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn purge(&self) -> Result<usize> {
+        let done = sqlx::query("DELETE FROM fraiseql_dead_letters")
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
+    }
+
+    async fn len(&self) -> Result<usize> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM fraiseql_dead_letters")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+}
