@@ -3,6 +3,7 @@ change capture, against the harness's live PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -166,3 +167,47 @@ def test_db_install_prints_and_runs_the_capture_sql(
     with psycopg.connect(fraiseql_database_url) as conn:
         rows = conn.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass", (name,)).fetchall()
     assert len(rows) == 1
+
+
+def test_dead_letters_persist_in_postgres_and_the_cli_retries_them(
+    tmp_path: Path, fraiseql_database_url: str, table: tuple[str, str]
+) -> None:
+    from fraiseql.testing.sinks import WebhookSink
+
+    entity, name = table
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS fraiseql_dead_letters")  # recreated on open, empty
+    with WebhookSink() as sink:
+        sink.script(503, 503)
+        (tmp_path / "fraiseql.toml").write_text(
+            f'[database]\nurl = "{fraiseql_database_url}"\n\n[observers]\nbackend = "postgres"\n\n'
+            f'[[observers.handlers]]\nname = "hook_{name}"\nentity = "{entity}"\ntable = "{name}"\n'
+            'event = "INSERT"\n'
+            'retry = { max_attempts = 2, backoff_strategy = "fixed", '
+            "initial_delay_ms = 1, max_delay_ms = 1 }\n"
+            f'actions = [{{ type = "webhook", url = "{sink.url}" }}]\n'
+        )
+        cli = [sys.executable, "-m", "fraiseql.cli"]
+        with (
+            fraiseql.Engine(tmp_path / "fraiseql.toml", schema=fraiseql.Registry()) as engine,
+            psycopg.connect(fraiseql_database_url, autocommit=True) as conn,
+        ):
+            conn.execute(f"INSERT INTO {name} (id, status, total) VALUES ('o1', 'new', 1)")
+            wait_until(lambda: len(engine.dlq()) == 1)
+        # Another process sees the entry, and retries it once the sink answers 200 again.
+        out = subprocess.run([*cli, "dlq", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert f"hook_{name}" in out.stdout and "attempts=2" in out.stdout and "503" in out.stdout
+        entry_id = out.stdout.split("\t", 1)[0]
+        out = subprocess.run(
+            [*cli, "dlq", "show", entry_id], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert json.loads(out.stdout)["event"]["new"]["id"] == "o1"
+        out = subprocess.run(
+            [*cli, "dlq", "retry", entry_id], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        assert f"{entry_id}: delivered" in out.stdout
+        assert [r.status for r in sink.requests] == [503, 503, 200]
+        out = subprocess.run([*cli, "dlq", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert "0 entries" in out.stderr

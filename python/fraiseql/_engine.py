@@ -205,6 +205,13 @@ class Engine:
     async def retry_dead_letter_async(self, entry_id: int) -> bool:
         return await self._native.dlq_retry_async(entry_id)
 
+    def open_dead_letters(self) -> Engine:
+        """Opens the database's dead-letter queue without starting the engine (what
+        `fraiseql dlq` does): `dlq()`, `retry_dead_letter()` and `purge_dead_letters()` then
+        work on the durable entries of every instance."""
+        self._native.open_dead_letters()
+        return self
+
     def purge_dead_letters(self) -> int:
         return self._native.dlq_purge()
 

@@ -163,6 +163,97 @@ def db_install(
     click.echo(out)
 
 
+@main.group()
+def dlq() -> None:
+    """The dead-letter queue kept in the configured database."""
+
+
+def _dead_letters(config: Path | None, runtime: Path | None, schema: str | None) -> Engine:
+    cfg = _find_config(config)
+    reg = load_schema(_schema_path(cfg, schema))
+    try:
+        return Engine(cfg, runtime_config=_runtime_config(cfg, runtime), schema=reg).open_dead_letters()
+    except _native.FraiseQLError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+def _summary(entry: dict[str, Any]) -> str:
+    error = next((line for line in reversed(entry["error"].splitlines()) if line.strip()), "")
+    return (
+        f"{entry['id']}\t{entry['observer']}\t{entry['action']}\tattempts={entry['attempts']}\t"
+        f"{entry['last_failed_at']}\tevent={entry['event']['id']}\t{error}"
+    )
+
+
+@dlq.command("list")
+@_config_opt
+@_runtime_opt
+@_schema_opt
+@click.option("--limit", default=100, show_default=True)
+def dlq_list(config: Path | None, runtime: Path | None, schema: str | None, limit: int) -> None:
+    """List entries, oldest first."""
+    entries = _dead_letters(config, runtime, schema).dlq(limit)
+    for entry in entries:
+        click.echo(_summary(entry))
+    click.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}", err=True)
+
+
+@dlq.command("show")
+@_config_opt
+@_runtime_opt
+@_schema_opt
+@click.argument("entry_id", type=int)
+def dlq_show(config: Path | None, runtime: Path | None, schema: str | None, entry_id: int) -> None:
+    """Print one entry as JSON: the event, observer, action, last error, attempts, times."""
+    entry = next(
+        (e for e in _dead_letters(config, runtime, schema).dlq(1_000_000) if e["id"] == entry_id), None
+    )
+    if entry is None:
+        click.echo(f"error: no dead-letter entry with id {entry_id}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(entry, indent=2))
+
+
+@dlq.command("retry")
+@_config_opt
+@_runtime_opt
+@_schema_opt
+@click.argument("entry_ids", type=int, nargs=-1)
+@click.option("--all", "retry_all", is_flag=True, help="retry every entry")
+def dlq_retry(
+    config: Path | None, runtime: Path | None, schema: str | None, entry_ids: tuple[int, ...], retry_all: bool
+) -> None:
+    """Re-run entries' actions (with their retry policy); delivered entries are removed."""
+    engine = _dead_letters(config, runtime, schema)
+    ids = [e["id"] for e in engine.dlq(1_000_000)] if retry_all else list(entry_ids)
+    if not ids:
+        raise click.UsageError("name entry ids or pass --all")
+    failed = 0
+    for entry_id in ids:
+        try:
+            ok = engine.retry_dead_letter(entry_id)
+        except _native.DeadLetterError as exc:
+            ok = False
+            click.echo(f"{entry_id}: {exc}", err=True)
+        click.echo(f"{entry_id}: {'delivered' if ok else 'failed again'}")
+        failed += not ok
+    sys.exit(1 if failed else 0)
+
+
+@dlq.command("purge")
+@_config_opt
+@_runtime_opt
+@_schema_opt
+@click.option("--yes", is_flag=True, help="do not ask")
+def dlq_purge(config: Path | None, runtime: Path | None, schema: str | None, yes: bool) -> None:
+    """Delete every entry."""
+    engine = _dead_letters(config, runtime, schema)
+    if not yes:
+        click.confirm(f"delete all {len(engine.dlq(1_000_000))} dead-letter entries?", abort=True)
+    click.echo(f"purged {engine.purge_dead_letters()} entries")
+
+
 def _emit_lines(engine: Engine, source: str) -> int:
     """Feeds JSON-lines events to the in-memory transport; returns how many were rejected."""
     stream = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115
@@ -192,6 +283,10 @@ def run(
     """Run the observer engine until SIGINT/SIGTERM (then drain in-flight work and exit 0)."""
     cfg = _find_config(config)
     reg = load_schema(_schema_path(cfg, schema))
+    # Installed before the engine starts, so a signal during start-up still drains and exits 0.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         engine = Engine(cfg, runtime_config=_runtime_config(cfg, runtime), schema=reg, http_port=http_port)
         if http_port is None and events is None:  # a one-shot --events run serves no HTTP
@@ -204,9 +299,6 @@ def run(
         rejected = _emit_lines(engine, events)
         engine.stop()
         sys.exit(1 if rejected else 0)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
         pass
     click.echo("[observers] stopping: draining in-flight events", err=True)

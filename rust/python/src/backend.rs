@@ -7,8 +7,8 @@ use fraiseql_observers::http::{HealthSource, HttpServer};
 use fraiseql_observers::transport::nats;
 use fraiseql_observers::{
     Config, DeadLetterQueue, Engine, EntityDef, Error, IdempotencyStores, MemoryIdempotencyStores,
-    MemoryTransport, Metrics, NatsMetrics, NatsSource, ObserverSpec, PgIdempotencyStores,
-    PostgresOptions, PostgresSource, Result, Schema,
+    MemoryTransport, Metrics, NatsMetrics, NatsSource, ObserverSpec, PgDeadLetterQueue,
+    PgIdempotencyStores, PostgresOptions, PostgresSource, Result, Schema,
 };
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -126,6 +126,38 @@ async fn pool(url: &str) -> Result<sqlx::PgPool> {
         .connect(url)
         .await
         .map_err(|e| Error::Transport(format!("cannot connect to the database: {e}")))
+}
+
+/// The durable dead-letter queue, when a database is configured; its size seeds the gauge.
+pub async fn dead_letters(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<Option<Arc<dyn DeadLetterQueue>>> {
+    let Some(url) = &config.database.url else {
+        return Ok(None);
+    };
+    let dlq = PgDeadLetterQueue::new(pool(url).await?, config.observers.max_dlq_size).await?;
+    metrics.dlq_size.set(dlq.len().await? as i64);
+    Ok(Some(Arc::new(dlq)))
+}
+
+/// An engine for `fraiseql dlq retry`: the observers and the durable stores, no source.
+pub async fn offline_engine(
+    specs: Vec<ObserverSpec>,
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<(Arc<Engine>, Arc<dyn DeadLetterQueue>)> {
+    let dlq = dead_letters(config, &metrics).await?.ok_or_else(|| {
+        Error::DeadLetter(
+            "no [database] url: without a database, dead letters live in the memory of the running engine".into(),
+        )
+    })?;
+    let stores = PgIdempotencyStores::new(pool(database_url(config)?).await?);
+    stores
+        .prepare(idempotency_tables(&specs).iter().map(String::as_str))
+        .await?;
+    let engine = Arc::new(Engine::new(specs, dlq.clone(), &stores, metrics)?);
+    Ok((engine, dlq))
 }
 
 /// `fraiseql db install` / `uninstall`.

@@ -290,7 +290,8 @@ pub struct PyEngine {
     metrics: Arc<Metrics>,
     /// The NATS metrics registered in `metrics`, handed to the source at start.
     nats_metrics: NatsMetrics,
-    dlq: Arc<dyn DeadLetterQueue>,
+    /// In memory until a backend with a database starts (or `open_dead_letters`).
+    dlq: Mutex<Arc<dyn DeadLetterQueue>>,
     observer_names: Vec<String>,
     /// Compiled observers, until the engine is built. The in-memory engine is built at once;
     /// the PostgreSQL one at start, when its idempotency stores have a pool.
@@ -309,6 +310,22 @@ impl PyEngine {
             .expect("running lock")
             .clone()
             .ok_or_else(not_running)
+    }
+
+    fn dead_letter_queue(&self) -> Arc<dyn DeadLetterQueue> {
+        self.dlq.lock().expect("dlq lock").clone()
+    }
+
+    /// Switches to the PostgreSQL dead-letter queue when a database is configured.
+    fn durable_dead_letters(&self, py: Python<'_>) -> PyResult<Arc<dyn DeadLetterQueue>> {
+        let durable = py
+            .detach(|| runtime().block_on(backend::dead_letters(&self.config, &self.metrics)))
+            .map_err(PyFraiseError)?;
+        let mut dlq = self.dlq.lock().expect("dlq lock");
+        if let Some(durable) = durable {
+            *dlq = durable;
+        }
+        Ok(dlq.clone())
     }
 
     /// The compiled observers, for an engine built at start (it can start once).
@@ -466,7 +483,7 @@ impl PyEngine {
             schema,
             metrics,
             nats_metrics,
-            dlq,
+            dlq: Mutex::new(dlq),
             observer_names,
             specs: Mutex::new(specs),
             engine,
@@ -503,12 +520,13 @@ impl PyEngine {
             }
             Backend::Postgres => {
                 let specs = self.take_specs()?;
+                let dlq = self.durable_dead_letters(py)?;
                 py.detach(|| {
                     runtime().block_on(backend::start_postgres(
                         specs,
                         &self.config,
                         &self.schema,
-                        self.dlq.clone(),
+                        dlq,
                         self.metrics.clone(),
                         http_port,
                     ))
@@ -520,11 +538,12 @@ impl PyEngine {
             }
             Backend::Nats => {
                 let specs = self.take_specs()?;
+                let dlq = self.durable_dead_letters(py)?;
                 py.detach(|| {
                     runtime().block_on(backend::start_nats(
                         specs,
                         &self.config,
-                        self.dlq.clone(),
+                        dlq,
                         self.metrics.clone(),
                         self.nats_metrics.clone(),
                         http_port,
@@ -667,7 +686,7 @@ impl PyEngine {
 
     #[pyo3(signature = (limit=1000))]
     fn dlq_list<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let dlq = self.dlq.clone();
+        let dlq = self.dead_letter_queue();
         let entries = py
             .detach(|| runtime().block_on(dlq.list(limit)))
             .map_err(PyFraiseError)?;
@@ -689,13 +708,37 @@ impl PyEngine {
     }
 
     fn dlq_purge(&self, py: Python<'_>) -> PyResult<usize> {
-        let dlq = self.dlq.clone();
+        let dlq = self.dead_letter_queue();
         let metrics = self.metrics.clone();
         let n = py
             .detach(|| runtime().block_on(dlq.purge()))
             .map_err(PyFraiseError)?;
         metrics.dlq_size.set(0);
         Ok(n)
+    }
+
+    /// Opens the durable dead-letter queue of the configured database and builds the engine
+    /// without starting a source: what `fraiseql dlq list|show|retry|purge` works on.
+    fn open_dead_letters(&self, py: Python<'_>) -> PyResult<()> {
+        if self.engine.get().is_some() {
+            return Err(PyFraiseError(Error::DeadLetter(
+                "open_dead_letters() is for an engine that was not started".into(),
+            ))
+            .into());
+        }
+        let specs = self.take_specs()?;
+        let (engine, dlq) = py
+            .detach(|| {
+                runtime().block_on(backend::offline_engine(
+                    specs,
+                    &self.config,
+                    self.metrics.clone(),
+                ))
+            })
+            .map_err(PyFraiseError)?;
+        *self.dlq.lock().expect("dlq lock") = dlq;
+        let _ = self.engine.set(engine);
+        Ok(())
     }
 
     fn metrics_text(&self) -> String {
