@@ -114,3 +114,78 @@ def test_engine_consumes_spec_messages_once_each(registry: fraiseql.Registry, fr
 def test_nats_backend_without_url_names_the_setting(registry: fraiseql.Registry) -> None:
     with pytest.raises(fraiseql.ConfigError, match=r"NATS transport requires nats\.url to be set"):
         fraiseql.Engine({"observers": {"backend": "nats"}})
+
+
+async def downstream_service(url: str, subject: str, want: int, timeout: float) -> list[dict[str, Any]]:
+    """The spec's downstream consumer: a durable JetStream subscription with a callback."""
+    received: list[dict[str, Any]] = []
+    done = asyncio.Event()
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+
+    async def order_handler(msg: Any) -> None:
+        received.append(json.loads(msg.data.decode()))
+        await msg.ack()
+        if len(received) >= want:
+            done.set()
+
+    await js.subscribe(subject, durable="order-processor", cb=order_handler)
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+        await asyncio.sleep(0.3)  # anything extra would arrive now
+    finally:
+        await nc.close()
+    return received
+
+
+def test_bridge_publishes_sql_changes_and_the_engine_consumes_them(
+    registry: fraiseql.Registry, fraiseql_nats_url: str, fraiseql_database_url: str
+) -> None:
+    import psycopg
+
+    suffix = uuid.uuid4().hex[:8]
+    entity, table = f"Order{suffix}", f"tb_order{suffix}"
+    prefix = f"fq{suffix}.mutation"
+    fraiseql.type(table=table, name=entity)(
+        type(entity, (), {"__annotations__": {"id": str, "total": float}})
+    )
+    lock = threading.Lock()
+    fired: list[str] = []
+
+    @fraiseql.subscription(
+        entity_type=entity,
+        operation="create",
+        condition="total > 100",
+        checkpoint=fraiseql.EffectivelyOnce(idempotency_table="bridge_test_keys"),
+    )
+    def big(order: Any) -> None:
+        with lock:
+            fired.append(order.id)
+
+    config = nats_config(fraiseql_nats_url, suffix)
+    config["database"] = {"url": fraiseql_database_url}
+    config["observers"]["run_bridge"] = True
+    config["observers"]["bridge"] = {"transport_name": f"bridge_{suffix}", "notify_channel": f"chan_{suffix}"}
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id text primary key, total numeric)")
+    try:
+        with fraiseql.Engine(config), psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            conn.execute(f"INSERT INTO {table} VALUES ('o1', 150), ('o2', 5), ('o3', 999)")
+            messages = asyncio.run(
+                downstream_service(fraiseql_nats_url, f"{prefix}.{entity.lower()}.insert", 3, 20)
+            )
+            wait_until(lambda: len(fired) >= 2)
+            time.sleep(0.3)
+        assert sorted(fired) == ["o1", "o3"]
+        assert len(messages) == 3
+        by_id = {m["data"]["id"]: m for m in messages}
+        assert set(by_id) == {"o1", "o2", "o3"}
+        m = by_id["o1"]
+        assert m["event"] == "INSERT" and m["entity"] == entity
+        assert m["subject"] == f"{prefix}.{entity.lower()}.insert"
+        assert m["data"] == {"id": "o1", "total": 150}
+        assert m["old"] is None and m["id"] and m["timestamp"]
+    finally:
+        with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+        asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))

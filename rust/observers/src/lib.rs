@@ -4,6 +4,7 @@
 //! caller's tokio runtime. The PyO3 binding lives in the `fraiseql-python` crate.
 
 pub mod action;
+pub mod bridge;
 pub mod capture;
 pub mod checkpoint;
 pub mod condition;

@@ -2,9 +2,10 @@
 
 use std::sync::{Arc, Mutex};
 
+use fraiseql_observers::bridge;
 use fraiseql_observers::capture::{self, CaptureOptions};
 use fraiseql_observers::http::{HealthSource, HttpServer};
-use fraiseql_observers::transport::nats;
+use fraiseql_observers::transport::nats::{self, NatsPublisher};
 use fraiseql_observers::{
     Config, DeadLetterQueue, Engine, EntityDef, Error, IdempotencyStores, MemoryIdempotencyStores,
     MemoryTransport, Metrics, NatsMetrics, NatsSource, ObserverSpec, PgDeadLetterQueue,
@@ -20,10 +21,10 @@ pub const LISTENER_ID: &str = "fraiseql";
 
 pub enum Transport {
     Memory(MemoryTransport),
-    /// A source task (postgres, nats) stopped through its watch channel.
+    /// Source tasks (postgres, nats, the bridge) stopped through one watch channel.
     Source {
         shutdown: watch::Sender<bool>,
-        task: Mutex<Option<JoinHandle<Result<()>>>>,
+        tasks: Mutex<Vec<JoinHandle<Result<()>>>>,
     },
 }
 
@@ -37,10 +38,10 @@ impl Running {
     pub async fn stop(&self) {
         match &self.transport {
             Transport::Memory(t) => t.stop().await,
-            Transport::Source { shutdown, task } => {
+            Transport::Source { shutdown, tasks } => {
                 let _ = shutdown.send(true);
-                let task = task.lock().expect("task lock").take();
-                if let Some(task) = task {
+                let tasks = std::mem::take(&mut *tasks.lock().expect("tasks lock"));
+                for task in tasks {
                     match task.await {
                         Ok(Err(e)) => tracing::error!("[observers] source stopped: {e}"),
                         Err(e) => tracing::error!("[observers] source task failed: {e}"),
@@ -189,6 +190,7 @@ fn idempotency_tables(specs: &[ObserverSpec]) -> Vec<String> {
 pub async fn start_nats(
     specs: Vec<ObserverSpec>,
     config: &Config,
+    schema: &Schema,
     dlq: Arc<dyn DeadLetterQueue>,
     metrics: Arc<Metrics>,
     nats_metrics: NatsMetrics,
@@ -209,28 +211,73 @@ pub async fn start_nats(
             Box::new(MemoryIdempotencyStores::default())
         }
     };
-    let engine = Arc::new(Engine::new(specs, dlq, stores.as_ref(), metrics.clone())?);
+    let engine = Arc::new(Engine::new(
+        specs,
+        dlq.clone(),
+        stores.as_ref(),
+        metrics.clone(),
+    )?);
     let client = nats::connect(&config.observers.nats).await?;
     let source = NatsSource::new(
-        client,
+        client.clone(),
         &config.observers.nats,
-        nats_metrics,
+        nats_metrics.clone(),
         config.observers.max_concurrency,
     )
     .await?;
-    let http = serve_http(http_port, metrics, source.health()).await?;
     let (shutdown, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(source.run(engine.clone(), stop_rx));
+    let mut tasks = Vec::new();
+    if config.observers.run_bridge {
+        let publisher = NatsPublisher::new(client, &config.observers.nats, nats_metrics);
+        let bridge = start_bridge(
+            config,
+            schema,
+            publisher,
+            dlq,
+            metrics.clone(),
+            stop_rx.clone(),
+        );
+        tasks.push(bridge.await?);
+    }
+    let http = serve_http(http_port, metrics, source.health()).await?;
+    tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx)));
     Ok((
         engine,
         Running {
             transport: Transport::Source {
                 shutdown,
-                task: Mutex::new(Some(task)),
+                tasks: Mutex::new(tasks),
             },
             http: Mutex::new(http),
         },
     ))
+}
+
+/// The PostgreSQL → NATS bridge (see `fraiseql_observers::bridge`): installs capture
+/// notifying the bridge's channel, and forwards the change log under its own cursor.
+async fn start_bridge(
+    config: &Config,
+    schema: &Schema,
+    publisher: NatsPublisher,
+    dlq: Arc<dyn DeadLetterQueue>,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<Result<()>>> {
+    let url = database_url(config)?;
+    let bridge = &config.observers.bridge;
+    if config.observers.auto_install {
+        let options = CaptureOptions::new(bridge.notify_channel.clone());
+        capture::install_with(&pool(url).await?, schema, &options).await?;
+    }
+    let specs = bridge::bridge_observers(schema, publisher, &bridge.transport_name);
+    let engine = Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?;
+    let source = PostgresSource::connect(url, bridge::bridge_options(config)).await?;
+    tracing::info!(
+        "[observers] bridge: postgres -> nats ({}, {} table(s))",
+        bridge.transport_name,
+        schema.entities().len()
+    );
+    Ok(tokio::spawn(source.run(Arc::new(engine), stop)))
 }
 
 /// Installs capture if configured, connects the source, builds the engine with PostgreSQL
@@ -257,7 +304,7 @@ pub async fn start_postgres(
     let health = source.health();
     let http = serve_http(http_port, metrics, health).await?;
     let (shutdown, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(source.run(engine.clone(), stop_rx));
+    let tasks = vec![tokio::spawn(source.run(engine.clone(), stop_rx))];
     tracing::info!(
         "[observers] transport: postgres (channel {})",
         config.observers.notify_channel
@@ -267,7 +314,7 @@ pub async fn start_postgres(
         Running {
             transport: Transport::Source {
                 shutdown,
-                task: Mutex::new(Some(task)),
+                tasks: Mutex::new(tasks),
             },
             http: Mutex::new(http),
         },

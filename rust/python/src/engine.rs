@@ -543,6 +543,7 @@ impl PyEngine {
                     runtime().block_on(backend::start_nats(
                         specs,
                         &self.config,
+                        &self.schema,
                         dlq,
                         self.metrics.clone(),
                         self.nats_metrics.clone(),
