@@ -211,3 +211,37 @@ def test_dead_letters_persist_in_postgres_and_the_cli_retries_them(
         assert [r.status for r in sink.requests] == [503, 503, 200]
         out = subprocess.run([*cli, "dlq", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert "0 entries" in out.stderr
+
+
+def test_idempotency_prune_deletes_only_old_keys(tmp_path: Path, fraiseql_database_url: str) -> None:
+    table = f"prune_keys_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE TABLE {table} (listener_id TEXT NOT NULL, event_key TEXT NOT NULL, "
+            "processed_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (listener_id, event_key))"
+        )
+        conn.execute(
+            f"INSERT INTO {table} SELECT 'l', 'old' || g, now() - interval '8 days' "
+            "FROM generate_series(1, 2500) g"
+        )
+        conn.execute(f"INSERT INTO {table} SELECT 'l', 'new' || g, now() FROM generate_series(1, 10) g")
+    (tmp_path / "fraiseql.toml").write_text(
+        f'[database]\nurl = "{fraiseql_database_url}"\n\n[observers]\nbackend = "postgres"\n\n'
+        f'[[observers.handlers]]\nname = "h"\nentity = "Order"\nevent = "INSERT"\n'
+        f'checkpoint = {{ strategy = "effectively_once", idempotency_table = "{table}" }}\n'
+        'actions = [{ type = "webhook", url = "http://127.0.0.1:9/x" }]\n'
+    )
+    cli = [sys.executable, "-m", "fraiseql.cli", "idempotency", "prune", "--batch", "1000"]
+    out = subprocess.run(
+        [*cli, "--older-than", "7d"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"{table}: deleted 2500 key(s) older than 7d" in out.stdout
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        (left,) = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # type: ignore[misc]
+        conn.execute(f"DROP TABLE {table}")
+    assert left == 10
+    out = subprocess.run(
+        [*cli, "--older-than", "7 days"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "expected a number and a unit" in out.stderr

@@ -18,6 +18,7 @@ __all__ = [
     "__version__",
     "check",
     "db_install",
+    "idempotency_prune",
 ]
 
 __version__: str
@@ -60,6 +61,13 @@ def db_install(
     uninstall: bool = False,
     print_only: bool = False,
 ) -> str: ...
+def idempotency_prune(
+    main: _Source,
+    runtime_file: _Source,
+    tables: list[str],
+    older_than_secs: float,
+    batch: int = 10_000,
+) -> list[tuple[str, int]]: ...
 
 @final
 class Engine:

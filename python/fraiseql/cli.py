@@ -254,6 +254,59 @@ def dlq_purge(config: Path | None, runtime: Path | None, schema: str | None, yes
     click.echo(f"purged {engine.purge_dead_letters()} entries")
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_age(text: str) -> float:
+    """`7d`, `12h`, `30m`, `90s`, `2w` → seconds."""
+    value, unit = text[:-1], text[-1:].lower()
+    if unit not in _UNITS or not value.replace(".", "", 1).isdigit():
+        raise click.BadParameter(f"{text!r}: expected a number and a unit s, m, h, d or w (e.g. 7d)")
+    return float(value) * _UNITS[unit]
+
+
+@main.group()
+def idempotency() -> None:
+    """The EffectivelyOnce idempotency tables (backend postgres/nats with a database)."""
+
+
+@idempotency.command("prune")
+@_config_opt
+@_runtime_opt
+@_schema_opt
+@click.option("--older-than", "older_than", required=True, help="age of the keys to delete, e.g. 7d")
+@click.option("--table", "tables", multiple=True, help="also prune this table (repeatable)")
+@click.option("--batch", default=10_000, show_default=True, help="rows deleted per statement")
+def idempotency_prune(
+    config: Path | None,
+    runtime: Path | None,
+    schema: str | None,
+    older_than: str,
+    tables: tuple[str, ...],
+    batch: int,
+) -> None:
+    """Delete idempotency keys older than --older-than from every EffectivelyOnce table."""
+    seconds = parse_age(older_than)
+    cfg = _find_config(config)
+    reg = load_schema(_schema_path(cfg, schema))
+    names = list(tables) + [
+        o["checkpoint"]["idempotency_table"]
+        for o in reg.observers
+        if (o.get("checkpoint") or {}).get("strategy") == "effectively_once"
+    ]
+    try:
+        pruned = _native.idempotency_prune(
+            read_source(cfg), read_source(_runtime_config(cfg, runtime)), names, seconds, batch
+        )
+    except _native.FraiseQLError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if not pruned:
+        click.echo("no EffectivelyOnce tables: nothing to prune")
+    for table, deleted in pruned:
+        click.echo(f"{table}: deleted {deleted} key(s) older than {older_than}")
+
+
 def _emit_lines(engine: Engine, source: str) -> int:
     """Feeds JSON-lines events to the in-memory transport; returns how many were rejected."""
     stream = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115

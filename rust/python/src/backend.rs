@@ -161,6 +161,22 @@ pub async fn offline_engine(
     Ok((engine, dlq))
 }
 
+/// `fraiseql idempotency prune`: old keys out of each table, in batches.
+pub async fn prune_idempotency(
+    config: &Config,
+    tables: &[String],
+    older_than: std::time::Duration,
+    batch: usize,
+) -> Result<Vec<(String, u64)>> {
+    let pool = pool(database_url(config)?).await?;
+    let mut out = Vec::new();
+    for table in tables {
+        let store = fraiseql_observers::PgIdempotencyStore::lazy(pool.clone(), table)?;
+        out.push((table.clone(), store.prune(older_than, batch).await?));
+    }
+    Ok(out)
+}
+
 /// `fraiseql db install` / `uninstall`.
 pub async fn install(config: &Config, schema: &Schema, uninstall: bool) -> Result<()> {
     let pool = pool(database_url(config)?).await?;

@@ -429,6 +429,41 @@ pub fn db_install(
     Ok(format!("change capture {verb} {}", tables.join(", ")))
 }
 
+/// `fraiseql idempotency prune`: deletes keys older than `older_than_secs` from `tables`
+/// plus the tables of the EffectivelyOnce observers in fraiseql.toml.
+#[pyfunction]
+#[pyo3(signature = (main, runtime_file, tables, older_than_secs, batch=10_000))]
+pub fn idempotency_prune(
+    py: Python<'_>,
+    main: Source,
+    runtime_file: Source,
+    mut tables: Vec<String>,
+    older_than_secs: f64,
+    batch: usize,
+) -> PyResult<Vec<(String, u64)>> {
+    let config = Config::from_sources(
+        main.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
+        runtime_file.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
+        &env,
+    )
+    .map_err(|e| PyFraiseError(Error::Config(e)))?;
+    for h in &config.observers.handlers {
+        if let Some(t) = h.checkpoint.idempotency_table() {
+            tables.push(t.to_owned());
+        }
+    }
+    tables.sort();
+    tables.dedup();
+    let older_than = std::time::Duration::try_from_secs_f64(older_than_secs)
+        .map_err(|e| PyValueError::new_err(format!("older_than: {e}")))?;
+    py.detach(|| {
+        runtime().block_on(backend::prune_idempotency(
+            &config, &tables, older_than, batch,
+        ))
+    })
+    .map_err(|e| PyFraiseError(e).into())
+}
+
 #[pymethods]
 impl PyEngine {
     #[new]

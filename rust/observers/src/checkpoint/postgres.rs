@@ -34,6 +34,7 @@ pub struct PgIdempotencyStore {
     insert_sql: String,
     select_sql: String,
     delete_sql: String,
+    prune_sql: String,
     /// Set once the table is known to exist.
     created: OnceCell<()>,
 }
@@ -69,6 +70,11 @@ impl PgIdempotencyStore {
                 "SELECT EXISTS (SELECT 1 FROM {quoted} WHERE listener_id = $1 AND event_key = $2)"
             ),
             delete_sql: format!("DELETE FROM {quoted} WHERE listener_id = $1 AND event_key = $2"),
+            // Batches keep each transaction (and its locks) short on a big table.
+            prune_sql: format!(
+                "DELETE FROM {quoted} WHERE ctid IN (SELECT ctid FROM {quoted} \
+                 WHERE processed_at < now() - make_interval(secs => $1) LIMIT $2)"
+            ),
             created: OnceCell::new(),
         })
     }
@@ -102,6 +108,28 @@ impl PgIdempotencyStore {
             })
             .await
             .map(|_| ())
+    }
+
+    /// Deletes keys recorded more than `older_than` ago, `batch` rows per statement; returns
+    /// how many were deleted. A key pruned while its event could still be redelivered
+    /// would let that event run again, so keep `older_than` above the longest redelivery
+    /// horizon (stream retention, DLQ age).
+    pub async fn prune(&self, older_than: std::time::Duration, batch: usize) -> Result<u64> {
+        self.ensure_table().await?;
+        let mut deleted = 0;
+        loop {
+            let n = sqlx::query(&self.prune_sql)
+                .bind(older_than.as_secs_f64())
+                .bind(batch.max(1) as i64)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| self.error(e))?
+                .rows_affected();
+            deleted += n;
+            if n < batch.max(1) as u64 {
+                return Ok(deleted);
+            }
+        }
     }
 
     fn error(&self, e: sqlx::Error) -> Error {
