@@ -389,6 +389,16 @@ fn dlq_entry_to_py<'py>(py: Python<'py>, e: &DlqEntry) -> PyResult<Bound<'py, Py
     to_py(py, &value)
 }
 
+/// The config alone (no schema, no observers built): for commands that need no secrets.
+fn load_config(main: &Source, runtime_file: &Source) -> PyResult<Config> {
+    Config::from_sources(
+        main.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
+        runtime_file.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
+        &env,
+    )
+    .map_err(|e| PyFraiseError(Error::Config(e)).into())
+}
+
 /// `fraiseql db install|uninstall`: change capture for the declared entities. Needs the
 /// config and schema only (no action secrets). `print_only` returns the SQL instead.
 #[pyfunction]
@@ -401,12 +411,7 @@ pub fn db_install(
     uninstall: bool,
     print_only: bool,
 ) -> PyResult<String> {
-    let config = Config::from_sources(
-        main.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
-        runtime_file.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
-        &env,
-    )
-    .map_err(|e| PyFraiseError(Error::Config(e)))?;
+    let config = load_config(&main, &runtime_file)?;
     let declared = Schema::new(entities.map(entity_defs).transpose()?.unwrap_or_default())
         .map_err(PyFraiseError)?;
     let schema = backend::capture_schema(&config, &declared).map_err(PyFraiseError)?;
@@ -441,12 +446,7 @@ pub fn idempotency_prune(
     older_than_secs: f64,
     batch: usize,
 ) -> PyResult<Vec<(String, u64)>> {
-    let config = Config::from_sources(
-        main.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
-        runtime_file.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
-        &env,
-    )
-    .map_err(|e| PyFraiseError(Error::Config(e)))?;
+    let config = load_config(&main, &runtime_file)?;
     for h in &config.observers.handlers {
         if let Some(t) = h.checkpoint.idempotency_table() {
             tables.push(t.to_owned());
