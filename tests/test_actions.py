@@ -8,6 +8,7 @@ import hmac
 import itertools
 import json
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -149,6 +150,12 @@ def test_webhook_retried_on_500_with_the_same_idempotency_key(
         event_id = engine.emit("Order", "INSERT", new=ORDER)
         engine.drain()
         assert engine.dlq() == []
+        metrics = engine.metrics()
+    assert (
+        'fraiseql_observer_actions_retried_total{observer="hook",action="webhook",reason="http_5xx"} 2'
+        in metrics
+    )
+    assert 'fraiseql_observer_actions_succeeded_total{observer="hook",action="webhook"} 1' in metrics
     calls = webhook_sink.requests
     assert [c.status for c in calls] == [500, 500, 200]
     assert {c.header("Idempotency-Key") for c in calls} == {event_id}
@@ -172,6 +179,11 @@ def test_webhook_400_is_not_retried_and_is_dead_lettered_with_status(
         engine.emit("Order", "INSERT", new=ORDER)
         engine.drain()
         [entry] = engine.dlq()
+        metrics = engine.metrics()
+    assert (
+        'fraiseql_observer_actions_failed_total{observer="hook",action="webhook",reason="http_4xx"} 1'
+        in metrics
+    )
     assert len(webhook_sink.requests) == 1
     assert entry["attempts"] == 1
     assert "400" in entry["error"] and "bad order" in entry["error"]
@@ -264,6 +276,66 @@ def test_email_arrives_with_substituted_subject_and_body(
         assert "Total: 1250" in mail.message.get_content()
         assert "ada@example.com" in mail.message.get_content()
         assert mail.login == login
+
+
+def test_email_over_starttls_verifies_the_server_certificate(
+    registry: fraiseql.Registry,
+    smtp_sink_factory: Callable[..., SmtpSink],
+    env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """tls = "required" (the default) against a relay that insists on STARTTLS: with the
+    relay's CA trusted (SSL_CERT_FILE, as for webhooks) the mail arrives over TLS after
+    AUTH; with an untrusted certificate nothing is sent and the failure is dead-lettered."""
+    import trustme
+
+    declare_schema()
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    sink = smtp_sink_factory(username="mailer", password="tls-pa55word", tls_context=server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    setenv(env, SMTP_USER="mailer", SMTP_PASSWORD="tls-pa55word")
+    fraiseql.observer(
+        name="mail_tls",
+        entity="Order",
+        event="INSERT",
+        retry=fraiseql.Retry(max_attempts=1),
+        actions=[
+            fraiseql.email(
+                from_="shop@example.com",
+                to="ops@example.com",
+                subject="Order {id} received",
+                body_template="Total: {total}",
+                smtp_host=sink.host,
+                smtp_port=sink.port,
+                smtp_user_env="SMTP_USER",
+                smtp_password_env="SMTP_PASSWORD",
+            )
+        ],
+    )
+    with fraiseql.Engine() as engine:  # the system roots do not know the test CA
+        engine.emit("Order", "INSERT", new=ORDER)
+        engine.drain()
+        [entry] = engine.dlq()
+        metrics = engine.metrics()
+    assert "certificate" in entry["error"].lower(), entry["error"]
+    assert "tls-pa55word" not in entry["error"]
+    assert (
+        'fraiseql_observer_actions_failed_total{observer="mail_tls",action="email",reason="connection"} 1'
+        in metrics
+    )
+    assert sink.messages == []
+
+    setenv(env, SSL_CERT_FILE=str(ca_file))
+    with fraiseql.Engine() as engine:
+        engine.emit("Order", "INSERT", new=ORDER)
+        engine.drain()
+        assert engine.dlq() == []
+    [mail] = sink.wait_for(1)
+    assert mail.message["Subject"] == "Order ord_123 received"
+    assert mail.login == "mailer"
 
 
 def test_missing_env_and_unknown_template_fields_fail_at_start(

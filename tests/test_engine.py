@@ -114,7 +114,8 @@ def test_a_handler_failing_twice_is_called_three_times_under_max_attempts_3(
         assert len(attempts) == 3
         assert engine.dlq() == []
         assert (
-            'fraiseql_observer_actions_retried_total{observer="flaky",action="python"} 2' in engine.metrics()
+            'fraiseql_observer_actions_retried_total{observer="flaky",action="python",reason="exception"} 2'
+            in engine.metrics()
         )
 
 

@@ -8,6 +8,7 @@ loading the plugin (which pytest does for every run) costs next to nothing.
 
 from __future__ import annotations
 
+import ssl
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -72,8 +73,10 @@ def smtp_sink_factory() -> Iterator[Callable[..., SmtpSink]]:
 
     made: list[SmtpSink] = []
 
-    def make(username: str | None = None, password: str | None = None) -> SmtpSink:
-        sink = SmtpSink(username=username, password=password).start()
+    def make(
+        username: str | None = None, password: str | None = None, tls_context: ssl.SSLContext | None = None
+    ) -> SmtpSink:
+        sink = SmtpSink(username=username, password=password, tls_context=tls_context).start()
         made.append(sink)
         return sink
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import email
 import email.policy
+import gc
+import ssl
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -226,14 +229,21 @@ class SmtpSink:
 
     With ``username``/``password`` it requires AUTH (LOGIN or PLAIN) before
     MAIL FROM and allows it without TLS, which is fine on loopback and keeps
-    tests simple.
+    tests simple. With ``tls_context`` it offers STARTTLS and requires it
+    before anything else (and AUTH only over TLS), like a real relay on 587.
     """
 
-    def __init__(self, username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        username: str | None = None,
+        password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         if (username is None) != (password is None):
             raise ValueError("give both username and password, or neither")
         self.username = username
         self.password = password
+        self.tls_context = tls_context
         self._recorder: _Recorder[RecordedMail] = _Recorder()
         self._controller: Any = None
 
@@ -266,6 +276,13 @@ class SmtpSink:
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
+            if self.tls_context is not None:
+                # aiosmtpd does not close the transport of a connection whose TLS handshake
+                # failed (a client that rejected our certificate); collect it here, quietly,
+                # rather than let its ResourceWarning surface in some later test.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ResourceWarning)
+                    gc.collect()
 
     def __enter__(self) -> SmtpSink:
         return self.start()
@@ -325,7 +342,9 @@ def _make_controller(sink: SmtpSink) -> Any:
             self.port = self.server.sockets[0].getsockname()[1]
             super()._trigger_server()  # type: ignore[no-untyped-call]
 
-    auth: dict[str, Any] = {}
+    options: dict[str, Any] = {}
     if sink.username is not None:
-        auth = {"authenticator": authenticator, "auth_require_tls": False}
-    return PortZeroController(Handler(), hostname=LOOPBACK, port=0, **auth)
+        options = {"authenticator": authenticator, "auth_require_tls": sink.tls_context is not None}
+    if sink.tls_context is not None:
+        options |= {"tls_context": sink.tls_context, "require_starttls": True}
+    return PortZeroController(Handler(), hostname=LOOPBACK, port=0, **options)

@@ -14,7 +14,12 @@ use crate::checkpoint::{CheckpointStrategy, IdempotencyStore, MemoryIdempotencyS
 use crate::condition::Condition;
 use crate::dlq::{DeadLetterQueue, DlqEntry, PushOutcome};
 use crate::error::{Error, Result};
+use serde_json::Value;
+
 use crate::event::{now_rfc3339, Event, EventKind};
+
+/// The action name of dead-letter entries that hold undecodable input.
+pub const UNDECODABLE_ACTION: &str = "decode";
 use crate::metrics::{ActionMetrics, Metrics, ObserverMetrics};
 use crate::retry::RetryPolicy;
 
@@ -292,6 +297,52 @@ impl Engine {
         }
     }
 
+    /// Keeps input that could not become an event (a malformed change-log row or message)
+    /// in the dead-letter queue, so nothing is dropped silently. The entry's observer is
+    /// `source` (e.g. `postgres:fraiseql`), its action `decode`, and its event carries the
+    /// raw input as `new`; it cannot be retried, only inspected and purged.
+    pub async fn dead_letter_undecodable(
+        &self,
+        source: &str,
+        id: String,
+        raw: Value,
+        reason: &str,
+    ) {
+        let entry = DlqEntry {
+            id: 0,
+            event: Event {
+                id: id.clone(),
+                entity: String::new(),
+                event: EventKind::Insert,
+                table: String::new(),
+                timestamp: now_rfc3339(),
+                new: Some(raw),
+                old: None,
+            },
+            observer: source.to_owned(),
+            action_index: 0,
+            action: UNDECODABLE_ACTION.to_owned(),
+            error: format!("undecodable input: {reason}"),
+            attempts: 1,
+            first_failed_at: now_rfc3339(),
+            last_failed_at: now_rfc3339(),
+        };
+        self.metrics.source_undecodable.inc();
+        match self.dlq.push(entry).await {
+            Ok(PushOutcome::Stored(entry)) => {
+                self.metrics.dlq_size.inc();
+                tracing::warn!("{source}: input {id} is undecodable ({reason}); kept as dead-letter entry {entry}");
+            }
+            Ok(PushOutcome::Overflow) => {
+                self.metrics.dlq_overflow.inc();
+                tracing::error!("{source}: input {id} is undecodable ({reason}) and the dead-letter queue is full: dropped");
+            }
+            Err(e) => tracing::error!(
+                "{source}: input {id} is undecodable ({reason}) and could not be dead-lettered: {e}"
+            ),
+        }
+    }
+
     /// Re-runs a dead-lettered action (with its observer's retry policy) and removes the
     /// entry on success. Returns Ok(false) if the action failed again (the entry stays,
     /// with the new error). EffectivelyOnce keys are not consulted: a retry is deliberate.
@@ -301,6 +352,13 @@ impl Engine {
             .get(id)
             .await?
             .ok_or_else(|| Error::DeadLetter(format!("no dead-letter entry with id {id}")))?;
+        if entry.action == UNDECODABLE_ACTION {
+            return Err(Error::DeadLetter(format!(
+                "entry {id} is input that {} could not decode ({}); there is nothing to re-run: \
+                 inspect it with `fraiseql dlq show {id}`, then purge it",
+                entry.observer, entry.error
+            )));
+        }
         let observer = self
             .observers
             .iter()
@@ -392,14 +450,14 @@ async fn run_with_retries(
             last_line(&err.message)
         );
         if !err.retryable || attempt == max {
-            metrics.failed.inc();
+            metrics.failed(err.reason);
             return Err(Failure {
                 error: err.message,
                 attempts: attempt,
                 first_failed_at: failed_at.clone(),
             });
         }
-        metrics.retried.inc();
+        metrics.retried(err.reason);
         let mut delay = observer.retry.delay_after(attempt);
         if let Some(asked) = err.retry_after {
             delay = asked.min(observer.retry.max_delay).max(delay);

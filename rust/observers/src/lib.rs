@@ -19,7 +19,7 @@ pub mod retry;
 pub mod schema;
 pub mod transport;
 
-pub use action::{Action, ActionError, NoopAction};
+pub use action::{Action, ActionError, FailureReason, NoopAction};
 pub use capture::CaptureOptions;
 pub use checkpoint::{
     is_duplicate, record_idempotency_key, CheckpointStrategy, IdempotencyStore, ListenerConfig,

@@ -1,12 +1,16 @@
 //! Prometheus metrics of the engine (`fraiseql_observer_*`). Per-observer handles are
 //! resolved once at build time so the hot path only bumps atomics.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use crate::action::FailureReason;
 
 type Labels = Vec<(String, String)>;
 
@@ -27,15 +31,43 @@ pub struct Metrics {
     pub dlq_size: Gauge,
     pub dlq_overflow: Counter,
     pub events_in_flight: Gauge,
+    /// Change-log rows after the postgres source's cursor (capped, see the source).
+    pub changelog_lag_rows: Gauge,
+    /// Age of the oldest change-log row not yet processed; 0 when caught up.
+    pub changelog_lag_seconds: Gauge<f64, AtomicU64>,
+    /// Batches the postgres source read and processed.
+    pub source_batches: Counter,
+    /// Change-log rows or messages that could not be decoded (dead-lettered).
+    pub source_undecodable: Counter,
 }
 
-/// The handles one (observer, action) pair updates.
+/// The handles one (observer, action) pair updates. Failures are counted per reason, so
+/// those counters are looked up when a failure happens (off the success path).
 #[derive(Clone)]
 pub struct ActionMetrics {
     pub succeeded: Counter,
-    pub failed: Counter,
-    pub retried: Counter,
     pub duration: Histogram,
+    labels: Labels,
+    failed: Family<Labels, Counter>,
+    retried: Family<Labels, Counter>,
+}
+
+impl ActionMetrics {
+    fn with_reason(&self, reason: FailureReason) -> Labels {
+        let mut labels = self.labels.clone();
+        labels.push(("reason".to_owned(), reason.as_label().to_owned()));
+        labels
+    }
+
+    /// An action that exhausted its retries or failed permanently.
+    pub fn failed(&self, reason: FailureReason) {
+        self.failed.get_or_create(&self.with_reason(reason)).inc();
+    }
+
+    /// An attempt that failed and will be retried.
+    pub fn retried(&self, reason: FailureReason) {
+        self.retried.get_or_create(&self.with_reason(reason)).inc();
+    }
 }
 
 /// The handles one observer updates.
@@ -71,6 +103,10 @@ impl Metrics {
             dlq_size: Gauge::default(),
             dlq_overflow: Counter::default(),
             events_in_flight: Gauge::default(),
+            changelog_lag_rows: Gauge::default(),
+            changelog_lag_seconds: Gauge::default(),
+            source_batches: Counter::default(),
+            source_undecodable: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -95,12 +131,12 @@ impl Metrics {
         );
         registry.register(
             "fraiseql_observer_actions_failed",
-            "Actions that exhausted their retries or failed permanently",
+            "Actions that exhausted their retries or failed permanently, by reason",
             m.actions_failed.clone(),
         );
         registry.register(
             "fraiseql_observer_actions_retried",
-            "Action attempts that were retried",
+            "Action attempts that failed and were retried, by reason",
             m.actions_retried.clone(),
         );
         registry.register(
@@ -123,6 +159,26 @@ impl Metrics {
             "Events accepted and not yet fully processed",
             m.events_in_flight.clone(),
         );
+        registry.register(
+            "fraiseql_observer_changelog_lag_rows",
+            "Change-log rows not yet processed by this instance's postgres source",
+            m.changelog_lag_rows.clone(),
+        );
+        registry.register(
+            "fraiseql_observer_changelog_lag_seconds",
+            "Age of the oldest change-log row not yet processed",
+            m.changelog_lag_seconds.clone(),
+        );
+        registry.register(
+            "fraiseql_observer_source_batches",
+            "Change-log batches read and processed",
+            m.source_batches.clone(),
+        );
+        registry.register(
+            "fraiseql_observer_source_undecodable",
+            "Change-log rows or messages that could not be decoded and were dead-lettered",
+            m.source_undecodable.clone(),
+        );
         extra(&mut registry);
         Metrics { registry, ..m }
     }
@@ -142,9 +198,10 @@ impl Metrics {
         ];
         ActionMetrics {
             succeeded: self.actions_succeeded.get_or_create(&labels).clone(),
-            failed: self.actions_failed.get_or_create(&labels).clone(),
-            retried: self.actions_retried.get_or_create(&labels).clone(),
             duration: self.action_duration.get_or_create(&labels).clone(),
+            labels,
+            failed: self.actions_failed.clone(),
+            retried: self.actions_retried.clone(),
         }
     }
 

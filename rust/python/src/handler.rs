@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 
 use async_trait::async_trait;
-use fraiseql_observers::{Action, ActionError, Event};
+use fraiseql_observers::{Action, ActionError, Event, FailureReason};
 use futures::future::BoxFuture;
 use pyo3::prelude::*;
 use pyo3_async_runtimes::TaskLocals;
@@ -103,11 +103,9 @@ fn caller_loop(callers: &'static PythonCallers) {
 fn run_job(py: Python<'_>, job: &Job) -> Reply {
     let called = call(py, &job.invoke, &job.event);
     if !job.is_async {
-        return Reply::Done(
-            called
-                .map(drop)
-                .map_err(|e| ActionError::retryable(traceback_text(py, &e))),
-        );
+        return Reply::Done(called.map(drop).map_err(|e| {
+            ActionError::retryable(traceback_text(py, &e)).with_reason(FailureReason::Exception)
+        }));
     }
     let Some(locals) = &job.locals else {
         return Reply::Done(Err(ActionError::retryable(
@@ -118,7 +116,10 @@ fn run_job(py: Python<'_>, job: &Job) -> Reply {
         .and_then(|coroutine| pyo3_async_runtimes::into_future_with_locals(locals, coroutine))
     {
         Ok(future) => Reply::Pending(Box::pin(future)),
-        Err(e) => Reply::Done(Err(ActionError::retryable(traceback_text(py, &e)))),
+        Err(e) => {
+            Reply::Done(Err(ActionError::retryable(traceback_text(py, &e))
+                .with_reason(FailureReason::Exception)))
+        }
     }
 }
 
@@ -199,6 +200,7 @@ impl Action for PythonHandler {
                 Ok(_) => Ok(()),
                 Err(e) => Err(Python::attach(|py| {
                     ActionError::retryable(traceback_text(py, &e))
+                        .with_reason(FailureReason::Exception)
                 })),
             },
         }

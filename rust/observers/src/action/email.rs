@@ -24,7 +24,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::template::{Escape, Syntax, Template};
 use super::webhook::{build_error, env_value, scrub, warn_missing};
-use super::{Action, ActionError};
+use super::{Action, ActionError, FailureReason};
 use crate::config::{EmailConfig, EmailTls};
 use crate::error::Result;
 use crate::event::Event;
@@ -205,9 +205,10 @@ impl EmailAction {
         for to in &self.to {
             builder = builder.to(to.clone());
         }
-        builder
-            .body(body)
-            .map_err(|e| ActionError::permanent(format!("could not build the message: {e}")))
+        builder.body(body).map_err(|e| {
+            ActionError::permanent(format!("could not build the message: {e}"))
+                .with_reason(FailureReason::InvalidMessage)
+        })
     }
 }
 
@@ -243,11 +244,21 @@ fn smtp_error(e: &lettre::transport::smtp::Error, secrets: &[String]) -> ActionE
     } else {
         scrub(format!("SMTP {e}"), secrets)
     };
-    if e.is_permanent() || e.is_client() {
+    let reason = if e.is_timeout() {
+        FailureReason::Timeout
+    } else if e.is_permanent() || e.is_transient() {
+        FailureReason::SmtpRejected
+    } else if e.is_client() {
+        FailureReason::InvalidMessage
+    } else {
+        FailureReason::Connection
+    };
+    let error = if e.is_permanent() || e.is_client() {
         ActionError::permanent(message)
     } else {
         ActionError::retryable(message)
-    }
+    };
+    error.with_reason(reason)
 }
 
 #[async_trait]

@@ -19,11 +19,67 @@ pub use email::EmailAction;
 pub use slack::SlackAction;
 pub use webhook::WebhookAction;
 
+/// Why an attempt failed, as a bounded set: the `reason` label of
+/// `fraiseql_observer_actions_failed_total` and `…_retried_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailureReason {
+    /// No answer within the per-attempt timeout.
+    Timeout,
+    /// The connection could not be made or broke (DNS, refused, TLS, reset).
+    Connection,
+    /// A 3xx: redirects are not followed.
+    HttpRedirect,
+    /// 429 Too Many Requests.
+    HttpRateLimited,
+    /// Any other 4xx (408 included).
+    HttpClientError,
+    /// A 5xx.
+    HttpServerError,
+    /// The SMTP server rejected the message or the session.
+    SmtpRejected,
+    /// The message could not be built (an invalid address, header or URL).
+    InvalidMessage,
+    /// A host-language handler raised.
+    Exception,
+    /// Anything else.
+    #[default]
+    Other,
+}
+
+impl FailureReason {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            FailureReason::Timeout => "timeout",
+            FailureReason::Connection => "connection",
+            FailureReason::HttpRedirect => "http_3xx",
+            FailureReason::HttpRateLimited => "http_429",
+            FailureReason::HttpClientError => "http_4xx",
+            FailureReason::HttpServerError => "http_5xx",
+            FailureReason::SmtpRejected => "smtp_rejected",
+            FailureReason::InvalidMessage => "invalid_message",
+            FailureReason::Exception => "exception",
+            FailureReason::Other => "other",
+        }
+    }
+
+    /// The reason for a non-2xx HTTP status.
+    pub fn for_status(status: u16) -> Self {
+        match status {
+            300..=399 => FailureReason::HttpRedirect,
+            429 => FailureReason::HttpRateLimited,
+            500..=599 => FailureReason::HttpServerError,
+            _ => FailureReason::HttpClientError,
+        }
+    }
+}
+
 /// The outcome of one failed attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActionError {
     /// Whether another attempt may succeed (5xx, timeout, a raised exception) or not (4xx).
     pub retryable: bool,
+    /// The metric label of the failure.
+    pub reason: FailureReason,
     /// Safe to log and store in the DLQ: never contains secrets.
     pub message: String,
     /// A delay the sink asked for (`Retry-After`), honoured within the policy's max delay.
@@ -34,6 +90,7 @@ impl ActionError {
     pub fn retryable(message: impl Into<String>) -> Self {
         ActionError {
             retryable: true,
+            reason: FailureReason::Other,
             message: message.into(),
             retry_after: None,
         }
@@ -42,9 +99,15 @@ impl ActionError {
     pub fn permanent(message: impl Into<String>) -> Self {
         ActionError {
             retryable: false,
+            reason: FailureReason::Other,
             message: message.into(),
             retry_after: None,
         }
+    }
+
+    pub fn with_reason(mut self, reason: FailureReason) -> Self {
+        self.reason = reason;
+        self
     }
 }
 

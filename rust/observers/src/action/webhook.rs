@@ -43,7 +43,7 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use super::template::{Escape, Syntax, Template};
-use super::{Action, ActionError};
+use super::{Action, ActionError, FailureReason};
 use crate::config::WebhookConfig;
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -235,6 +235,7 @@ pub(crate) async fn send(
     }
     Err(ActionError {
         retryable,
+        reason: FailureReason::for_status(status.as_u16()),
         message: scrub(message, secrets),
         retry_after,
     })
@@ -287,7 +288,8 @@ pub(crate) fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
 fn request_error(e: reqwest::Error, timeout: Duration, secrets: &[String]) -> ActionError {
     let e = e.without_url();
     if e.is_timeout() {
-        return ActionError::retryable(format!("timed out after {}ms", timeout.as_millis()));
+        return ActionError::retryable(format!("timed out after {}ms", timeout.as_millis()))
+            .with_reason(FailureReason::Timeout);
     }
     let mut chain = Vec::<String>::new();
     let mut source: Option<&dyn std::error::Error> = Some(&e);
@@ -305,9 +307,9 @@ fn request_error(e: reqwest::Error, timeout: Duration, secrets: &[String]) -> Ac
     };
     let message = scrub(format!("{what}: {}", chain.join(": ")), secrets);
     if e.is_builder() {
-        ActionError::permanent(message)
+        ActionError::permanent(message).with_reason(FailureReason::InvalidMessage)
     } else {
-        ActionError::retryable(message)
+        ActionError::retryable(message).with_reason(FailureReason::Connection)
     }
 }
 
