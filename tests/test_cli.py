@@ -19,7 +19,7 @@ def run(*args: str, cwd: Path = ROOT, **kw: object) -> subprocess.CompletedProce
 
 
 def test_example_runs_and_fires_its_observers() -> None:
-    out = run("run", "--config", "fraiseql.toml", "--events", "events.jsonl", cwd=EXAMPLE)
+    out = run("run", "--config", "fraiseql-memory.toml", "--events", "events.jsonl", cwd=EXAMPLE)
     assert out.returncode == 0, out.stderr
     lines = sorted(out.stdout.splitlines())
     assert lines == sorted(
@@ -37,7 +37,7 @@ def test_example_runs_and_fires_its_observers() -> None:
 
 def test_debug_log_prints_the_observer_lines() -> None:
     env = {**os.environ, "RUST_LOG": "debug"}
-    out = run("run", "--config", "fraiseql.toml", "--events", "events.jsonl", cwd=EXAMPLE, env=env)
+    out = run("run", "--config", "fraiseql-memory.toml", "--events", "events.jsonl", cwd=EXAMPLE, env=env)
     assert out.returncode == 0, out.stderr
     assert "[observer] on_high_value_order fired: Order{id=ord_123, total=1250.0}" in out.stderr
     assert "[observer] on_high_value_order completed in" in out.stderr
@@ -45,7 +45,13 @@ def test_debug_log_prints_the_observer_lines() -> None:
 
 
 def test_check_accepts_the_example() -> None:
-    out = run("check", "--config", "fraiseql.toml", cwd=EXAMPLE)
+    out = run(
+        "check",
+        "--config",
+        "fraiseql.toml",
+        cwd=EXAMPLE,
+        env={**os.environ, "DATABASE_URL": "postgresql://localhost/x"},
+    )
     assert out.returncode == 0, out.stderr
     assert "ok:" in out.stdout
 

@@ -245,3 +245,50 @@ def test_idempotency_prune_deletes_only_old_keys(tmp_path: Path, fraiseql_databa
         [*cli, "--older-than", "7 days"], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2 and "expected a number and a unit" in out.stderr
+
+
+def test_poll_only_listener_with_its_own_cursor_dead_letters_malformed_rows(
+    registry: fraiseql.Registry, fraiseql_database_url: str, table: tuple[str, str]
+) -> None:
+    """[observers.postgres] listen = false: the triggers send no NOTIFY and the reader polls;
+    a change-log row that cannot become an event goes to the DLQ with the reason, the rows
+    after it still arrive, and the lag metrics are exported."""
+    entity, name = table
+    declare(entity, name)
+    seen: list[str] = []
+    fraiseql.subscription(entity_type=entity, operation="create", name=f"poll_{name}")(
+        lambda o: seen.append(o.id)
+    )
+    listener = f"poll_{uuid.uuid4().hex[:8]}"
+    config = pg_config(fraiseql_database_url)
+    config["observers"]["postgres"] = {"listener_id": listener, "listen": False, "poll_interval_ms": 50}
+    with (
+        fraiseql.Engine(config, http_port=0) as engine,
+        psycopg.connect(fraiseql_database_url, autocommit=True) as conn,
+    ):
+        [args] = conn.execute(
+            "SELECT tgargs FROM pg_trigger WHERE tgname = %s", (f"fraiseql_capture_{entity}",)
+        ).fetchone()  # type: ignore[misc]
+        assert bytes(args).split(b"\x00")[:3] == [entity.encode(), b"", b"skip_unchanged"]
+        [bad_id] = conn.execute(
+            "INSERT INTO fraiseql_change_log (entity, event, table_name, new) "
+            "VALUES (%s, 'MERGE', %s, '{}') RETURNING id",
+            (entity, name),
+        ).fetchone()  # type: ignore[misc]
+        conn.execute(f"INSERT INTO {name} (id, status, total) VALUES ('after_bad', 'new', 1)")
+        try:
+            wait_until(lambda: seen == ["after_bad"])
+            [entry] = [e for e in engine.dlq() if e["event"]["id"] == str(bad_id)]
+            assert entry["observer"] == f"postgres:{listener}"
+            assert entry["action"] == "decode"
+            assert "MERGE" in entry["error"]
+            assert entry["event"]["new"]["event"] == "MERGE"
+            with pytest.raises(fraiseql.DeadLetterError, match="nothing to re-run"):
+                engine.retry_dead_letter(entry["id"])
+            metrics = engine.metrics()
+            assert "fraiseql_observer_source_undecodable_total 1" in metrics
+            assert "fraiseql_observer_changelog_lag_rows " in metrics
+            assert "fraiseql_observer_changelog_lag_seconds " in metrics
+        finally:  # other tests' listeners must not meet the hand-made row
+            conn.execute("DELETE FROM fraiseql_change_log WHERE id = %s", (bad_id,))
+            conn.execute("DELETE FROM fraiseql_dead_letters WHERE event->>'id' = %s", (str(bad_id),))

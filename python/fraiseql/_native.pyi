@@ -17,6 +17,7 @@ __all__ = [
     "TransportError",
     "__version__",
     "check",
+    "database_url",
     "db_install",
     "idempotency_prune",
 ]
@@ -54,6 +55,7 @@ def check(
     entities: list[tuple[str, str, list[str]]] | None = None,
     observers: list[dict[str, Any]] | None = None,
 ) -> list[str]: ...
+def database_url(main: _Source = None, runtime_file: _Source = None) -> str | None: ...
 def db_install(
     main: _Source = None,
     runtime_file: _Source = None,

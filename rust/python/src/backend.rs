@@ -15,10 +15,6 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// The listener id of the engine's change-log cursor. One per database for now: every
-/// `fraiseql run` against the same database shares it (one active reader, others stand by).
-pub const LISTENER_ID: &str = "fraiseql";
-
 pub enum Transport {
     Memory(MemoryTransport),
     /// Source tasks (postgres, nats, the bridge) stopped through one watch channel.
@@ -183,8 +179,7 @@ pub async fn install(config: &Config, schema: &Schema, uninstall: bool) -> Resul
     if uninstall {
         capture::uninstall(&pool, schema).await
     } else {
-        let options = CaptureOptions::new(config.observers.notify_channel.clone());
-        capture::install_with(&pool, schema, &options).await
+        capture::install_with(&pool, schema, &CaptureOptions::from_config(config)).await
     }
 }
 
@@ -282,7 +277,11 @@ async fn start_bridge(
     let url = database_url(config)?;
     let bridge = &config.observers.bridge;
     if config.observers.auto_install {
-        let options = CaptureOptions::new(bridge.notify_channel.clone());
+        let options = CaptureOptions {
+            notify_channel: bridge.notify_channel.clone(),
+            skip_unchanged_updates: config.observers.postgres.skip_unchanged_updates,
+            notify: true,
+        };
         capture::install_with(&pool(url).await?, schema, &options).await?;
     }
     let specs = bridge::bridge_observers(schema, publisher, &bridge.transport_name);
@@ -310,8 +309,7 @@ pub async fn start_postgres(
     if config.observers.auto_install {
         install(config, schema, false).await?;
     }
-    let source =
-        PostgresSource::connect(url, PostgresOptions::from_config(config, LISTENER_ID)).await?;
+    let source = PostgresSource::connect(url, PostgresOptions::from_config(config)).await?;
     let stores = PgIdempotencyStores::new(source.pool().clone());
     stores
         .prepare(idempotency_tables(&specs).iter().map(String::as_str))
@@ -321,10 +319,20 @@ pub async fn start_postgres(
     let http = serve_http(http_port, metrics, health).await?;
     let (shutdown, stop_rx) = watch::channel(false);
     let tasks = vec![tokio::spawn(source.run(engine.clone(), stop_rx))];
-    tracing::info!(
-        "[observers] transport: postgres (channel {})",
-        config.observers.notify_channel
-    );
+    let pg = &config.observers.postgres;
+    if pg.listen {
+        tracing::info!(
+            "[observers] transport: postgres (listener {}, channel {})",
+            pg.listener_id,
+            config.observers.notify_channel
+        );
+    } else {
+        tracing::info!(
+            "[observers] transport: postgres (listener {}, polling every {} ms)",
+            pg.listener_id,
+            pg.poll_interval_ms
+        );
+    }
     Ok((
         engine,
         Running {

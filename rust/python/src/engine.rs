@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use fraiseql_observers::action;
-use fraiseql_observers::capture;
+use fraiseql_observers::capture::{self, CaptureOptions};
 use fraiseql_observers::config::{self, HandlerConfig};
 use fraiseql_observers::schema::default_table;
 use fraiseql_observers::{
@@ -399,6 +399,14 @@ fn load_config(main: &Source, runtime_file: &Source) -> PyResult<Config> {
     .map_err(|e| PyFraiseError(Error::Config(e)).into())
 }
 
+/// `[database] url` after `${VAR}` interpolation and the `DATABASE_URL` fallback, for
+/// `fraiseql db psql`.
+#[pyfunction]
+#[pyo3(signature = (main=None, runtime_file=None))]
+pub fn database_url(main: Source, runtime_file: Source) -> PyResult<Option<String>> {
+    Ok(load_config(&main, &runtime_file)?.database.url)
+}
+
 /// `fraiseql db install|uninstall`: change capture for the declared entities. Needs the
 /// config and schema only (no action secrets). `print_only` returns the SQL instead.
 #[pyfunction]
@@ -419,7 +427,7 @@ pub fn db_install(
         let sql = if uninstall {
             capture::uninstall_sql(&schema)
         } else {
-            capture::install_sql(&schema, &config.observers.notify_channel)
+            capture::install_sql_with(&schema, &CaptureOptions::from_config(&config))
         };
         return Ok(sql.map_err(PyFraiseError)?);
     }

@@ -26,6 +26,7 @@ const OBSERVERS_KEYS: &[&str] = &[
     "notify_channel",
     "nats",
     "bridge",
+    "postgres",
     "handlers",
 ];
 const NATS_KEYS: &[&str] = &[
@@ -48,6 +49,13 @@ const BRIDGE_KEYS: &[&str] = &[
     "batch_size",
     "poll_interval_secs",
     "notify_channel",
+];
+const POSTGRES_KEYS: &[&str] = &[
+    "listener_id",
+    "batch_size",
+    "poll_interval_ms",
+    "listen",
+    "skip_unchanged_updates",
 ];
 const RUNTIME_KEYS: &[&str] = &["transport"];
 const TRANSPORT_KEYS: &[&str] = &["backend", "nats"];
@@ -377,8 +385,47 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
         }
     }
 
+    if let Some(n) = t.get("postgres") {
+        load_postgres(ctx, n, &mut o.postgres);
+    }
+
     if let Some(n) = t.get("handlers") {
         o.handlers = handler::handlers(ctx, n, "observers.handlers");
+    }
+}
+
+fn load_postgres(ctx: &mut Ctx<'_>, node: &Node, pg: &mut super::PostgresConfig) {
+    let Some(p) = ctx.table(node, "observers.postgres", POSTGRES_KEYS) else {
+        return;
+    };
+    if let Some(n) = p.get("listener_id") {
+        if let Some(v) = checked(ctx, n, &p.path("listener_id"), check_listener_id) {
+            pg.listener_id = v;
+        }
+    }
+    if let Some(n) = p.get("batch_size") {
+        if let Some(v) = ctx.int(n, &p.path("batch_size"), Range::Between(1, 100_000)) {
+            pg.batch_size = usize::try_from(v).unwrap_or(1);
+        }
+    }
+    if let Some(n) = p.get("poll_interval_ms") {
+        if let Some(v) = ctx.int(
+            n,
+            &p.path("poll_interval_ms"),
+            Range::Between(10, 3_600_000),
+        ) {
+            pg.poll_interval_ms = u64::try_from(v).unwrap_or(1000);
+        }
+    }
+    if let Some(n) = p.get("listen") {
+        if let Some(v) = ctx.boolean(n, &p.path("listen")) {
+            pg.listen = v;
+        }
+    }
+    if let Some(n) = p.get("skip_unchanged_updates") {
+        if let Some(v) = ctx.boolean(n, &p.path("skip_unchanged_updates")) {
+            pg.skip_unchanged_updates = v;
+        }
     }
 }
 
@@ -700,6 +747,17 @@ fn check_nats_name(s: &str) -> Result<(), String> {
     {
         return Err(format!(
             "expected a name without spaces or any of . * > / \\, found {} ({bad:?} is not allowed)",
+            quote_short(s)
+        ));
+    }
+    Ok(())
+}
+
+/// A cursor name: stored as text, so only printable and of reasonable length.
+fn check_listener_id(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "expected a name of 1 to 128 characters without spaces, found {}",
             quote_short(s)
         ));
     }

@@ -89,6 +89,8 @@ pub struct ObserversConfig {
     pub nats: NatsConfig,
     /// `[observers.bridge]`
     pub bridge: BridgeConfig,
+    /// `[observers.postgres]`: the change-log reader of the postgres backend.
+    pub postgres: PostgresConfig,
     /// `[[observers.handlers]]`, in definition order.
     pub handlers: Vec<HandlerConfig>,
 }
@@ -222,6 +224,35 @@ impl Default for BridgeConfig {
             batch_size: 100,
             poll_interval_secs: 1,
             notify_channel: DEFAULT_NOTIFY_CHANNEL.to_string(),
+        }
+    }
+}
+
+/// `[observers.postgres]`: how the postgres backend reads the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// The cursor's name (default `fraiseql`). Instances with the same id share the work,
+    /// one active at a time; another id reads every change again, independently.
+    pub listener_id: String,
+    /// Change-log rows read per batch (default 500).
+    pub batch_size: usize,
+    /// The safety-net poll, and the only wake-up when `listen = false` (default 1000 ms).
+    pub poll_interval_ms: u64,
+    /// LISTEN for the triggers' wake-ups (default true). With false, the triggers send no
+    /// NOTIFY at all (cheaper writers) and changes are found by polling.
+    pub listen: bool,
+    /// Capture no change-log row for an UPDATE that changes nothing (default true).
+    pub skip_unchanged_updates: bool,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            listener_id: "fraiseql".to_string(),
+            batch_size: 500,
+            poll_interval_ms: 1000,
+            listen: true,
+            skip_unchanged_updates: true,
         }
     }
 }
@@ -452,6 +483,7 @@ impl ObserversConfig {
             notify_channel: DEFAULT_NOTIFY_CHANNEL.to_string(),
             nats: NatsConfig::default(),
             bridge: BridgeConfig::default(),
+            postgres: PostgresConfig::default(),
             handlers: Vec::new(),
         }
     }

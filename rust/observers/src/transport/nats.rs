@@ -845,6 +845,17 @@ async fn handle(message: jetstream::Message, shared: &Shared) {
                 "nats: terminating malformed message on `{}`: {reason}",
                 message.subject
             );
+            // Dead-lettered before the Term, so the input is kept even if we die in between
+            // (it is then redelivered and dead-lettered again, never lost).
+            let raw = serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
+                Value::String(String::from_utf8_lossy(&message.payload).into_owned())
+            });
+            let id = fallback_id(&message).unwrap_or_else(|| message.subject.to_string());
+            let raw = serde_json::json!({"subject": message.subject.as_str(), "payload": raw});
+            shared
+                .engine
+                .dead_letter_undecodable("nats", id, raw, &reason)
+                .await;
             if let Err(e) = message.ack_with(AckKind::Term).await {
                 tracing::warn!("nats: cannot terminate a malformed message: {e}");
             }

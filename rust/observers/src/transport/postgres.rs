@@ -69,9 +69,13 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
 use crate::http::HealthSource;
+use crate::metrics::Metrics;
 
 /// Counting more than this many pending rows for `/health` is not worth the scan.
-const LAG_COUNT_CAP: i64 = 1_000_000;
+const LAG_COUNT_CAP: i64 = 100_000;
+/// `/health` turns 503 when the active reader's cursor has not moved for this long while
+/// changes are pending (a stuck batch, a transaction holding back `xmin`).
+const STALL_AFTER: Duration = Duration::from_secs(60);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -86,6 +90,8 @@ pub struct PostgresOptions {
     pub batch_size: usize,
     /// Safety-net poll and standby lock-retry period.
     pub poll_interval: Duration,
+    /// LISTEN for wake-ups; without, the change log is only polled.
+    pub listen: bool,
     /// Events of a batch processed at once (at least 1).
     pub max_concurrency: usize,
 }
@@ -97,21 +103,22 @@ impl Default for PostgresOptions {
             notify_channel: DEFAULT_NOTIFY_CHANNEL.to_owned(),
             batch_size: 100,
             poll_interval: Duration::from_secs(1),
+            listen: true,
             max_concurrency: 256,
         }
     }
 }
 
 impl PostgresOptions {
-    /// `[observers] notify_channel`, `max_concurrency`, `[observers.bridge] batch_size`,
-    /// `poll_interval_secs`.
-    pub fn from_config(config: &Config, listener_id: impl Into<String>) -> Self {
+    /// `[observers] notify_channel`, `max_concurrency` and `[observers.postgres]`.
+    pub fn from_config(config: &Config) -> Self {
         let o = &config.observers;
         PostgresOptions {
-            listener_id: listener_id.into(),
+            listener_id: o.postgres.listener_id.clone(),
             notify_channel: o.notify_channel.clone(),
-            batch_size: o.bridge.batch_size,
-            poll_interval: Duration::from_secs(o.bridge.poll_interval_secs.max(1)),
+            batch_size: o.postgres.batch_size.max(1),
+            poll_interval: Duration::from_millis(o.postgres.poll_interval_ms.max(10)),
+            listen: o.postgres.listen,
             max_concurrency: o.max_concurrency,
         }
     }
@@ -139,6 +146,34 @@ struct SourceHealth {
     skipped_rows: AtomicU64,
     delivered: AtomicU64,
     role: AtomicU8,
+    /// Whether the reader LISTENs (else the listener connection is not part of health).
+    listens: bool,
+    /// When the cursor last moved or the reader was caught up (ms since `started`).
+    progress_ms: AtomicU64,
+    started: Instant,
+}
+
+impl SourceHealth {
+    fn progressed(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.progress_ms.store(now, Ordering::Relaxed);
+    }
+
+    fn stalled(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        let since = now.saturating_sub(self.progress_ms.load(Ordering::Relaxed));
+        self.role.load(Ordering::Relaxed) == ROLE_ACTIVE
+            && self.lag_rows.load(Ordering::Relaxed) > 0
+            && Duration::from_millis(since) >= STALL_AFTER
+    }
+
+    fn connected(&self) -> bool {
+        if self.listens {
+            self.listener_connected.load(Ordering::Relaxed)
+        } else {
+            self.database_ok.load(Ordering::Relaxed)
+        }
+    }
 }
 
 impl HealthSource for SourceHealth {
@@ -152,8 +187,10 @@ impl HealthSource for SourceHealth {
         };
         json!({
             "transport": "postgres",
-            "connected": self.listener_connected.load(Ordering::Relaxed),
+            "connected": self.connected(),
+            "listening": self.listens,
             "lag_rows": self.lag_rows.load(Ordering::Relaxed),
+            "stalled": self.stalled(),
             "listener_id": self.listener_id,
             "role": role,
             "events_delivered": self.delivered.load(Ordering::Relaxed),
@@ -171,7 +208,7 @@ impl HealthSource for SourceHealth {
     }
 
     fn healthy(&self) -> bool {
-        self.listener_connected.load(Ordering::Relaxed) && self.database_ok.load(Ordering::Relaxed)
+        self.connected() && self.database_ok.load(Ordering::Relaxed) && !self.stalled()
     }
 }
 
@@ -229,6 +266,9 @@ impl PostgresSource {
             skipped_rows: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             role: AtomicU8::new(ROLE_STARTING),
+            listens: options.listen,
+            progress_ms: AtomicU64::new(0),
+            started: Instant::now(),
         });
         Ok(PostgresSource {
             pool,
@@ -259,15 +299,19 @@ impl PostgresSource {
     pub async fn run(self, engine: Arc<Engine>, shutdown: watch::Receiver<bool>) -> Result<()> {
         let mut shutdown = shutdown;
         let wake = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen_loop(
-            self.connect_options.clone(),
-            self.options.notify_channel.clone(),
-            wake.clone(),
-            self.health.clone(),
-        ));
+        let listener = self.options.listen.then(|| {
+            tokio::spawn(listen_loop(
+                self.connect_options.clone(),
+                self.options.notify_channel.clone(),
+                wake.clone(),
+                self.health.clone(),
+            ))
+        });
         let result = self.read_loop(&engine, &mut shutdown, &wake).await;
-        listener.abort();
-        let _ = listener.await;
+        if let Some(listener) = listener {
+            listener.abort();
+            let _ = listener.await;
+        }
         self.health
             .listener_connected
             .store(false, Ordering::Relaxed);
@@ -357,7 +401,7 @@ impl PostgresSource {
             }
             self.health.role.store(ROLE_STANDBY, Ordering::Relaxed);
             let cursor = load_cursor(conn, &o.listener_id).await?;
-            self.store_lag(conn, cursor).await?;
+            self.store_lag(conn, cursor, engine.metrics()).await?;
             if sleep_or_shutdown(shutdown, o.poll_interval).await {
                 return Ok(());
             }
@@ -379,15 +423,17 @@ impl PostgresSource {
             let full = rows.len() == o.batch_size;
             if let Some(last) = rows.last() {
                 let last = row_cursor(last)?;
-                let events = self.decode_batch(&rows);
+                let events = self.decode_batch(engine, &rows).await;
                 let n = events.len() as u64;
                 process_batch(engine, events, o.max_concurrency).await;
                 save_cursor(conn, &o.listener_id, last).await?;
                 cursor = last;
                 self.health.delivered.fetch_add(n, Ordering::Relaxed);
+                self.health.progressed();
+                engine.metrics().source_batches.inc();
             }
             if lag_checked.is_none_or(|t| t.elapsed() >= o.poll_interval) {
-                self.store_lag(conn, cursor).await?;
+                self.store_lag(conn, cursor, engine.metrics()).await?;
                 lag_checked = Some(Instant::now());
             }
             if full {
@@ -405,28 +451,40 @@ impl PostgresSource {
         }
     }
 
+    /// Rows after the cursor (counted up to a cap) and the age of the oldest of them, into
+    /// `/health` and the lag metrics.
     async fn store_lag(
         &self,
         conn: &mut PgConnection,
         cursor: Cursor,
+        metrics: &Metrics,
     ) -> std::result::Result<(), sqlx::Error> {
-        let lag: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM (SELECT 1 FROM {CHANGE_LOG_TABLE} \
-             WHERE (txid, id) > ($1::text::xid8, $2) LIMIT {LAG_COUNT_CAP}) AS pending"
+        let (rows, age): (i64, Option<f64>) = sqlx::query_as(&format!(
+            "SELECT count(*), EXTRACT(EPOCH FROM clock_timestamp() - min(committed_at))::float8 \
+             FROM (SELECT committed_at FROM {CHANGE_LOG_TABLE} \
+                   WHERE (txid, id) > ($1::text::xid8, $2) ORDER BY txid, id \
+                   LIMIT {LAG_COUNT_CAP}) AS pending"
         ))
         .bind(cursor.txid.to_string())
         .bind(cursor.id)
         .fetch_one(&mut *conn)
         .await?;
-        self.health
-            .lag_rows
-            .store(lag.max(0) as u64, Ordering::Relaxed);
+        let rows = rows.max(0);
+        self.health.lag_rows.store(rows as u64, Ordering::Relaxed);
+        if rows == 0 {
+            self.health.progressed();
+        }
+        metrics.changelog_lag_rows.set(rows);
+        metrics
+            .changelog_lag_seconds
+            .set(age.unwrap_or(0.0).max(0.0));
         Ok(())
     }
 
-    /// Rows that cannot become an event are logged, counted and skipped (the cursor still
-    /// moves past them): one bad row never stalls the listener.
-    fn decode_batch(&self, rows: &[PgRow]) -> Vec<Event> {
+    /// Rows that cannot become an event are dead-lettered with the reason and counted (the
+    /// cursor still moves past them): one bad row never stalls the listener, and none is
+    /// dropped silently.
+    async fn decode_batch(&self, engine: &Engine, rows: &[PgRow]) -> Vec<Event> {
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
             match decode_event(row) {
@@ -434,15 +492,43 @@ impl PostgresSource {
                 Err(reason) => {
                     self.health.skipped_rows.fetch_add(1, Ordering::Relaxed);
                     let id = row.try_get::<i64, _>("id").unwrap_or_default();
-                    tracing::warn!(
-                        "postgres source `{}`: skipping change-log row {id}: {reason}",
-                        self.options.listener_id
-                    );
+                    let source = format!("postgres:{}", self.options.listener_id);
+                    engine
+                        .dead_letter_undecodable(&source, id.to_string(), raw_row(row), &reason)
+                        .await;
                 }
             }
         }
         events
     }
+}
+
+/// What can be read of a change-log row, column by column, for the dead-letter entry.
+fn raw_row(row: &PgRow) -> Value {
+    let mut out = serde_json::Map::new();
+    for column in [
+        "id",
+        "txid",
+        "entity",
+        "event",
+        "table_name",
+        "committed_at",
+    ] {
+        let value = match row.try_get::<Option<String>, _>(column) {
+            Ok(v) => v.map_or(Value::Null, Value::String),
+            Err(_) => row
+                .try_get::<Option<i64>, _>(column)
+                .ok()
+                .flatten()
+                .map_or(Value::Null, Value::from),
+        };
+        out.insert(column.to_owned(), value);
+    }
+    for column in ["new", "old"] {
+        let value = row.try_get::<Option<Value>, _>(column).ok().flatten();
+        out.insert(column.to_owned(), value.unwrap_or(Value::Null));
+    }
+    Value::Object(out)
 }
 
 /// Keeps one LISTEN connection up and turns notifications into wake-ups. Any (re)connect
