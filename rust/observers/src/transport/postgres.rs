@@ -330,7 +330,15 @@ impl PostgresSource {
             if is_shutdown(shutdown) {
                 return Ok(());
             }
-            let mut conn = match PgConnection::connect_with(&self.connect_options).await {
+            // The reader's session writes only its cursor, and a cursor update lost in a crash
+            // just redelivers a batch (at-least-once; EffectivelyOnce keys are committed
+            // durably elsewhere). So its commits need not wait for the WAL flush, which
+            // would otherwise add a disk sync to every batch's latency.
+            let reader_options = self
+                .connect_options
+                .clone()
+                .options([("synchronous_commit", "off")]);
+            let mut conn = match PgConnection::connect_with(&reader_options).await {
                 Ok(conn) => conn,
                 Err(e) => {
                     self.health.database_ok.store(false, Ordering::Relaxed);
@@ -508,7 +516,7 @@ fn raw_row(row: &PgRow) -> Value {
     let mut out = serde_json::Map::new();
     for column in [
         "id",
-        "txid",
+        "txid_text",
         "entity",
         "event",
         "table_name",
@@ -609,12 +617,15 @@ async fn process_batch(engine: &Arc<Engine>, events: Vec<Event>, max_concurrency
 
 fn batch_sql() -> String {
     format!(
-        "SELECT id, txid::text AS txid, entity, event, table_name, new, old, \
+        // `txid_text`, not `txid`: ORDER BY resolves a name to an output column first, and
+        // ordering by the text would put txid 1000 before 999 (and skip 999's rows when the
+        // batch limit cuts between them).
+        "SELECT id, txid::text AS txid_text, entity, event, table_name, new, old, \
          to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS committed_at \
          FROM {CHANGE_LOG_TABLE} \
          WHERE (txid, id) > ($1::text::xid8, $2) \
            AND txid < (SELECT pg_snapshot_xmin(pg_current_snapshot())) \
-         ORDER BY txid, id \
+         ORDER BY {CHANGE_LOG_TABLE}.txid, {CHANGE_LOG_TABLE}.id \
          LIMIT $3"
     )
 }
@@ -634,9 +645,9 @@ async fn fetch_batch(
 
 fn row_cursor(row: &PgRow) -> std::result::Result<Cursor, sqlx::Error> {
     let id: i64 = row.try_get("id")?;
-    let txid: String = row.try_get("txid")?;
+    let txid: String = row.try_get("txid_text")?;
     let txid = txid.parse().map_err(|e| sqlx::Error::ColumnDecode {
-        index: "txid".into(),
+        index: "txid_text".into(),
         source: Box::new(e),
     })?;
     Ok(Cursor { txid, id })
