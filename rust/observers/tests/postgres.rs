@@ -285,7 +285,7 @@ async fn install_is_idempotent_and_notifies_once_per_transaction() {
         "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'tb_order'::regclass AND NOT tgisinternal",
     )
     .await;
-    assert_eq!(triggers, 1);
+    assert_eq!(triggers, 3, "UPDATE (row), INSERT and DELETE (statement)");
 
     let mut listener = PgListener::connect(&db.url).await.unwrap();
     listener.listen(CHANNEL).await.unwrap();
@@ -305,7 +305,7 @@ async fn install_is_idempotent_and_notifies_once_per_transaction() {
     let first = listener.recv().await.unwrap();
     let second = listener.recv().await.unwrap();
     assert_eq!(first.channel(), CHANNEL);
-    assert_eq!(first.payload(), "1");
+    assert_eq!(first.payload(), "10", "the statement's last change-log id");
     assert_eq!(second.payload(), "11");
 
     capture::uninstall(&db.pool, &schema()).await.unwrap();
@@ -610,6 +610,44 @@ async fn a_bad_change_log_row_is_skipped_and_counted() {
         })
         .await;
     running.stop().await;
+    db.cleanup().await;
+}
+
+/// Transaction ids are ordered as numbers: with one row per batch, txid 9 comes before txid
+/// 10 (ordered as text, '10' < '9', and the cursor would jump past txid 9's change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_read_in_numeric_transaction_order() {
+    let db = TestDb::create().await;
+    db.install().await;
+    db.pool
+        .execute(
+            "INSERT INTO fraiseql_change_log (txid, entity, event, table_name, new) VALUES \
+             ('10', 'Order', 'INSERT', 'tb_order', '{\"id\": 10}'), \
+             ('9', 'Order', 'INSERT', 'tb_order', '{\"id\": 9}')",
+        )
+        .await
+        .unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let source = PostgresSource::connect(
+        &db.url,
+        PostgresOptions {
+            batch_size: 1,
+            ..options("numeric")
+        },
+    )
+    .await
+    .unwrap();
+    let (shutdown, rx) = watch::channel(false);
+    let task = tokio::spawn(source.run(engine(&recorder), rx));
+    recorder.wait_for(2).await;
+    let order: Vec<_> = recorder
+        .events()
+        .iter()
+        .map(|e| e.new.as_ref().unwrap()["id"].clone())
+        .collect();
+    assert_eq!(order, [json!(9), json!(10)]);
+    shutdown.send(true).unwrap();
+    task.await.unwrap().unwrap();
     db.cleanup().await;
 }
 
