@@ -166,7 +166,8 @@ def test_db_install_prints_and_runs_the_capture_sql(
         assert f"change capture installed on {name}" in out.stdout
     with psycopg.connect(fraiseql_database_url) as conn:
         rows = conn.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass", (name,)).fetchall()
-    assert len(rows) == 1
+    prefix = f"fraiseql_capture_{entity}"
+    assert sorted(r[0] for r in rows) == [prefix, f"{prefix}_del", f"{prefix}_ins"]
 
 
 def test_dead_letters_persist_in_postgres_and_the_cli_retries_them(
