@@ -89,6 +89,8 @@ pub struct ObserversConfig {
     pub nats: NatsConfig,
     /// `[observers.bridge]`
     pub bridge: BridgeConfig,
+    /// `[observers.redis]` (the URL is `redis_url`).
+    pub redis: RedisConfig,
     /// `[[observers.handlers]]`, in definition order.
     pub handlers: Vec<HandlerConfig>,
 }
@@ -222,6 +224,44 @@ impl Default for BridgeConfig {
             batch_size: 100,
             poll_interval_secs: 1,
             notify_channel: DEFAULT_NOTIFY_CHANNEL.to_string(),
+        }
+    }
+}
+
+/// `[observers.redis]`: the stream, the consumer group and the forwarder. The server, user,
+/// password, database number and TLS (`rediss://`) all come from `[observers] redis_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// The stream every change is appended to (default `fraiseql:changes`).
+    pub stream: String,
+    /// The consumer group shared by every instance (default `fraiseql`).
+    pub group: String,
+    /// `XADD … MAXLEN ~ maxlen` (default 1 000 000).
+    pub maxlen: u64,
+    /// Entries pending longer than this are reclaimed from their consumer (default 30).
+    pub claim_idle_secs: u64,
+    /// Deliveries before an entry is dead-lettered (default 5).
+    pub max_deliver: u64,
+    /// How long one `XREADGROUP` blocks waiting for entries (default 2000).
+    pub block_ms: u64,
+    /// Entries read per `XREADGROUP` (default 256).
+    pub batch_size: usize,
+    /// Listener id (cursor and advisory lock) of the PostgreSQL → Redis forwarder
+    /// (default `pg_to_redis`).
+    pub forwarder_name: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            stream: "fraiseql:changes".to_string(),
+            group: "fraiseql".to_string(),
+            maxlen: 1_000_000,
+            claim_idle_secs: 30,
+            max_deliver: 5,
+            block_ms: 2_000,
+            batch_size: 256,
+            forwarder_name: "pg_to_redis".to_string(),
         }
     }
 }
@@ -452,6 +492,7 @@ impl ObserversConfig {
             notify_channel: DEFAULT_NOTIFY_CHANNEL.to_string(),
             nats: NatsConfig::default(),
             bridge: BridgeConfig::default(),
+            redis: RedisConfig::default(),
             handlers: Vec::new(),
         }
     }
@@ -665,6 +706,7 @@ impl fmt::Debug for ObserversConfig {
             .field("notify_channel", &self.notify_channel)
             .field("nats", &self.nats)
             .field("bridge", &self.bridge)
+            .field("redis", &self.redis)
             .field("handlers", &self.handlers)
             .finish()
     }
