@@ -21,6 +21,7 @@ import pytest
 import redis
 
 import fraiseql
+from fraiseql.testing import services
 
 FRAISEQL = [sys.executable, "-m", "fraiseql.cli"]
 
@@ -96,6 +97,8 @@ def test_sql_rows_fire_a_python_observer_through_the_stream(
             conn.execute(f"INSERT INTO {table} VALUES ('o1', 150), ('o2', 5), ('o3', 999)")
             wait_until(lambda: len(fired) >= 2)
             client = redis.Redis.from_url(fraiseql_redis_url, decode_responses=True)
+            # o2 matches no observer: wait until it too went through the stream and was acked.
+            wait_until(lambda: "fraiseql_redis_entries_received_total 3" in engine.metrics())
             wait_until(lambda: pending(client, names) == 0)
             with urllib.request.urlopen(f"http://127.0.0.1:{engine.http_port}/health", timeout=5) as resp:
                 health = json.load(resp)
@@ -212,6 +215,7 @@ def test_an_entry_delivered_more_than_max_deliver_times_is_dead_lettered(
 SCHEMA = """
 import os, time
 import fraiseql
+from fraiseql.testing import services
 
 @fraiseql.type
 class Order:
@@ -280,3 +284,58 @@ def test_a_killed_instance_loses_nothing(
         metrics = engine.metrics()
     assert by_killed | set(rescued) == ids
     assert "fraiseql_redis_entries_reclaimed_total 0" not in metrics
+
+
+def start_persistent_redis(workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    argv = [services.redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir)]
+    argv += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: services.redis_answers("127.0.0.1", port, timeout=1.0), timeout=20)
+    return proc
+
+
+def test_restarting_redis_with_persistence_loses_nothing(
+    registry: fraiseql.Registry, fraiseql_database_url: str, tmp_path: Path
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    entity, table = f"Order{suffix}", f"tb_order{suffix}"
+    fraiseql.type(table=table, name=entity)(type(entity, (), {"__annotations__": {"id": str}}))
+    lock = threading.Lock()
+    fired: set[str] = set()
+
+    @fraiseql.subscription(entity_type=entity, operation="create")
+    def record(order: Any) -> None:
+        with lock:
+            fired.add(order.id)
+
+    port = services.free_port()
+    server = start_persistent_redis(tmp_path, port)
+    names = {"stream": f"fq:test:{suffix}", "group": f"g_{suffix}"}
+    config = redis_config(
+        f"redis://127.0.0.1:{port}", names, forwarder_name=f"fwd_{suffix}", claim_idle_secs=1
+    )
+    config["database"] = {"url": fraiseql_database_url}
+    config["observers"]["bridge"] = {"notify_channel": f"chan_{suffix}"}
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id text primary key)")
+    try:
+        with fraiseql.Engine(config), psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            for i in range(20):
+                conn.execute(f"INSERT INTO {table} VALUES ('a{i}')")
+            wait_until(lambda: len(fired) >= 20)
+            server.kill()
+            server.wait(timeout=10)
+            for i in range(20):
+                conn.execute(f"INSERT INTO {table} VALUES ('b{i}')")
+            time.sleep(0.5)
+            server = start_persistent_redis(tmp_path, port)
+            for i in range(20):
+                conn.execute(f"INSERT INTO {table} VALUES ('c{i}')")
+            want = {f"{p}{i}" for p in "abc" for i in range(20)}
+            wait_until(lambda: fired >= want, timeout=60)
+        assert fired == want
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+        with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
