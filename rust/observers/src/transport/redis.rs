@@ -398,7 +398,10 @@ impl RedisSource {
                 }
             }
         }
-        reclaimer.abort();
+        // The reclaimer sees the same shutdown and finishes the entries it took over.
+        if let Err(e) = reclaimer.await {
+            tracing::error!("redis source: the reclaimer failed: {e}");
+        }
         while let Some(r) = tasks.join_next().await {
             if let Err(e) = r {
                 tracing::error!("redis source: an entry task failed: {e}");
@@ -732,5 +735,56 @@ async fn sleep_or_shutdown(rx: &mut watch::Receiver<bool>, delay: Duration) -> b
     tokio::select! {
         _ = tokio::time::sleep(delay) => *rx.borrow(),
         _ = shutdown_signal(rx) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fields: &[(&str, &str)]) -> StreamId {
+        StreamId {
+            id: "1-0".into(),
+            map: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), Value::BulkString(v.as_bytes().to_vec())))
+                .collect(),
+            milliseconds_elapsed_from_delivery: None,
+            delivered_count: None,
+        }
+    }
+
+    #[test]
+    fn an_entry_carries_the_nats_body_and_the_event_id() {
+        let event = Event::new(
+            "Order",
+            EventKind::Update,
+            "tb_order",
+            Some(json!({"id": "o1", "total": 5})),
+            Some(json!({"id": "o1", "total": 4})),
+        );
+        let payload = message_body("s", &event).to_string();
+        let decoded = decode_entry(&entry(&[("id", &event.id), ("payload", &payload)])).unwrap();
+        assert_eq!(decoded, event);
+    }
+
+    #[test]
+    fn the_entry_id_stands_in_for_a_missing_event_id() {
+        let payload = r#"{"event":"INSERT","entity":"Order","data":{"id":"o1"}}"#;
+        assert_eq!(
+            decode_entry(&entry(&[("payload", payload)])).unwrap().id,
+            "1-0"
+        );
+    }
+
+    #[test]
+    fn malformed_entries_say_why_and_keep_their_fields() {
+        let e = entry(&[("payload", "{nope"), ("entity", "Order")]);
+        assert!(decode_entry(&e).unwrap_err().starts_with("invalid JSON"));
+        let err = decode_entry(&entry(&[("x", "y")])).unwrap_err();
+        assert_eq!(err, "missing field \"payload\"");
+        let dead = malformed_event(&e, "s");
+        assert_eq!(dead.entity, "Order");
+        assert_eq!(dead.new.unwrap()["fields"]["payload"], "{nope");
     }
 }
