@@ -66,7 +66,9 @@ fn is_fatal(e: &RedisError) -> bool {
 
 /// Connects to `url` and pings. `response_timeout` bounds each reply (blocking reads need
 /// more than their block time). Retries the first connect with backoff up to 5 s between
-/// attempts; the manager reconnects on its own afterwards.
+/// attempts, logging each failure (URL masked); afterwards the manager reconnects on its
+/// own (a few attempts with backoff, then again on the next command — the source's loops
+/// keep issuing commands, with their own backoff).
 pub async fn connect(url: &str, response_timeout: Duration) -> Result<ConnectionManager> {
     // rediss:// needs a rustls provider; `ring` is the one this crate builds with.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -80,7 +82,7 @@ pub async fn connect(url: &str, response_timeout: Duration) -> Result<Connection
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(response_timeout))
         .set_max_delay(BACKOFF_MAX)
-        .set_number_of_retries(usize::MAX);
+        .set_number_of_retries(6);
     let mut delay = BACKOFF_MIN;
     loop {
         let attempt = async {
