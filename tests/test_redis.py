@@ -339,3 +339,75 @@ def test_restarting_redis_with_persistence_loses_nothing(
         server.wait(timeout=10)
         with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+TWO_SCHEMA = """
+import os
+import fraiseql
+
+fraiseql.type(table=os.environ["TABLE"], name=os.environ["ENTITY"])(
+    type(os.environ["ENTITY"], (), {"__annotations__": {"id": str}})
+)
+
+@fraiseql.subscription(entity_type=os.environ["ENTITY"], operation="create")
+def record(order):
+    with open(os.environ["DONE_FILE"], "a") as f:
+        f.write(f"{os.getpid()} {order.id}\\n")
+"""
+
+
+def test_two_fraiseql_runs_on_one_database_process_each_sql_change_once(
+    fraiseql_redis_url: str, fraiseql_database_url: str, names: dict[str, str], tmp_path: Path
+) -> None:
+    suffix = names["suffix"]
+    entity, table = f"Order{suffix}", f"tb_order{suffix}"
+    (tmp_path / "schema.py").write_text(TWO_SCHEMA)
+    (tmp_path / "fraiseql.toml").write_text(
+        "[database]\n"
+        f'url = "{fraiseql_database_url}"\n'
+        "[observers]\n"
+        'backend = "redis"\n'
+        f'redis_url = "{fraiseql_redis_url}"\n'
+        "http_port = 0\n"
+        "[observers.bridge]\n"
+        f'notify_channel = "chan_{suffix}"\n'
+        "[observers.redis]\n"
+        f'stream = "{names["stream"]}"\n'
+        f'group = "{names["group"]}"\n'
+        f'forwarder_name = "fwd_{suffix}"\n'
+    )
+    done = tmp_path / "done.txt"
+    done.touch()
+    env = {**os.environ, "DONE_FILE": str(done), "TABLE": table, "ENTITY": entity}
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id text primary key)")
+    procs = [
+        subprocess.Popen([*FRAISEQL, "run"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if "observer(s) loaded" in line:
+                    break
+        n = 200
+        with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            for i in range(0, n, 10):
+                conn.execute(f"INSERT INTO {table} SELECT 'o' || g FROM generate_series({i}, {i + 9}) g")
+        wait_until(lambda: len(done.read_text().splitlines()) >= n)
+        client = redis.Redis.from_url(fraiseql_redis_url, decode_responses=True)
+        wait_until(lambda: pending(client, names) == 0)
+        time.sleep(1.0)  # a second delivery or a second forwarder would show up now
+        lines = [line.split() for line in done.read_text().splitlines()]
+        assert sorted(order_id for _, order_id in lines) == sorted(f"o{i}" for i in range(n))
+        assert client.xlen(names["stream"]) == n  # one forwarder: each change appended once
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=30)
+            if proc.stderr is not None:
+                proc.stderr.close()
+        with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
