@@ -150,6 +150,8 @@ def test_two_engines_on_one_group_process_each_entry_once(
     assert len(calls) == n
     assert sorted(calls) == sorted(f"evt-{i}" for i in range(n))
     assert sum(received) == n
+    # Stopped cleanly with nothing pending: both consumers left the group.
+    assert client.xinfo_consumers(names["stream"], names["group"]) == []
 
 
 def received_total(metrics: str) -> int:

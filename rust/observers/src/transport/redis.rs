@@ -409,6 +409,7 @@ impl RedisSource {
                 tracing::error!("redis source: an entry task failed: {e}");
             }
         }
+        leave_group(&shared).await;
         Ok(())
     }
 
@@ -617,6 +618,35 @@ async fn ack(shared: &Shared, id: &str) {
                 delay *= 2;
             }
         }
+    }
+}
+
+/// On a clean stop, removes this instance's consumer from the group if it holds no pending
+/// entry (each start has a consumer name of its own, so they would pile up). Entries it still
+/// holds keep it in the group until another instance reclaims them.
+async fn leave_group(shared: &Shared) {
+    let mut conn = shared.ops.clone();
+    let held: redis::RedisResult<StreamPendingCountReply> = redis::cmd("XPENDING")
+        .arg(&shared.config.stream)
+        .arg(&shared.config.group)
+        .arg("-")
+        .arg("+")
+        .arg(1)
+        .arg(&shared.consumer)
+        .query_async(&mut conn)
+        .await;
+    if !matches!(held, Ok(ref r) if r.ids.is_empty()) {
+        return;
+    }
+    let removed = redis::cmd("XGROUP")
+        .arg("DELCONSUMER")
+        .arg(&shared.config.stream)
+        .arg(&shared.config.group)
+        .arg(&shared.consumer)
+        .query_async::<i64>(&mut conn)
+        .await;
+    if let Err(e) = removed {
+        tracing::debug!("redis: cannot remove consumer {}: {e}", shared.consumer);
     }
 }
 
