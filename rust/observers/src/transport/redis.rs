@@ -26,7 +26,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::FutureExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamPendingCountReply,
+    StreamReadReply,
+};
 use redis::{Client, ErrorKind, RedisError, Value};
 use serde_json::{json, Map};
 use tokio::sync::{watch, Semaphore};
@@ -665,6 +668,9 @@ async fn reclaim_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
         if let Err(e) = reclaim_once(&shared, &mut tasks).await {
             tracing::warn!("redis: cannot reclaim idle entries: {e}");
         }
+        if let Err(e) = forget_dead_consumers(&shared).await {
+            tracing::debug!("redis: cannot list the group's consumers: {e}");
+        }
     }
     while tasks.join_next().await.is_some() {}
 }
@@ -705,6 +711,33 @@ async fn reclaim_once(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) -> redis::R
         }
         start = reply.next_stream_id;
     }
+}
+
+/// Deletes consumers that hold nothing and have not read for `10 × claim_idle_secs` (at least
+/// 5 minutes): instances that were killed, once their entries were reclaimed. A live
+/// instance reads every `block_ms`, and would be recreated by its next read anyway.
+async fn forget_dead_consumers(shared: &Shared) -> redis::RedisResult<()> {
+    let idle_ms = (shared.config.claim_idle_secs * 10_000).max(300_000);
+    let mut conn = shared.ops.clone();
+    let info: StreamInfoConsumersReply = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&shared.config.stream)
+        .arg(&shared.config.group)
+        .query_async(&mut conn)
+        .await?;
+    for c in info.consumers {
+        if c.pending == 0 && c.idle as u64 > idle_ms && c.name != shared.consumer {
+            redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(&shared.config.stream)
+                .arg(&shared.config.group)
+                .arg(&c.name)
+                .query_async::<i64>(&mut conn)
+                .await?;
+            tracing::info!("redis: removed idle consumer `{}` from the group", c.name);
+        }
+    }
+    Ok(())
 }
 
 async fn autoclaim(shared: &Shared, start: &str) -> redis::RedisResult<StreamAutoClaimReply> {
