@@ -114,15 +114,6 @@ def test_run_stops_cleanly_on_sigterm_and_exits_0(tmp_path: Path) -> None:
         assert "draining in-flight events" in proc.stderr.read()
 
 
-def test_run_refuses_a_backend_it_cannot_serve_yet(tmp_path: Path) -> None:
-    (tmp_path / "fraiseql.toml").write_text(
-        '[observers]\nbackend = "redis"\nredis_url = "redis://127.0.0.1:6379"\n'
-    )
-    out = run("run", cwd=tmp_path)
-    assert out.returncode == 1
-    assert "backend `redis` cannot run in this version" in out.stderr
-
-
 def test_run_on_postgres_without_a_database_says_what_to_set(tmp_path: Path) -> None:
     (tmp_path / "fraiseql.toml").write_text('[observers]\nbackend = "postgres"\n')
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}

@@ -1,13 +1,15 @@
-//! The PostgreSQL → NATS bridge (`run_bridge = true`): every change in the change log is
-//! published to JetStream as `{prefix}.{entity}.{event}` with `Nats-Msg-Id` = event id.
+//! Forwarding the PostgreSQL change log to a message transport: the PostgreSQL → NATS bridge
+//! (`run_bridge = true`, `{prefix}.{entity}.{event}` with `Nats-Msg-Id` = event id) and the
+//! PostgreSQL → Redis forwarder (`backend = "redis"` with a database: `XADD` to the stream
+//! with the event id as a field).
 //!
-//! It is the PostgreSQL source under its own cursor (`[observers.bridge] transport_name`)
-//! driving an engine whose only observers publish: one per captured (entity, event). So the
-//! bridge inherits the source's guarantees — no change skipped, one active bridge among
-//! instances (advisory lock), the cursor moved only after the batch is done — and "done"
-//! here means confirmed by a PubAck. A publish that still fails after its retries is
-//! dead-lettered, and retrying it republishes with the same id, which the stream's duplicate
-//! window absorbs.
+//! Both are the PostgreSQL source under its own cursor (a listener id of their own) driving
+//! an engine whose only observers publish through a [`Publisher`]: one per captured (entity,
+//! event). So forwarding inherits the source's guarantees — no change skipped, one active
+//! forwarder among instances (advisory lock), the cursor moved only after the batch is done
+//! — and "done" here means confirmed by the transport (a PubAck, an `XADD` reply). A publish
+//! that still fails after its retries is dead-lettered; retrying it publishes again with the
+//! same event id, which NATS's duplicate window and EffectivelyOnce observers absorb.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,25 +20,52 @@ use crate::action::{Action, ActionError};
 use crate::checkpoint::CheckpointStrategy;
 use crate::config::{BackoffStrategy, Config};
 use crate::engine::ObserverSpec;
+use crate::error::Result;
 use crate::event::{Event, EventKind};
 use crate::retry::RetryPolicy;
 use crate::schema::Schema;
 use crate::transport::nats::NatsPublisher;
 use crate::transport::postgres::PostgresOptions;
 
-/// Publishes the event to JetStream and waits for its PubAck.
-pub struct PublishAction {
-    publisher: NatsPublisher,
+/// A transport the change log can be forwarded to. `publish` returns once the transport
+/// confirmed the write (and retries on its own a few times before giving up).
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Action kind for metrics and the DLQ, e.g. `nats_publish`.
+    fn kind(&self) -> &'static str;
+    /// Safe description (no credentials).
+    fn describe(&self) -> String;
+    async fn publish(&self, event: &Event) -> Result<()>;
 }
 
 #[async_trait]
-impl Action for PublishAction {
+impl Publisher for NatsPublisher {
     fn kind(&self) -> &'static str {
         "nats_publish"
     }
 
     fn describe(&self) -> String {
         "JetStream publish".to_owned()
+    }
+
+    async fn publish(&self, event: &Event) -> Result<()> {
+        NatsPublisher::publish(self, event).await
+    }
+}
+
+/// Publishes the event and waits for the transport's confirmation.
+pub struct PublishAction {
+    publisher: Arc<dyn Publisher>,
+}
+
+#[async_trait]
+impl Action for PublishAction {
+    fn kind(&self) -> &'static str {
+        self.publisher.kind()
+    }
+
+    fn describe(&self) -> String {
+        self.publisher.describe()
     }
 
     async fn execute(&self, event: &Event) -> Result<(), ActionError> {
@@ -62,7 +91,7 @@ fn bridge_retry() -> RetryPolicy {
 /// One publishing observer per entity of `schema` and event kind.
 pub fn bridge_observers(
     schema: &Schema,
-    publisher: NatsPublisher,
+    publisher: Arc<dyn Publisher>,
     transport_name: &str,
 ) -> Vec<ObserverSpec> {
     let action: Arc<dyn Action> = Arc::new(PublishAction { publisher });
@@ -83,11 +112,12 @@ pub fn bridge_observers(
     specs
 }
 
-/// The source options of the bridge: its own cursor, channel, batch size and poll interval.
-pub fn bridge_options(config: &Config) -> PostgresOptions {
+/// The source options of a forwarder: its own cursor (`listener_id`), and the channel, batch
+/// size and poll interval of `[observers.bridge]`.
+pub fn bridge_options(config: &Config, listener_id: &str) -> PostgresOptions {
     let bridge = &config.observers.bridge;
     PostgresOptions {
-        listener_id: bridge.transport_name.clone(),
+        listener_id: listener_id.to_owned(),
         notify_channel: bridge.notify_channel.clone(),
         batch_size: bridge.batch_size,
         poll_interval: Duration::from_secs(bridge.poll_interval_secs.max(1)),

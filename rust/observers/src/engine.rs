@@ -205,6 +205,35 @@ impl Engine {
         report
     }
 
+    /// Dead-letters `event` for every action of every observer it matches, without running
+    /// them: for a transport that gives up on a delivery (e.g. Redis after `max_deliver`).
+    /// `fraiseql dlq retry` can run them later. Returns the entries written.
+    pub async fn dead_letter_event(&self, event: &Event, error: &str, attempts: u32) -> usize {
+        let Some(slots) = self.index.get(event.entity.as_str()) else {
+            return 0;
+        };
+        let mut written = 0;
+        for &i in &slots[kind_slot(event.event)] {
+            let observer = &self.observers[i];
+            if let Some(condition) = &observer.condition {
+                if !condition.evaluate(event.new.as_ref(), event.old.as_ref()) {
+                    continue;
+                }
+            }
+            let failure = Failure {
+                error: error.to_owned(),
+                attempts,
+                first_failed_at: now_rfc3339(),
+            };
+            for (a, (action, _)) in observer.actions.iter().enumerate() {
+                self.dead_letter(observer, a, action.as_ref(), event, failure.clone())
+                    .await;
+                written += 1;
+            }
+        }
+        written
+    }
+
     /// EffectivelyOnce: records the key before the actions run. Returns false when the event
     /// was already processed by this observer (skip). A store failure does not skip the
     /// event: it is dead-lettered so it is neither lost nor run unguarded.

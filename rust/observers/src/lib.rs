@@ -33,8 +33,10 @@ pub use engine::{Engine, IdempotencyStores, MemoryIdempotencyStores, ObserverSpe
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};
 pub use metrics::Metrics;
+pub use metrics::RedisMetrics;
 pub use retry::RetryPolicy;
 pub use schema::{EntityDef, Schema};
 pub use transport::memory::MemoryTransport;
 pub use transport::nats::{NatsHealth, NatsMetrics, NatsPublisher, NatsSource};
 pub use transport::postgres::{PostgresOptions, PostgresSource};
+pub use transport::redis::{RedisHealth, RedisPublisher, RedisSource};

@@ -212,3 +212,53 @@ impl Metrics {
         out
     }
 }
+
+/// Redis transport metrics (`fraiseql_redis_*`). Cheap to clone handles; register them once.
+#[derive(Clone, Debug, Default)]
+pub struct RedisMetrics {
+    /// `fraiseql_redis_entries_forwarded_total`: change-log rows appended (XADD confirmed).
+    pub forwarded: Counter,
+    /// `fraiseql_redis_entries_received_total`: entries read or reclaimed from the group.
+    pub received: Counter,
+    /// `fraiseql_redis_entries_pending`: entries received and not yet acknowledged.
+    pub pending: Gauge,
+    /// `fraiseql_redis_entries_reclaimed_total`: entries taken over from an idle consumer.
+    pub reclaimed: Counter,
+    /// `fraiseql_redis_entries_dead_lettered_total`: malformed or over `max_deliver`.
+    pub dead_lettered: Counter,
+}
+
+impl RedisMetrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers every metric (counters get `_total` from the encoder).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "fraiseql_redis_entries_forwarded",
+            "Change-log rows appended to the Redis stream",
+            self.forwarded.clone(),
+        );
+        registry.register(
+            "fraiseql_redis_entries_received",
+            "Entries read from the Redis consumer group",
+            self.received.clone(),
+        );
+        registry.register(
+            "fraiseql_redis_entries_pending",
+            "Entries received and not yet acknowledged",
+            self.pending.clone(),
+        );
+        registry.register(
+            "fraiseql_redis_entries_reclaimed",
+            "Entries reclaimed from idle consumers",
+            self.reclaimed.clone(),
+        );
+        registry.register(
+            "fraiseql_redis_entries_dead_lettered",
+            "Entries dead-lettered by the Redis transport (malformed or over max_deliver)",
+            self.dead_lettered.clone(),
+        );
+    }
+}

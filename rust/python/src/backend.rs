@@ -2,14 +2,16 @@
 
 use std::sync::{Arc, Mutex};
 
-use fraiseql_observers::bridge;
+use fraiseql_observers::bridge::{self, Publisher};
 use fraiseql_observers::capture::{self, CaptureOptions};
 use fraiseql_observers::http::{HealthSource, HttpServer};
-use fraiseql_observers::transport::nats::{self, NatsPublisher};
+use fraiseql_observers::transport::nats::{self, mask_url, NatsPublisher};
+use fraiseql_observers::transport::redis as redis_transport;
 use fraiseql_observers::{
     Config, DeadLetterQueue, Engine, EntityDef, Error, IdempotencyStores, MemoryIdempotencyStores,
     MemoryTransport, Metrics, NatsMetrics, NatsSource, ObserverSpec, PgDeadLetterQueue,
-    PgIdempotencyStores, PostgresOptions, PostgresSource, Result, Schema,
+    PgIdempotencyStores, PostgresOptions, PostgresSource, RedisMetrics, RedisPublisher,
+    RedisSource, Result, Schema,
 };
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -195,9 +197,43 @@ fn idempotency_tables(specs: &[ObserverSpec]) -> Vec<String> {
         .collect()
 }
 
-/// Consumes the durable JetStream consumer shared by every instance. EffectivelyOnce keys
-/// live in PostgreSQL when a database is configured (so they hold across instances), in
-/// process memory otherwise.
+/// The EffectivelyOnce stores of a message-transport backend: in PostgreSQL when a database
+/// is configured (so they hold across instances), in process memory otherwise.
+async fn shared_stores(
+    config: &Config,
+    specs: &[ObserverSpec],
+) -> Result<Box<dyn IdempotencyStores>> {
+    let tables = idempotency_tables(specs);
+    match &config.database.url {
+        Some(url) => {
+            let stores = PgIdempotencyStores::new(pool(url).await?);
+            stores.prepare(tables.iter().map(String::as_str)).await?;
+            Ok(Box::new(stores))
+        }
+        None => {
+            if !tables.is_empty() {
+                tracing::warn!("[observers] no [database] url: EffectivelyOnce keys are kept per process, so several instances may each run an event once");
+            }
+            Ok(Box::new(MemoryIdempotencyStores::default()))
+        }
+    }
+}
+
+fn source_running(
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<Result<()>>>,
+    http: Option<HttpServer>,
+) -> Running {
+    Running {
+        transport: Transport::Source {
+            shutdown,
+            tasks: Mutex::new(tasks),
+        },
+        http: Mutex::new(http),
+    }
+}
+
+/// Consumes the durable JetStream consumer shared by every instance.
 pub async fn start_nats(
     specs: Vec<ObserverSpec>,
     config: &Config,
@@ -207,21 +243,7 @@ pub async fn start_nats(
     nats_metrics: NatsMetrics,
     http_port: Option<u16>,
 ) -> Result<(Arc<Engine>, Running)> {
-    let stores: Box<dyn IdempotencyStores> = match &config.database.url {
-        Some(url) => {
-            let stores = PgIdempotencyStores::new(pool(url).await?);
-            stores
-                .prepare(idempotency_tables(&specs).iter().map(String::as_str))
-                .await?;
-            Box::new(stores)
-        }
-        None => {
-            if !idempotency_tables(&specs).is_empty() {
-                tracing::warn!("[observers] no [database] url: EffectivelyOnce keys are kept per process, so several instances may each run an event once");
-            }
-            Box::new(MemoryIdempotencyStores::default())
-        }
-    };
+    let stores = shared_stores(config, &specs).await?;
     let engine = Arc::new(Engine::new(
         specs,
         dlq.clone(),
@@ -240,59 +262,135 @@ pub async fn start_nats(
     let mut tasks = Vec::new();
     if config.observers.run_bridge {
         let publisher = NatsPublisher::new(client, &config.observers.nats, nats_metrics);
-        let bridge = start_bridge(
-            config,
-            schema,
-            publisher,
-            dlq,
-            metrics.clone(),
-            stop_rx.clone(),
+        let name = config.observers.bridge.transport_name.clone();
+        let forwarder = Forwarder::new(config, schema, Arc::new(publisher), &name, "nats");
+        tasks.push(
+            forwarder
+                .start(dlq, metrics.clone(), stop_rx.clone())
+                .await?,
         );
-        tasks.push(bridge.await?);
     }
     let http = serve_http(http_port, metrics, source.health()).await?;
     tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx)));
-    Ok((
-        engine,
-        Running {
-            transport: Transport::Source {
-                shutdown,
-                tasks: Mutex::new(tasks),
-            },
-            http: Mutex::new(http),
-        },
-    ))
+    Ok((engine, source_running(shutdown, tasks, http)))
 }
 
-/// The PostgreSQL → NATS bridge (see `fraiseql_observers::bridge`): installs capture
-/// notifying the bridge's channel, and forwards the change log under its own cursor.
-async fn start_bridge(
+/// Reads the Redis Stream through the consumer group shared by every instance. With a
+/// database, this instance also competes to forward the change log to the stream (one
+/// forwarder is active at a time: the advisory lock of its cursor).
+pub async fn start_redis(
+    specs: Vec<ObserverSpec>,
     config: &Config,
     schema: &Schema,
-    publisher: NatsPublisher,
     dlq: Arc<dyn DeadLetterQueue>,
     metrics: Arc<Metrics>,
-    stop: watch::Receiver<bool>,
-) -> Result<JoinHandle<Result<()>>> {
-    let url = database_url(config)?;
-    let bridge = &config.observers.bridge;
-    if config.observers.auto_install {
-        let options = CaptureOptions {
-            notify_channel: bridge.notify_channel.clone(),
-            skip_unchanged_updates: config.observers.postgres.skip_unchanged_updates,
-            notify: true,
-        };
-        capture::install_with(&pool(url).await?, schema, &options).await?;
-    }
-    let specs = bridge::bridge_observers(schema, publisher, &bridge.transport_name);
-    let engine = Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?;
-    let source = PostgresSource::connect(url, bridge::bridge_options(config)).await?;
+    redis_metrics: RedisMetrics,
+    http_port: Option<u16>,
+) -> Result<(Arc<Engine>, Running)> {
+    let url = config.observers.redis_url.as_deref().ok_or_else(|| {
+        Error::Transport("redis backend requires observers.redis_url to be set".into())
+    })?;
+    let rc = &config.observers.redis;
+    let stores = shared_stores(config, &specs).await?;
+    let engine = Arc::new(Engine::new(
+        specs,
+        dlq.clone(),
+        stores.as_ref(),
+        metrics.clone(),
+    )?);
+    let source = RedisSource::connect(
+        url,
+        rc,
+        redis_metrics.clone(),
+        config.observers.max_concurrency,
+    )
+    .await?;
     tracing::info!(
-        "[observers] bridge: postgres -> nats ({}, {} table(s))",
-        bridge.transport_name,
-        schema.entities().len()
+        "[observers] transport: redis ({}, stream {}, group {})",
+        mask_url(url),
+        rc.stream,
+        rc.group
     );
-    Ok(tokio::spawn(source.run(Arc::new(engine), stop)))
+    let (shutdown, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    if config.database.url.is_some() {
+        let conn = redis_transport::connect(url, std::time::Duration::from_secs(10)).await?;
+        let publisher = RedisPublisher::new(conn, rc, redis_metrics);
+        let forwarder = Forwarder::new(
+            config,
+            schema,
+            Arc::new(publisher),
+            &rc.forwarder_name,
+            "redis",
+        );
+        tasks.push(
+            forwarder
+                .start(dlq, metrics.clone(), stop_rx.clone())
+                .await?,
+        );
+    } else {
+        tracing::warn!("[observers] no [database] url: nothing is forwarded to the Redis stream by this instance, and dead letters are kept in memory");
+    }
+    let http = serve_http(http_port, metrics, source.health()).await?;
+    tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx)));
+    Ok((engine, source_running(shutdown, tasks, http)))
+}
+
+/// The PostgreSQL → transport forwarder (see `fraiseql_observers::bridge`): installs capture
+/// notifying the bridge's channel, and forwards the change log under its own cursor.
+struct Forwarder<'a> {
+    config: &'a Config,
+    schema: &'a Schema,
+    publisher: Arc<dyn Publisher>,
+    listener_id: String,
+    target: &'static str,
+}
+
+impl<'a> Forwarder<'a> {
+    fn new(
+        config: &'a Config,
+        schema: &'a Schema,
+        publisher: Arc<dyn Publisher>,
+        listener_id: &str,
+        target: &'static str,
+    ) -> Self {
+        Forwarder {
+            config,
+            schema,
+            publisher,
+            listener_id: listener_id.to_owned(),
+            target,
+        }
+    }
+
+    async fn start(
+        self,
+        dlq: Arc<dyn DeadLetterQueue>,
+        metrics: Arc<Metrics>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<JoinHandle<Result<()>>> {
+        let url = database_url(self.config)?;
+        let bridge = &self.config.observers.bridge;
+        if self.config.observers.auto_install {
+            let options = CaptureOptions {
+                notify_channel: bridge.notify_channel.clone(),
+                skip_unchanged_updates: self.config.observers.postgres.skip_unchanged_updates,
+                notify: true,
+            };
+            capture::install_with(&pool(url).await?, self.schema, &options).await?;
+        }
+        let specs = bridge::bridge_observers(self.schema, self.publisher, &self.listener_id);
+        let engine = Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?;
+        let options = bridge::bridge_options(self.config, &self.listener_id);
+        let source = PostgresSource::connect(url, options).await?;
+        tracing::info!(
+            "[observers] bridge: postgres -> {} ({}, {} table(s))",
+            self.target,
+            self.listener_id,
+            self.schema.entities().len()
+        );
+        Ok(tokio::spawn(source.run(Arc::new(engine), stop)))
+    }
 }
 
 /// Installs capture if configured, connects the source, builds the engine with PostgreSQL

@@ -9,7 +9,7 @@ use fraiseql_observers::schema::default_table;
 use fraiseql_observers::{
     Action, Backend, Config, DeadLetterQueue, DlqEntry, Engine, EntityDef, Error, Event, EventKind,
     MemoryDlq, MemoryIdempotencyStores, MemoryTransport, Metrics, NatsMetrics, ObserverSpec,
-    Schema,
+    RedisMetrics, Schema,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -269,7 +269,7 @@ fn memory(running: &Running) -> PyResult<&MemoryTransport> {
     match &running.transport {
         Transport::Memory(t) => Ok(t),
         Transport::Source { .. } => Err(PyFraiseError(Error::Engine(
-            "emit() and drain() work on the in_memory backend; with backend postgres, write rows to the database (with nats, publish to the stream)".into(),
+            "emit() and drain() work on the in_memory backend; with backend postgres, write rows to the database (with nats or redis, publish to the stream)".into(),
         ))
         .into()),
     }
@@ -290,6 +290,8 @@ pub struct PyEngine {
     metrics: Arc<Metrics>,
     /// The NATS metrics registered in `metrics`, handed to the source at start.
     nats_metrics: NatsMetrics,
+    /// The Redis metrics registered in `metrics` (backend redis).
+    redis_metrics: RedisMetrics,
     /// In memory until a backend with a database starts (or `open_dead_letters`).
     dlq: Mutex<Arc<dyn DeadLetterQueue>>,
     observer_names: Vec<String>,
@@ -501,10 +503,11 @@ impl PyEngine {
         let config = prepared.config;
         let schema = backend::capture_schema(&config, &prepared.schema).map_err(PyFraiseError)?;
         let nats_metrics = NatsMetrics::new();
-        let metrics = Arc::new(Metrics::new_with(|r| {
-            if matches!(config.observers.backend, Backend::Nats) {
-                nats_metrics.register(r);
-            }
+        let redis_metrics = RedisMetrics::new();
+        let metrics = Arc::new(Metrics::new_with(|r| match config.observers.backend {
+            Backend::Nats => nats_metrics.register(r),
+            Backend::Redis => redis_metrics.register(r),
+            _ => {}
         }));
         // Dead letters stay in process memory for now; the PostgreSQL DLQ comes next.
         let dlq: Arc<dyn DeadLetterQueue> = Arc::new(MemoryDlq::new(config.observers.max_dlq_size));
@@ -526,6 +529,7 @@ impl PyEngine {
             schema,
             metrics,
             nats_metrics,
+            redis_metrics,
             dlq: Mutex::new(dlq),
             observer_names,
             specs: Mutex::new(specs),
@@ -559,7 +563,9 @@ impl PyEngine {
         let started = match self.config.observers.backend {
             Backend::InMemory => {
                 let engine = self.engine()?;
-                py.detach(|| runtime().block_on(backend::start_memory(engine, &self.config, http_port)))
+                py.detach(|| {
+                    runtime().block_on(backend::start_memory(engine, &self.config, http_port))
+                })
             }
             Backend::Postgres => {
                 let specs = self.take_specs()?;
@@ -598,10 +604,25 @@ impl PyEngine {
                     running
                 })
             }
-            other => Err(Error::Transport(format!(
-                "backend `{}` cannot run in this version of fraiseql yet; use \"postgres\" or \"in_memory\"",
-                other.as_str()
-            ))),
+            Backend::Redis => {
+                let specs = self.take_specs()?;
+                let dlq = self.durable_dead_letters(py)?;
+                py.detach(|| {
+                    runtime().block_on(backend::start_redis(
+                        specs,
+                        &self.config,
+                        &self.schema,
+                        dlq,
+                        self.metrics.clone(),
+                        self.redis_metrics.clone(),
+                        http_port,
+                    ))
+                })
+                .map(|(engine, running)| {
+                    let _ = self.engine.set(engine);
+                    running
+                })
+            }
         }
         .map_err(PyFraiseError)?;
         let port = started

@@ -6,8 +6,8 @@ use super::handler;
 use super::node::{self, quote_short, Node, SyntaxError};
 use super::reader::{parse_int, url_shape, Ctx, Range};
 use super::{
-    validate_sql_identifier, Backend, Config, ConfigErrors, NatsConfig, NATS_URL_REQUIRED,
-    RUN_BRIDGE_REQUIRES_NATS,
+    validate_sql_identifier, Backend, Config, ConfigErrors, NatsConfig, RedisConfig,
+    NATS_URL_REQUIRED, RUN_BRIDGE_REQUIRES_NATS,
 };
 
 const MAIN_KEYS: &[&str] = &["database", "observers"];
@@ -27,6 +27,7 @@ const OBSERVERS_KEYS: &[&str] = &[
     "nats",
     "bridge",
     "postgres",
+    "redis",
     "handlers",
 ];
 const NATS_KEYS: &[&str] = &[
@@ -56,6 +57,16 @@ const POSTGRES_KEYS: &[&str] = &[
     "poll_interval_ms",
     "listen",
     "skip_unchanged_updates",
+];
+const REDIS_KEYS: &[&str] = &[
+    "stream",
+    "group",
+    "maxlen",
+    "claim_idle_secs",
+    "max_deliver",
+    "block_ms",
+    "batch_size",
+    "forwarder_name",
 ];
 const RUNTIME_KEYS: &[&str] = &["transport"];
 const TRANSPORT_KEYS: &[&str] = &["backend", "nats"];
@@ -388,6 +399,9 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
     if let Some(n) = t.get("postgres") {
         load_postgres(ctx, n, &mut o.postgres);
     }
+    if let Some(n) = t.get("redis") {
+        apply_redis(ctx, n, &mut o.redis);
+    }
 
     if let Some(n) = t.get("handlers") {
         o.handlers = handler::handlers(ctx, n, "observers.handlers");
@@ -427,6 +441,58 @@ fn load_postgres(ctx: &mut Ctx<'_>, node: &Node, pg: &mut super::PostgresConfig)
             pg.skip_unchanged_updates = v;
         }
     }
+}
+
+/// Applies `[observers.redis]`.
+fn apply_redis(ctx: &mut Ctx<'_>, node: &Node, redis: &mut RedisConfig) {
+    let Some(t) = ctx.table(node, "observers.redis", REDIS_KEYS) else {
+        return;
+    };
+    let names: [(&str, &mut String); 3] = [
+        ("stream", &mut redis.stream),
+        ("group", &mut redis.group),
+        ("forwarder_name", &mut redis.forwarder_name),
+    ];
+    for (key, slot) in names {
+        if let Some(n) = t.get(key) {
+            if let Some(v) = checked(ctx, n, &t.path(key), check_redis_name) {
+                *slot = v;
+            }
+        }
+    }
+    let ints: [(&str, Range, &mut u64); 4] = [
+        ("maxlen", Range::Positive, &mut redis.maxlen),
+        (
+            "claim_idle_secs",
+            Range::Between(1, 86_400),
+            &mut redis.claim_idle_secs,
+        ),
+        ("max_deliver", Range::Positive, &mut redis.max_deliver),
+        ("block_ms", Range::Between(1, 60_000), &mut redis.block_ms),
+    ];
+    for (key, range, slot) in ints {
+        if let Some(n) = t.get(key) {
+            if let Some(v) = ctx.int(n, &t.path(key), range) {
+                *slot = u64::try_from(v).unwrap_or(u64::MAX);
+            }
+        }
+    }
+    if let Some(n) = t.get("batch_size") {
+        if let Some(v) = ctx.int(n, &t.path("batch_size"), Range::Between(1, 10_000)) {
+            redis.batch_size = usize::try_from(v).unwrap_or(256);
+        }
+    }
+}
+
+/// Redis stream, group and forwarder names: no spaces or control characters.
+fn check_redis_name(s: &str) -> Result<(), String> {
+    if let Some(bad) = s.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "expected a name without spaces, found {} ({bad:?} is not allowed)",
+            quote_short(s)
+        ));
+    }
+    Ok(())
 }
 
 fn load_runtime(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Provenance) {

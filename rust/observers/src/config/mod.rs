@@ -91,6 +91,8 @@ pub struct ObserversConfig {
     pub bridge: BridgeConfig,
     /// `[observers.postgres]`: the change-log reader of the postgres backend.
     pub postgres: PostgresConfig,
+    /// `[observers.redis]` (the URL is `redis_url`).
+    pub redis: RedisConfig,
     /// `[[observers.handlers]]`, in definition order.
     pub handlers: Vec<HandlerConfig>,
 }
@@ -253,6 +255,44 @@ impl Default for PostgresConfig {
             poll_interval_ms: 1000,
             listen: true,
             skip_unchanged_updates: true,
+        }
+    }
+}
+
+/// `[observers.redis]`: the stream, the consumer group and the forwarder. The server, user,
+/// password, database number and TLS (`rediss://`) all come from `[observers] redis_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// The stream every change is appended to (default `fraiseql:changes`).
+    pub stream: String,
+    /// The consumer group shared by every instance (default `fraiseql`).
+    pub group: String,
+    /// `XADD … MAXLEN ~ maxlen` (default 1 000 000).
+    pub maxlen: u64,
+    /// Entries pending longer than this are reclaimed from their consumer (default 30).
+    pub claim_idle_secs: u64,
+    /// Deliveries before an entry is dead-lettered (default 5).
+    pub max_deliver: u64,
+    /// How long one `XREADGROUP` blocks waiting for entries (default 2000).
+    pub block_ms: u64,
+    /// Entries read per `XREADGROUP` (default 256).
+    pub batch_size: usize,
+    /// Listener id (cursor and advisory lock) of the PostgreSQL → Redis forwarder
+    /// (default `pg_to_redis`).
+    pub forwarder_name: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            stream: "fraiseql:changes".to_string(),
+            group: "fraiseql".to_string(),
+            maxlen: 1_000_000,
+            claim_idle_secs: 30,
+            max_deliver: 5,
+            block_ms: 2_000,
+            batch_size: 256,
+            forwarder_name: "pg_to_redis".to_string(),
         }
     }
 }
@@ -484,6 +524,7 @@ impl ObserversConfig {
             nats: NatsConfig::default(),
             bridge: BridgeConfig::default(),
             postgres: PostgresConfig::default(),
+            redis: RedisConfig::default(),
             handlers: Vec::new(),
         }
     }
@@ -697,6 +738,7 @@ impl fmt::Debug for ObserversConfig {
             .field("notify_channel", &self.notify_channel)
             .field("nats", &self.nats)
             .field("bridge", &self.bridge)
+            .field("redis", &self.redis)
             .field("handlers", &self.handlers)
             .finish()
     }

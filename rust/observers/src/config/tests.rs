@@ -1179,3 +1179,53 @@ fn backend_from_str_and_redact() {
     );
     assert_eq!(redact_url("host=db password=x"), "<redacted>");
 }
+
+// ---------------------------------------------------------------- [observers.redis]
+
+#[test]
+fn redis_section_defaults_and_values() {
+    let cfg = main_only(
+        "[observers]\nbackend = \"redis\"\nredis_url = \"rediss://u:p@r:6380/2\"\n",
+        &no_env,
+    )
+    .unwrap();
+    let r = &cfg.observers.redis;
+    assert_eq!(r.stream, "fraiseql:changes");
+    assert_eq!(r.group, "fraiseql");
+    assert_eq!(
+        (r.maxlen, r.claim_idle_secs, r.max_deliver),
+        (1_000_000, 30, 5)
+    );
+    assert_eq!(r.forwarder_name, "pg_to_redis");
+
+    let text = "[observers]\nbackend = \"redis\"\nredis_url = \"redis://r\"\n\
+                [observers.redis]\nstream = \"s:1\"\ngroup = \"g\"\nmaxlen = 10\n\
+                claim_idle_secs = 2\nmax_deliver = 7\nblock_ms = 50\nbatch_size = 9\n\
+                forwarder_name = \"fwd\"\n";
+    let r = main_only(text, &no_env).unwrap().observers.redis;
+    assert_eq!((r.stream.as_str(), r.group.as_str()), ("s:1", "g"));
+    assert_eq!(
+        (r.maxlen, r.claim_idle_secs, r.max_deliver, r.block_ms),
+        (10, 2, 7, 50)
+    );
+    assert_eq!((r.batch_size, r.forwarder_name.as_str()), (9, "fwd"));
+}
+
+#[test]
+fn redis_section_unknown_key_and_bad_values() {
+    let text = "[observers]\nbackend = \"redis\"\nredis_url = \"redis://r\"\n\
+                [observers.redis]\nmax_delivery = 3\nclaim_idle_secs = 0\nstream = \"a b\"\n";
+    let errs = errors_of(main_only(text, &no_env));
+    assert!(has(
+        &errs,
+        "fraiseql.toml:5: observers.redis.max_delivery: unknown key (did you mean max_deliver?)"
+    ));
+    assert!(has(
+        &errs,
+        "fraiseql.toml:6: observers.redis.claim_idle_secs:"
+    ));
+    assert!(has(
+        &errs,
+        "fraiseql.toml:7: observers.redis.stream: expected a name without spaces"
+    ));
+}

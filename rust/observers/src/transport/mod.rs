@@ -5,6 +5,7 @@
 pub mod memory;
 pub mod nats;
 pub mod postgres;
+pub mod redis;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
