@@ -250,3 +250,54 @@ def test_restarting_the_nats_server_mid_stream_loses_nothing(
         server.wait()
         with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+async def stream_messages(url: str, name: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(name)
+        return int(info.state.messages)
+    finally:
+        await nc.close()
+
+
+def test_publish_from_python_is_the_bridge_format_and_deduplicated_by_id(
+    registry: fraiseql.Registry, fraiseql_nats_url: str
+) -> None:
+    @fraiseql.type(table="tb_orders_x")
+    class Order:
+        id: str
+        status: str
+
+    suffix = uuid.uuid4().hex[:8]
+    prefix = f"fq{suffix}.mutation"
+    config = nats_config(fraiseql_nats_url, suffix)
+    try:
+        publisher = fraiseql.Publisher(config)
+        first = publisher.publish(
+            Order,
+            "UPDATE",
+            new={"id": "o1", "status": "shipped"},
+            old={"id": "o1", "status": "new"},
+            id="evt-7",
+        )
+        again = publisher.publish("Order", "UPDATE", new={"id": "o1", "status": "shipped"}, id="evt-7")
+        assert first == again == "evt-7"
+        minted = asyncio.run(publisher.publish_async(Order, "INSERT", new={"id": "o2", "status": "new"}))
+        assert minted and minted != "evt-7"
+        assert asyncio.run(stream_messages(fraiseql_nats_url, f"fq_{suffix}")) == 2, (
+            "the repeat of evt-7 is dropped"
+        )
+        [update] = asyncio.run(downstream_service(fraiseql_nats_url, f"{prefix}.order.update", 1, 20))
+        assert update["id"] == "evt-7" and update["event"] == "UPDATE" and update["entity"] == "Order"
+        assert update["table"] == "tb_orders_x" and update["subject"] == f"{prefix}.order.update"
+        assert update["data"] == {"id": "o1", "status": "shipped"} and update["old"] == {
+            "id": "o1",
+            "status": "new",
+        }
+        with pytest.raises(ValueError, match="needs `old`"):
+            publisher.publish(Order, "DELETE", new={"id": "o1"})
+        with pytest.raises(fraiseql.TransportError, match="NATS server"):
+            fraiseql.Publisher({"observers": {"backend": "in_memory"}})
+    finally:
+        asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
