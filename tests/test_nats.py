@@ -189,3 +189,115 @@ def test_bridge_publishes_sql_changes_and_the_engine_consumes_them(
         with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
         asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
+
+
+def test_restarting_the_nats_server_mid_stream_loses_nothing(
+    registry: fraiseql.Registry, fraiseql_database_url: str, tmp_path: Any
+) -> None:
+    """A private nats-server (file store) is SIGKILLed while the bridge publishes SQL changes
+    and started again on the same port and store: every change reaches the handler."""
+    import signal
+    import subprocess
+
+    import psycopg
+
+    from fraiseql.testing.services import free_port, nats_has_jetstream, nats_server_binary
+
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    argv = [nats_server_binary(), "-js", "-sd", str(tmp_path / "js"), "-a", "127.0.0.1", "-p", str(port)]
+
+    def start_server() -> subprocess.Popen[bytes]:
+        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: nats_has_jetstream("127.0.0.1", port, timeout=0.5), timeout=20)
+        return server
+
+    suffix = uuid.uuid4().hex[:8]
+    entity, table = f"Restart{suffix}", f"tb_restart{suffix}"
+    fraiseql.type(table=table, name=entity)(type(entity, (), {"__annotations__": {"id": int}}))
+    lock = threading.Lock()
+    seen: set[int] = set()
+
+    @fraiseql.subscription(entity_type=entity, operation="create")
+    def record(row: Any) -> None:
+        with lock:
+            seen.add(row.id)
+
+    config = nats_config(url, suffix)
+    config["database"] = {"url": fraiseql_database_url}
+    config["observers"]["run_bridge"] = True
+    config["observers"]["bridge"] = {"transport_name": f"bridge_{suffix}", "notify_channel": f"chan_{suffix}"}
+    server = start_server()
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id int primary key)")
+    try:
+        with fraiseql.Engine(config), psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            for i in range(1, 201):
+                conn.execute(f"INSERT INTO {table} VALUES ({i})")
+            wait_until(lambda: len(seen) >= 50)
+            server.send_signal(signal.SIGKILL)
+            server.wait()
+            for i in range(201, 301):  # written while NATS is down
+                conn.execute(f"INSERT INTO {table} VALUES ({i})")
+            time.sleep(1)
+            server = start_server()
+            for i in range(301, 401):
+                conn.execute(f"INSERT INTO {table} VALUES ({i})")
+            wait_until(lambda: len(seen) >= 400, timeout=90)
+        assert seen == set(range(1, 401))
+    finally:
+        server.kill()
+        server.wait()
+        with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+async def stream_messages(url: str, name: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(name)
+        return int(info.state.messages)
+    finally:
+        await nc.close()
+
+
+def test_publish_from_python_is_the_bridge_format_and_deduplicated_by_id(
+    registry: fraiseql.Registry, fraiseql_nats_url: str
+) -> None:
+    @fraiseql.type(table="tb_orders_x")
+    class Order:
+        id: str
+        status: str
+
+    suffix = uuid.uuid4().hex[:8]
+    prefix = f"fq{suffix}.mutation"
+    config = nats_config(fraiseql_nats_url, suffix)
+    try:
+        publisher = fraiseql.Publisher(config)
+        first = publisher.publish(
+            Order,
+            "UPDATE",
+            new={"id": "o1", "status": "shipped"},
+            old={"id": "o1", "status": "new"},
+            id="evt-7",
+        )
+        again = publisher.publish("Order", "UPDATE", new={"id": "o1", "status": "shipped"}, id="evt-7")
+        assert first == again == "evt-7"
+        minted = asyncio.run(publisher.publish_async(Order, "INSERT", new={"id": "o2", "status": "new"}))
+        assert minted and minted != "evt-7"
+        assert asyncio.run(stream_messages(fraiseql_nats_url, f"fq_{suffix}")) == 2, (
+            "the repeat of evt-7 is dropped"
+        )
+        [update] = asyncio.run(downstream_service(fraiseql_nats_url, f"{prefix}.order.update", 1, 20))
+        assert update["id"] == "evt-7" and update["event"] == "UPDATE" and update["entity"] == "Order"
+        assert update["table"] == "tb_orders_x" and update["subject"] == f"{prefix}.order.update"
+        assert update["data"] == {"id": "o1", "status": "shipped"} and update["old"] == {
+            "id": "o1",
+            "status": "new",
+        }
+        with pytest.raises(ValueError, match="needs `old`"):
+            publisher.publish(Order, "DELETE", new={"id": "o1"})
+        with pytest.raises(fraiseql.TransportError, match="NATS server"):
+            fraiseql.Publisher({"observers": {"backend": "in_memory"}})
+    finally:
+        asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))

@@ -20,6 +20,7 @@ from ._native import (
     TransportError,
 )
 from ._native import __version__ as __version__
+from ._publish import Publisher, publish
 from ._schema import (
     AtLeastOnce,
     EffectivelyOnce,
@@ -48,12 +49,14 @@ __all__ = [
     "EngineError",
     "Event",
     "FraiseQLError",
+    "Publisher",
     "Registry",
     "Retry",
     "SchemaError",
     "TransportError",
     "email",
     "observer",
+    "publish",
     "registry",
     "scalars",
     "set_registry",

@@ -13,6 +13,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "FraiseQLError",
+    "Publisher",
     "SchemaError",
     "TransportError",
     "__version__",
@@ -70,6 +71,32 @@ def idempotency_prune(
     older_than_secs: float,
     batch: int = 10_000,
 ) -> list[tuple[str, int]]: ...
+
+@final
+class Publisher:
+    def __new__(
+        cls,
+        main: _Source = None,
+        runtime_file: _Source = None,
+        config: Mapping[str, Any] | None = None,
+        entities: list[tuple[str, str, list[str]]] | None = None,
+    ) -> Publisher: ...
+    def publish(
+        self,
+        entity: str,
+        event: str,
+        new: Mapping[str, Any] | None = None,
+        old: Mapping[str, Any] | None = None,
+        id: str | None = None,
+    ) -> str: ...
+    def publish_async(
+        self,
+        entity: str,
+        event: str,
+        new: Mapping[str, Any] | None = None,
+        old: Mapping[str, Any] | None = None,
+        id: str | None = None,
+    ) -> Any: ...
 
 @final
 class Engine:

@@ -1,5 +1,6 @@
 //! `fraiseql._native.Engine`: the engine behind `fraiseql.Engine` and `fraiseql run`.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use fraiseql_observers::action;
@@ -23,7 +24,7 @@ use crate::errors::PyFraiseError;
 use crate::handler::{LoopSlot, PythonHandler};
 use crate::runtime::runtime;
 
-type Source = Option<(String, String)>;
+pub(crate) type Source = Option<(String, String)>;
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
@@ -31,7 +32,7 @@ fn env(name: &str) -> Option<String> {
 
 /// A config given as a Python dict: serialised to TOML so it goes through the same parser
 /// and validation as a file.
-fn dict_source(dict: Option<&Bound<'_, PyDict>>) -> PyResult<Source> {
+pub(crate) fn dict_source(dict: Option<&Bound<'_, PyDict>>) -> PyResult<Source> {
     let Some(dict) = dict else { return Ok(None) };
     let value = to_json(dict.as_any())?;
     let text = toml::to_string(&value).map_err(|e| {
@@ -110,7 +111,7 @@ fn json_dict<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
     to_py(py, v)
 }
 
-fn entity_defs(entities: &Bound<'_, PyList>) -> PyResult<Vec<EntityDef>> {
+pub(crate) fn entity_defs(entities: &Bound<'_, PyList>) -> PyResult<Vec<EntityDef>> {
     entities
         .iter()
         .map(|e| {
@@ -300,7 +301,7 @@ pub struct PyEngine {
     specs: Mutex<Option<Vec<ObserverSpec>>>,
     engine: OnceLock<Arc<Engine>>,
     event_loop: LoopSlot,
-    tables: std::collections::HashMap<String, String>,
+    tables: HashMap<String, String>,
     running: Mutex<Option<Arc<Running>>>,
     http_port: Mutex<Option<u16>>,
 }
@@ -356,34 +357,46 @@ impl PyEngine {
         old: Option<&Bound<'_, PyAny>>,
         id: Option<String>,
     ) -> PyResult<Event> {
-        let kind: EventKind = event.parse().map_err(PyValueError::new_err)?;
-        let new = row_from_py(new, "new")?;
-        let old = row_from_py(old, "old")?;
-        match kind {
-            EventKind::Insert if new.is_none() => {
-                return Err(PyValueError::new_err("an INSERT needs `new`"))
-            }
-            EventKind::Update if new.is_none() => {
-                return Err(PyValueError::new_err(
-                    "an UPDATE needs `new` (and usually `old`)",
-                ))
-            }
-            EventKind::Delete if old.is_none() => {
-                return Err(PyValueError::new_err("a DELETE needs `old`"))
-            }
-            _ => {}
-        }
-        let table = self
-            .tables
-            .get(&entity)
-            .cloned()
-            .unwrap_or_else(|| default_table(&entity));
-        let mut ev = Event::new(entity, kind, table, new, old);
-        if let Some(id) = id {
-            ev.id = id;
-        }
-        Ok(ev)
+        build_event(&self.tables, entity, event, new, old, id)
     }
+}
+
+/// A change event from Python arguments, checked: INSERT and UPDATE need `new`, DELETE
+/// needs `old`. The table is the declared one, else the default `tb_<entity>`.
+pub(crate) fn build_event(
+    tables: &HashMap<String, String>,
+    entity: String,
+    event: &str,
+    new: Option<&Bound<'_, PyAny>>,
+    old: Option<&Bound<'_, PyAny>>,
+    id: Option<String>,
+) -> PyResult<Event> {
+    let kind: EventKind = event.parse().map_err(PyValueError::new_err)?;
+    let new = row_from_py(new, "new")?;
+    let old = row_from_py(old, "old")?;
+    match kind {
+        EventKind::Insert if new.is_none() => {
+            return Err(PyValueError::new_err("an INSERT needs `new`"))
+        }
+        EventKind::Update if new.is_none() => {
+            return Err(PyValueError::new_err(
+                "an UPDATE needs `new` (and usually `old`)",
+            ))
+        }
+        EventKind::Delete if old.is_none() => {
+            return Err(PyValueError::new_err("a DELETE needs `old`"))
+        }
+        _ => {}
+    }
+    let table = tables
+        .get(&entity)
+        .cloned()
+        .unwrap_or_else(|| default_table(&entity));
+    let mut ev = Event::new(entity, kind, table, new, old);
+    if let Some(id) = id {
+        ev.id = id;
+    }
+    Ok(ev)
 }
 
 fn dlq_entry_to_py<'py>(py: Python<'py>, e: &DlqEntry) -> PyResult<Bound<'py, PyAny>> {
@@ -392,7 +405,7 @@ fn dlq_entry_to_py<'py>(py: Python<'py>, e: &DlqEntry) -> PyResult<Bound<'py, Py
 }
 
 /// The config alone (no schema, no observers built): for commands that need no secrets.
-fn load_config(main: &Source, runtime_file: &Source) -> PyResult<Config> {
+pub(crate) fn load_config(main: &Source, runtime_file: &Source) -> PyResult<Config> {
     Config::from_sources(
         main.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
         runtime_file.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),

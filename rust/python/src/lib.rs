@@ -7,6 +7,7 @@ mod convert;
 mod engine;
 mod errors;
 mod handler;
+mod publish;
 mod runtime;
 
 use pyo3::prelude::*;
@@ -30,6 +31,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<condition::PyCondition>()?;
     m.add_class::<engine::PyEngine>()?;
+    m.add_class::<publish::PyPublisher>()?;
     m.add_function(wrap_pyfunction!(engine::check, m)?)?;
     m.add_function(wrap_pyfunction!(engine::db_install, m)?)?;
     m.add_function(wrap_pyfunction!(engine::database_url, m)?)?;

@@ -518,6 +518,15 @@ impl NatsPublisher {
         }
     }
 
+    /// Connects to `config`'s server and creates or updates the stream first, so that no
+    /// publish goes to a subject no stream captures (an application's own publisher).
+    pub async fn connect(config: &NatsConfig, metrics: NatsMetrics) -> Result<Self> {
+        let client = connect(config).await?;
+        let js = jetstream::new(client.clone());
+        ensure_stream(&js, config).await?;
+        Ok(NatsPublisher::new(client, config, metrics))
+    }
+
     /// Publishes kept in flight by [`Self::publish_all`] (at least 1).
     pub fn with_window(mut self, window: usize) -> Self {
         self.window = window.max(1);
