@@ -50,9 +50,7 @@ impl PyPublisher {
             .into());
         }
         let publisher = py
-            .detach(|| {
-                runtime().block_on(NatsPublisher::connect(&nats_config, NatsMetrics::new()))
-            })
+            .detach(|| runtime().block_on(NatsPublisher::connect(&nats_config, NatsMetrics::new())))
             .map_err(PyFraiseError)?;
         Ok(PyPublisher { publisher, tables })
     }
