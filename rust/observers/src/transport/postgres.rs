@@ -771,6 +771,7 @@ mod tests {
     fn batch_query_reads_only_below_the_snapshot_xmin() {
         let sql = batch_sql();
         assert!(sql.contains("txid < (SELECT pg_snapshot_xmin(pg_current_snapshot()))"));
-        assert!(sql.contains("ORDER BY txid, id"));
+        assert!(sql.contains("ORDER BY fraiseql_change_log.txid, fraiseql_change_log.id"));
+        assert!(sql.contains("txid::text AS txid_text"), "never shadow the txid column");
     }
 }
