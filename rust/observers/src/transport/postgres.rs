@@ -772,6 +772,9 @@ mod tests {
         let sql = batch_sql();
         assert!(sql.contains("txid < (SELECT pg_snapshot_xmin(pg_current_snapshot()))"));
         assert!(sql.contains("ORDER BY fraiseql_change_log.txid, fraiseql_change_log.id"));
-        assert!(sql.contains("txid::text AS txid_text"), "never shadow the txid column");
+        assert!(
+            sql.contains("txid::text AS txid_text"),
+            "never shadow the txid column"
+        );
     }
 }
