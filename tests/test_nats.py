@@ -301,3 +301,69 @@ def test_publish_from_python_is_the_bridge_format_and_deduplicated_by_id(
             fraiseql.Publisher({"observers": {"backend": "in_memory"}})
     finally:
         asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
+
+
+def test_the_spec_restricted_account_gets_a_clear_error_and_the_minimal_set_works(
+    registry: fraiseql.Registry, tmp_path: Any
+) -> None:
+    """A server that enforces authorization: the spec's restricted user (publish and subscribe
+    on fraiseql.mutation.> and _INBOX.> only) is refused at start with the missing permission
+    named; a user with exactly the README's minimal set consumes and publishes."""
+    import subprocess
+
+    from fraiseql.testing.services import free_port, nats_server_binary
+
+    @fraiseql.type
+    class Order:
+        id: str
+
+    seen: list[str] = []
+    fraiseql.subscription(entity_type=Order, operation="create")(lambda o: seen.append(o.id))
+    suffix = uuid.uuid4().hex[:8]
+    prefix = f"fq{suffix}.mutation"
+    port = free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        "accounts {\n  APP {\n    jetstream: enabled\n    users = [\n"
+        '      { user: restricted, password: pw1, permissions: { publish: ["fraiseql.mutation.>"],'
+        ' subscribe: ["fraiseql.mutation.>", "_INBOX.>"] } }\n'
+        "      { user: minimal, password: pw2, permissions: {"
+        f' publish: ["$JS.API.>", "$JS.ACK.>", "{prefix}.>"],'
+        ' subscribe: ["_INBOX.>"] } }\n'
+        "    ]\n  }\n}\n"
+    )
+    server = subprocess.Popen(
+        [nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_until(lambda: _port_open(port))
+        restricted = nats_config(f"nats://restricted:pw1@127.0.0.1:{port}", suffix)
+        started = time.monotonic()
+        with pytest.raises(fraiseql.TransportError) as refused:
+            fraiseql.Engine(restricted).start()
+        message = str(refused.value)
+        assert "Permissions Violation for Publish to" in message and "$JS.API" in message, message
+        assert f'publish ["$JS.API.>", "$JS.ACK.>", "{prefix}.>"], subscribe ["_INBOX.>"]' in message
+        assert "pw1" not in message
+        assert time.monotonic() - started < 8, "named at once, not after a request timeout"
+
+        minimal = nats_config(f"nats://minimal:pw2@127.0.0.1:{port}", suffix)
+        with fraiseql.Engine(minimal):
+            publisher = fraiseql.Publisher(minimal)
+            publisher.publish(Order, "INSERT", new={"id": "o1"})
+            wait_until(lambda: seen == ["o1"])
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False

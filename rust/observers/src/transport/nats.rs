@@ -196,6 +196,41 @@ fn parse_servers(urls: &str) -> Result<(Vec<ServerAddr>, ConnectOptions)> {
     Ok((addrs, options))
 }
 
+/// The last "Permissions Violation" the server reported on a connection. NATS answers a
+/// forbidden publish (a JetStream API request, say) with an asynchronous -ERR and no reply,
+/// so without this a missing permission would look like a timeout.
+#[derive(Default)]
+struct PermissionWatch {
+    last: std::sync::Mutex<Option<String>>,
+    seen: tokio::sync::Notify,
+}
+
+impl PermissionWatch {
+    fn record(&self, message: &str) {
+        *self.last.lock().expect("permission lock") = Some(message.trim_matches('\'').to_owned());
+        self.seen.notify_waiters();
+    }
+
+    fn last(&self) -> Option<String> {
+        self.last.lock().expect("permission lock").clone()
+    }
+}
+
+/// What the README's "NATS permissions" section grants, for the error that names a missing one.
+pub fn minimal_permissions(subject_prefix: &str) -> String {
+    format!(
+        "publish [\"$JS.API.>\", \"$JS.ACK.>\", \"{subject_prefix}.>\"], subscribe [\"_INBOX.>\"]"
+    )
+}
+
+fn permission_error(masked: &str, violation: &str, subject_prefix: &str) -> Error {
+    Error::Transport(format!(
+        "the NATS server at {masked} denied a permission fraiseql needs: {violation}. \
+         The user needs at least {} (see the README, NATS permissions)",
+        minimal_permissions(subject_prefix)
+    ))
+}
+
 /// Connects to NATS and checks that JetStream is enabled. The initial connect is retried
 /// (with backoff, up to 5 s between attempts) until it succeeds; after that the client
 /// reconnects forever on its own. Logs the spec's startup lines.
@@ -206,22 +241,33 @@ pub async fn connect(config: &NatsConfig) -> Result<Client> {
         .filter(|u| !u.trim().is_empty())
         .ok_or_else(|| Error::Transport(crate::config::NATS_URL_REQUIRED.to_string()))?;
     let masked = mask_url(urls);
+    let permissions = Arc::new(PermissionWatch::default());
     let mut delay = Duration::from_millis(100);
     let client = loop {
         let (addrs, options) = parse_servers(urls)?;
+        let watch = permissions.clone();
         let options = options
             .name("fraiseql-observers")
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("[observers] nats: disconnected; reconnecting")
+            .event_callback(move |event| {
+                let watch = watch.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("[observers] nats: disconnected; reconnecting")
+                        }
+                        async_nats::Event::Connected => {
+                            tracing::info!("[observers] nats: connected")
+                        }
+                        async_nats::Event::ServerError(async_nats::ServerError::Other(m))
+                            if m.contains("Permissions Violation") =>
+                        {
+                            tracing::error!("[observers] nats: {m}");
+                            watch.record(&m);
+                        }
+                        other => tracing::debug!("[observers] nats: {other}"),
                     }
-                    async_nats::Event::Connected => {
-                        tracing::info!("[observers] nats: connected")
-                    }
-                    other => tracing::debug!("[observers] nats: {other}"),
                 }
             });
         match options.connect(addrs).await {
@@ -247,7 +293,18 @@ pub async fn connect(config: &NatsConfig) -> Result<Client> {
         }
     };
     tracing::info!("[observers] transport: nats ({masked})");
-    match jetstream_info(&client).await {
+    let checked = tokio::select! {
+        r = jetstream_info(&client) => r,
+        () = permissions.seen.notified() => Err(String::new()),
+    };
+    if let Some(violation) = permissions.last() {
+        return Err(permission_error(
+            &masked,
+            &violation,
+            &config.subject_prefix,
+        ));
+    }
+    match checked {
         Ok(()) => tracing::info!("[observers] JetStream enabled: true"),
         Err(e) => {
             tracing::info!("[observers] JetStream enabled: false");
