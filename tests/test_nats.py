@@ -367,3 +367,62 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_tls_with_a_private_ca_and_a_client_certificate(registry: fraiseql.Registry, tmp_path: Any) -> None:
+    """A nats-server that requires TLS and verifies client certificates: with
+    `tls_ca_file`, `tls_cert_file` and `tls_key_file` the engine connects, consumes and
+    publishes."""
+    import subprocess
+
+    import trustme
+
+    from fraiseql.testing.services import free_port, nats_server_binary
+
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    client_cert = ca.issue_cert("fraiseql-client")
+    paths = {
+        name: tmp_path / f"{name}.pem" for name in ("ca", "server", "server_key", "client", "client_key")
+    }
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    server_cert.cert_chain_pems[0].write_to_path(str(paths["server"]))
+    server_cert.private_key_pem.write_to_path(str(paths["server_key"]))
+    client_cert.cert_chain_pems[0].write_to_path(str(paths["client"]))
+    client_cert.private_key_pem.write_to_path(str(paths["client_key"]))
+    port = free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        f'tls {{ cert_file: "{paths["server"]}", key_file: "{paths["server_key"]}",'
+        f' ca_file: "{paths["ca"]}", verify: true }}\n'
+    )
+
+    @fraiseql.type
+    class Order:
+        id: str
+
+    seen: list[str] = []
+    fraiseql.subscription(entity_type=Order, operation="create")(lambda o: seen.append(o.id))
+    server = subprocess.Popen(
+        [nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_until(lambda: _port_open(port))
+        config = nats_config(f"tls://127.0.0.1:{port}", uuid.uuid4().hex[:8])
+        config["observers"]["nats"] |= {
+            "tls_ca_file": str(paths["ca"]),
+            "tls_cert_file": str(paths["client"]),
+            "tls_key_file": str(paths["client_key"]),
+        }
+        with fraiseql.Engine(config):
+            fraiseql.Publisher(config).publish(Order, "INSERT", new={"id": "o1"})
+            wait_until(lambda: seen == ["o1"])
+        missing = dict(config["observers"]["nats"], tls_key_file=None)
+        del missing["tls_key_file"]
+        with pytest.raises(fraiseql.ConfigError, match="tls_key_file is missing"):
+            fraiseql.Engine({"observers": {"backend": "nats", "nats": missing}})
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -35,6 +35,9 @@ const NATS_KEYS: &[&str] = &[
     "subject_prefix",
     "consumer_name",
     "stream_name",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
     "jetstream",
 ];
 const JETSTREAM_KEYS: &[&str] = &[
@@ -594,6 +597,29 @@ fn apply_nats(
             nats.stream_name = v;
         }
     }
+    for (key, slot) in [
+        ("tls_ca_file", &mut nats.tls_ca_file),
+        ("tls_cert_file", &mut nats.tls_cert_file),
+        ("tls_key_file", &mut nats.tls_key_file),
+    ] {
+        if let Some(n) = t.get(key) {
+            if let Some(v) = checked(ctx, n, &t.path(key), check_readable_file) {
+                *slot = Some(v);
+            }
+        }
+    }
+    for (key, other) in [
+        ("tls_cert_file", "tls_key_file"),
+        ("tls_key_file", "tls_cert_file"),
+    ] {
+        if let (Some(n), None) = (t.get(key), t.get(other)) {
+            ctx.error(
+                &t.path(key),
+                n.line,
+                format!("a client certificate needs both tls_cert_file and tls_key_file; {other} is missing"),
+            );
+        }
+    }
     if let Some(n) = t.get("jetstream") {
         let jpath = t.path("jetstream");
         if let Some(j) = ctx.table(n, &jpath, JETSTREAM_KEYS) {
@@ -803,6 +829,16 @@ fn check_subject_prefix(s: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A file the engine will read (a TLS certificate or key): it must exist now, so a typo is a
+/// config error with file and line rather than a connect failure later.
+fn check_readable_file(s: &str) -> Result<(), String> {
+    match std::fs::metadata(s) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(format!("{} is not a file", quote_short(s))),
+        Err(e) => Err(format!("cannot read {}: {e}", quote_short(s))),
+    }
 }
 
 /// JetStream stream / consumer names (and the bridge's transport name).

@@ -160,6 +160,12 @@ pub struct NatsConfig {
     pub consumer_name: String,
     /// default `fraiseql_events`
     pub stream_name: String,
+    /// PEM file of the CA that signed the server's certificate (else the system roots).
+    /// Any `tls_*` key (or a `tls://` URL) makes TLS required.
+    pub tls_ca_file: Option<String>,
+    /// PEM client certificate and key, for servers that verify clients.
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
     /// `[*.nats.jetstream]`
     pub jetstream: JetStreamConfig,
 }
@@ -171,6 +177,9 @@ impl Default for NatsConfig {
             subject_prefix: "fraiseql.mutation".to_string(),
             consumer_name: "fraiseql_observer_worker".to_string(),
             stream_name: "fraiseql_events".to_string(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             jetstream: JetStreamConfig::default(),
         }
     }

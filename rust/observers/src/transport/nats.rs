@@ -216,6 +216,22 @@ impl PermissionWatch {
     }
 }
 
+/// `tls_ca_file` / `tls_cert_file` + `tls_key_file`: any of them makes TLS required (a
+/// `tls://` URL does too, by itself).
+fn with_tls(options: ConnectOptions, config: &NatsConfig) -> ConnectOptions {
+    let mut options = options;
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.into());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
+        options = options.add_client_certificate(cert.into(), key.into());
+    }
+    if config.tls_ca_file.is_some() || config.tls_cert_file.is_some() {
+        options = options.require_tls(true);
+    }
+    options
+}
+
 /// What the README's "NATS permissions" section grants, for the error that names a missing one.
 pub fn minimal_permissions(subject_prefix: &str) -> String {
     format!(
@@ -245,6 +261,7 @@ pub async fn connect(config: &NatsConfig) -> Result<Client> {
     let mut delay = Duration::from_millis(100);
     let client = loop {
         let (addrs, options) = parse_servers(urls)?;
+        let options = with_tls(options, config);
         let watch = permissions.clone();
         let options = options
             .name("fraiseql-observers")
@@ -273,12 +290,13 @@ pub async fn connect(config: &NatsConfig) -> Result<Client> {
         match options.connect(addrs).await {
             Ok(client) => break client,
             Err(e) => {
-                // Authentication problems will not fix themselves.
+                // Authentication and TLS setup problems will not fix themselves.
                 if matches!(
                     e.kind(),
                     async_nats::ConnectErrorKind::AuthorizationViolation
                         | async_nats::ConnectErrorKind::Authentication
                         | async_nats::ConnectErrorKind::ServerParse
+                        | async_nats::ConnectErrorKind::Tls
                 ) {
                     return Err(Error::Transport(format!(
                         "cannot connect to NATS at {masked}: {e}"
