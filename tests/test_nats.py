@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 import urllib.request
@@ -426,3 +427,64 @@ def test_tls_with_a_private_ca_and_a_client_certificate(registry: fraiseql.Regis
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_three_instances_share_the_consumer_and_a_killed_one_loses_nothing(
+    tmp_path: Any, fraiseql_nats_url: str, fraiseql_database_url: str
+) -> None:
+    """Three `fraiseql run` processes on one durable consumer; one is SIGKILLed mid-stream.
+    An AtLeastOnce handler sees every event; an EffectivelyOnce handler (keys in PostgreSQL)
+    never runs twice for one event, across the three."""
+    import subprocess
+
+    suffix = uuid.uuid4().hex[:8]
+    at_least, effectively = tmp_path / "at_least.txt", tmp_path / "effectively.txt"
+    (tmp_path / "fraiseql.toml").write_text(
+        f'[database]\nurl = "{fraiseql_database_url}"\n\n'
+        '[observers]\nbackend = "nats"\nhttp_port = 0\nmax_concurrency = 8\n\n'
+        f'[observers.nats]\nurl = "{fraiseql_nats_url}"\nstream_name = "fq_{suffix}"\n'
+        f'subject_prefix = "fq{suffix}.mutation"\nconsumer_name = "worker_{suffix}"\n\n'
+        "[observers.nats.jetstream]\nack_wait_secs = 5\n"
+    )
+    (tmp_path / "schema.py").write_text(
+        "import os, time\nimport fraiseql\n"
+        "@fraiseql.type\nclass Order:\n    id: str\n"
+        "def append(path, line):\n"
+        "    with open(path, 'a') as f:\n"
+        "        f.write(line + '\\n')\n"
+        "@fraiseql.subscription(entity_type=Order, operation='create')\n"
+        "def every(o):\n"
+        "    time.sleep(0.002)\n"
+        f"    append({str(at_least)!r}, o.id)\n"
+        "@fraiseql.subscription(entity_type=Order, operation='create',"
+        f" checkpoint=fraiseql.EffectivelyOnce(idempotency_table='nats_three_{suffix}'))\n"
+        "def once(o):\n"
+        f"    append({str(effectively)!r}, f'{{o.id}} {{os.getpid()}}')\n"
+    )
+
+    def lines(path: Any) -> list[str]:
+        return path.read_text().splitlines() if path.exists() else []
+
+    run = [sys.executable, "-m", "fraiseql.cli", "run"]
+    procs = [subprocess.Popen(run, cwd=tmp_path, stderr=subprocess.DEVNULL) for _ in range(3)]
+    try:
+        time.sleep(2)  # all three attached to the consumer
+        publisher = fraiseql.Publisher(nats_config(fraiseql_nats_url, suffix))
+        for i in range(600):
+            publisher.publish("Order", "INSERT", new={"id": f"o{i}"}, id=f"evt-{i}")
+        wait_until(lambda: len(lines(at_least)) >= 150, timeout=60)
+        procs[0].kill()
+        want = {f"o{i}" for i in range(600)}
+        wait_until(lambda: set(lines(at_least)) >= want, timeout=90)
+        time.sleep(1)
+    finally:
+        for p in procs[1:]:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+    assert set(lines(at_least)) == want
+    ran = [line.split()[0] for line in lines(effectively)]
+    assert len(ran) == len(set(ran)), "an EffectivelyOnce handler ran twice for one event"
+    pids = {line.split()[1] for line in lines(effectively)}
+    assert len(pids) >= 2, "the work was shared"
+    asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
