@@ -81,7 +81,9 @@ def psql(project: Path, sql: str) -> None:
     assert out.returncode == 0, out.stderr
 
 
-def start_engine(project: Path) -> tuple[subprocess.Popen[str], Lines, Lines]:
+def start_engine(
+    project: Path, ready: str = "[observers] transport: postgres"
+) -> tuple[subprocess.Popen[str], Lines, Lines]:
     proc = subprocess.Popen(
         [*FRAISEQL, "run", "--embedded", "--http-port", "0"],
         cwd=project,
@@ -90,7 +92,7 @@ def start_engine(project: Path) -> tuple[subprocess.Popen[str], Lines, Lines]:
         text=True,
     )
     out, err = Lines(proc.stdout), Lines(proc.stderr)
-    err.wait_for("[observers] transport: postgres")
+    err.wait_for(ready)
     return proc, out, err
 
 
@@ -148,3 +150,33 @@ def test_embedded_refuses_a_config_with_its_own_database_url(tmp_path: Path) -> 
     )
     assert out.returncode == 2
     assert "--embedded" in out.stderr and "[database] url" in out.stderr
+
+
+def test_embedded_starts_nats_too_when_the_config_uses_it(tmp_path: Path) -> None:
+    """backend = "nats" with the bridge and no reachable NATS URL: --embedded starts a
+    nats-server beside the database, and a SQL insert travels PostgreSQL → bridge →
+    JetStream → consumer → handler."""
+    project = tmp_path / "natsy"
+    (project / "initdb").mkdir(parents=True)
+    (project / "initdb" / "01.sql").write_text("CREATE TABLE tb_parcel (id text PRIMARY KEY);\n")
+    (project / "fraiseql.toml").write_text(
+        '[database]\nurl = "${DATABASE_URL}"\n\n[observers]\nbackend = "nats"\nrun_bridge = true\n'
+        "http_port = 0\n\n[observers.nats]\n"
+        f'stream_name = "emb_{tmp_path.name[-8:]}"\nsubject_prefix = "emb{tmp_path.name[-8:]}.mutation"\n'
+    )
+    (project / "schema.py").write_text(
+        "import sys\nimport fraiseql\n@fraiseql.type\nclass Parcel:\n    id: str\n"
+        "@fraiseql.subscription(entity_type=Parcel, operation='create')\n"
+        "def sent(p):\n    sys.stdout.write(f'sent {p.id}\\n')\n    sys.stdout.flush()\n"
+    )
+    try:
+        proc, out, err = start_engine(project, ready="[observers] transport: nats")
+        try:
+            err.wait_for("[embedded] nats-server")
+            psql(project, "INSERT INTO tb_parcel VALUES ('p1')")
+            assert out.wait_for("sent ") == "sent p1"
+        finally:
+            stop_engine(proc, out, err)
+    finally:
+        shutil.rmtree(_embedded.nats_home_for(project), ignore_errors=True)
+        shutil.rmtree(_embedded.home_for(project), ignore_errors=True)

