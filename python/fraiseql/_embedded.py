@@ -108,9 +108,10 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def _free_port() -> int:
-    if _port_free(DEFAULT_PORT):
-        return DEFAULT_PORT
+def _free_port(preferred: int) -> int:
+    """``preferred`` if it is free (a stable URL from run to run), else any free port."""
+    if _port_free(preferred):
+        return preferred
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         port: int = sock.getsockname()[1]
@@ -178,7 +179,7 @@ def start(project: Path, say: bool = True) -> EmbeddedPostgres:
         if say:
             print(f"[embedded] creating a PostgreSQL cluster in {data}", file=sys.stderr)
         initdb(server_bin, data, home, run_as)
-    port = _free_port()
+    port = _free_port(DEFAULT_PORT)
     argv = [str(server_bin / "postgres"), "-D", str(data), "-h", LOOPBACK, "-p", str(port), "-k", str(home)]
     log = (home / "postgres.log").open("ab")
     # A session of its own: Ctrl-C in the terminal must reach fraiseql (which drains its
@@ -303,7 +304,7 @@ def start_nats(project: Path) -> EmbeddedNats:
     binary = nats_server_binary()
     home = nats_home_for(project)
     home.mkdir(parents=True, exist_ok=True)
-    port = 4222 if _port_free(4222) else _free_port_any()
+    port = _free_port(4222)
     url = f"nats://{LOOPBACK}:{port}"
     log = (home / "nats-server.log").open("ab")
     argv = [binary, "-js", "-sd", str(home / "jetstream"), "-a", LOOPBACK, "-p", str(port)]
@@ -322,10 +323,3 @@ def start_nats(project: Path) -> EmbeddedNats:
         time.sleep(0.1)
     server.stop()
     raise EmbeddedError(f"the embedded nats-server did not start (log: {home / 'nats-server.log'})")
-
-
-def _free_port_any() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port

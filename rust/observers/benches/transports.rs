@@ -102,15 +102,20 @@ async fn through_redis(url: &str) -> Duration {
     elapsed
 }
 
-async fn through_nats(url: &str) -> Duration {
+/// A stream and subject prefix of the run's own.
+fn nats_config(url: &str) -> NatsConfig {
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..12];
-    let config = NatsConfig {
+    NatsConfig {
         url: Some(url.to_owned()),
         subject_prefix: format!("fqbench{suffix}"),
         consumer_name: "bench".into(),
         stream_name: format!("fqbench_{suffix}"),
         ..NatsConfig::default()
-    };
+    }
+}
+
+async fn through_nats(url: &str) -> Duration {
+    let config = nats_config(url);
     let client = nats::connect(&config).await.unwrap();
     let metrics = NatsMetrics::new();
     let source = NatsSource::new(client.clone(), &config, metrics.clone(), MAX_CONCURRENCY)
@@ -245,14 +250,7 @@ async fn from_postgres_to_redis(db_url: &str, url: &str) -> Duration {
 
 async fn from_postgres_to_nats(db_url: &str, url: &str) -> Duration {
     let backlog = Backlog::create(db_url).await;
-    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..12];
-    let config = NatsConfig {
-        url: Some(url.to_owned()),
-        subject_prefix: format!("fqbench{suffix}"),
-        consumer_name: "bench".into(),
-        stream_name: format!("fqbench_{suffix}"),
-        ..NatsConfig::default()
-    };
+    let config = nats_config(url);
     let client = nats::connect(&config).await.unwrap();
     let metrics = NatsMetrics::new();
     let source = NatsSource::new(client.clone(), &config, metrics.clone(), MAX_CONCURRENCY)

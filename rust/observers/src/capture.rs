@@ -202,50 +202,20 @@ BEGIN
     RETURN NULL;
 END
 $fraiseql$;
-
--- INSERT and DELETE, once per statement over its transition table: one INSERT … SELECT
--- instead of one trigger call per row, which is what bulk writers pay for.
-CREATE OR REPLACE FUNCTION {CAPTURE_INSERTED_FUNCTION}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $fraiseql$
-DECLARE
-    v_id bigint;
-BEGIN
-    WITH logged AS (
-        INSERT INTO {CHANGE_LOG_TABLE} (entity, event, table_name, new, old)
-        SELECT TG_ARGV[0], 'INSERT', TG_ARGV[3], to_jsonb(r), NULL FROM fraiseql_inserted r
-        RETURNING id
-    )
-    SELECT max(id) INTO v_id FROM logged;
-    IF v_id IS NOT NULL AND TG_ARGV[1] <> ''
-       AND current_setting('fraiseql.notified', true) IS DISTINCT FROM TG_ARGV[1] THEN
-        PERFORM set_config('fraiseql.notified', TG_ARGV[1], true);
-        PERFORM pg_notify(TG_ARGV[1], v_id::text);
-    END IF;
-    RETURN NULL;
-END
-$fraiseql$;
-
-CREATE OR REPLACE FUNCTION {CAPTURE_DELETED_FUNCTION}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $fraiseql$
-DECLARE
-    v_id bigint;
-BEGIN
-    WITH logged AS (
-        INSERT INTO {CHANGE_LOG_TABLE} (entity, event, table_name, new, old)
-        SELECT TG_ARGV[0], 'DELETE', TG_ARGV[3], NULL, to_jsonb(r) FROM fraiseql_deleted r
-        RETURNING id
-    )
-    SELECT max(id) INTO v_id FROM logged;
-    IF v_id IS NOT NULL AND TG_ARGV[1] <> ''
-       AND current_setting('fraiseql.notified', true) IS DISTINCT FROM TG_ARGV[1] THEN
-        PERFORM set_config('fraiseql.notified', TG_ARGV[1], true);
-        PERFORM pg_notify(TG_ARGV[1], v_id::text);
-    END IF;
-    RETURN NULL;
-END
-$fraiseql$;
 "#
     );
+    // INSERT and DELETE, once per statement over its transition table: one INSERT … SELECT
+    // instead of one trigger call per row, which is what bulk writers pay for.
+    sql.push_str(&statement_function(
+        CAPTURE_INSERTED_FUNCTION,
+        "INSERT",
+        "to_jsonb(r), NULL FROM fraiseql_inserted r",
+    ));
+    sql.push_str(&statement_function(
+        CAPTURE_DELETED_FUNCTION,
+        "DELETE",
+        "NULL, to_jsonb(r) FROM fraiseql_deleted r",
+    ));
     for t in entity_triggers(schema)? {
         let args = format!(
             "'{entity}', '{channel}', '{mode}', '{table_literal}'",
@@ -269,6 +239,34 @@ $fraiseql$;
         ));
     }
     Ok(sql)
+}
+
+/// A statement-level capture function: the statement's rows from its transition table
+/// (`rows` = the `new, old` columns and the FROM clause), then the one wake-up per transaction.
+fn statement_function(name: &str, event: &str, rows: &str) -> String {
+    format!(
+        r#"
+CREATE OR REPLACE FUNCTION {name}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $fraiseql$
+DECLARE
+    v_id bigint;
+BEGIN
+    WITH logged AS (
+        INSERT INTO {CHANGE_LOG_TABLE} (entity, event, table_name, new, old)
+        SELECT TG_ARGV[0], '{event}', TG_ARGV[3], {rows}
+        RETURNING id
+    )
+    SELECT max(id) INTO v_id FROM logged;
+    IF v_id IS NOT NULL AND TG_ARGV[1] <> ''
+       AND current_setting('fraiseql.notified', true) IS DISTINCT FROM TG_ARGV[1] THEN
+        PERFORM set_config('fraiseql.notified', TG_ARGV[1], true);
+        PERFORM pg_notify(TG_ARGV[1], v_id::text);
+    END IF;
+    RETURN NULL;
+END
+$fraiseql$;
+"#
+    )
 }
 
 fn uninstall_body(schema: &Schema) -> Result<String> {

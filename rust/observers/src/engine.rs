@@ -301,29 +301,8 @@ impl Engine {
             first_failed_at: failure.first_failed_at,
             last_failed_at: now_rfc3339(),
         };
-        match self.dlq.push(entry).await {
-            Ok(PushOutcome::Stored(id)) => {
-                self.metrics.dlq_size.inc();
-                tracing::warn!(
-                    "[observer] {} moved event {} to the dead-letter queue (entry {id})",
-                    observer.name,
-                    event.id
-                );
-            }
-            Ok(PushOutcome::Overflow) => {
-                self.metrics.dlq_overflow.inc();
-                tracing::error!(
-                    "[observer] dead-letter queue full (max_dlq_size reached): dropped event {} of {}",
-                    event.id,
-                    observer.name
-                );
-            }
-            Err(e) => tracing::error!(
-                "[observer] could not write event {} of {} to the dead-letter queue: {e}",
-                event.id,
-                observer.name
-            ),
-        }
+        let what = format!("[observer] {} event {}", observer.name, event.id);
+        self.store_dead_letter(entry, &what).await;
     }
 
     /// Keeps input that could not become an event (a malformed change-log row or message)
@@ -357,18 +336,22 @@ impl Engine {
             last_failed_at: now_rfc3339(),
         };
         self.metrics.source_undecodable.inc();
+        let what = format!("{source}: undecodable input {id} ({reason})");
+        self.store_dead_letter(entry, &what).await;
+    }
+
+    /// Pushes one entry and keeps the DLQ gauges true; `what` names it in the log line.
+    async fn store_dead_letter(&self, entry: DlqEntry, what: &str) {
         match self.dlq.push(entry).await {
-            Ok(PushOutcome::Stored(entry)) => {
+            Ok(PushOutcome::Stored(id)) => {
                 self.metrics.dlq_size.inc();
-                tracing::warn!("{source}: input {id} is undecodable ({reason}); kept as dead-letter entry {entry}");
+                tracing::warn!("{what}: moved event to the dead-letter queue (entry {id})");
             }
             Ok(PushOutcome::Overflow) => {
                 self.metrics.dlq_overflow.inc();
-                tracing::error!("{source}: input {id} is undecodable ({reason}) and the dead-letter queue is full: dropped");
+                tracing::error!("{what}: dead-letter queue full (max_dlq_size reached): dropped");
             }
-            Err(e) => tracing::error!(
-                "{source}: input {id} is undecodable ({reason}) and could not be dead-lettered: {e}"
-            ),
+            Err(e) => tracing::error!("{what}: could not write to the dead-letter queue: {e}"),
         }
     }
 

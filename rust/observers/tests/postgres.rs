@@ -16,7 +16,7 @@ use fraiseql_observers::{
     PgIdempotencyStore, PgIdempotencyStores, PostgresOptions, PostgresSource, RetryPolicy, Schema,
 };
 use serde_json::json;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -24,101 +24,28 @@ use tokio::task::JoinHandle;
 const WAIT: Duration = Duration::from_secs(60);
 const CHANNEL: &str = "fraiseql_test_changes";
 
-fn base_url() -> String {
-    std::env::var("FRAISEQL_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
+mod pg;
 
-/// `url` with its database replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (main, query) = match url.find('?') {
-        Some(i) => (&url[..i], &url[i..]),
-        None => (url, ""),
-    };
-    let authority_start = main.find("://").map_or(0, |i| i + 3);
-    let root = match main[authority_start..].find('/') {
-        Some(i) => &main[..authority_start + i],
-        None => main,
-    };
-    format!("{root}/{db}{query}")
-}
+use pg::TestDb;
 
-/// A database of its own, dropped by `cleanup` (or, if the test panicked, on drop).
-struct TestDb {
-    name: String,
-    url: String,
-    pool: PgPool,
-    cleaned: bool,
-}
-
-impl TestDb {
-    async fn create() -> TestDb {
-        let name = format!("fraiseql_rs_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&base_url())
-            .await
-            .expect("connect to the test PostgreSQL");
-        admin
-            .execute(format!("CREATE DATABASE \"{name}\"").as_str())
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        let url = with_database(&base_url(), &name);
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .connect(&url)
-            .await
-            .unwrap();
-        pool.execute(
+/// A database of its own with a `tb_order` table.
+async fn test_db() -> TestDb {
+    let db = TestDb::create("fraiseql_rs", 8).await;
+    db.pool
+        .execute(
             "CREATE TABLE tb_order (id serial PRIMARY KEY, status text NOT NULL DEFAULT 'new', \
              total numeric NOT NULL DEFAULT 0, note text)",
         )
         .await
         .unwrap();
-        TestDb {
-            name,
-            url,
-            pool,
-            cleaned: false,
-        }
-    }
-
-    async fn install(&self) {
-        capture::install(&self.pool, &schema(), CHANNEL)
-            .await
-            .unwrap();
-    }
-
-    async fn cleanup(mut self) {
-        self.pool.close().await;
-        drop_database(&self.name).await;
-        self.cleaned = true;
-    }
+    db
 }
 
-async fn drop_database(name: &str) {
-    let mut admin = PgConnection::connect(&base_url()).await.unwrap();
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+/// Change capture on `tb_order`, notifying `CHANNEL`.
+async fn install(db: &TestDb) {
+    capture::install(&db.pool, &schema(), CHANNEL)
         .await
         .unwrap();
-    let _ = admin.close().await;
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if self.cleaned {
-            return;
-        }
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(drop_database(&name));
-        })
-        .join();
-    }
 }
 
 fn schema() -> Schema {
@@ -269,9 +196,9 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_is_idempotent_and_notifies_once_per_transaction() {
-    let db = TestDb::create().await;
-    db.install().await;
-    db.install().await;
+    let db = test_db().await;
+    install(&db).await;
+    install(&db).await;
     // Two installers at once serialise on the advisory lock.
     let entities = schema();
     let (a, b) = tokio::join!(
@@ -332,7 +259,7 @@ async fn install_is_idempotent_and_notifies_once_per_transaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_and_missing_names_are_rejected() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
     let hostile = Schema::new(vec![EntityDef {
         name: "Order".into(),
         table: "tb_order; DROP TABLE tb_order".into(),
@@ -376,8 +303,8 @@ async fn hostile_and_missing_names_are_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inserts_updates_and_deletes_reach_observers() {
-    let db = TestDb::create().await;
-    db.install().await;
+    let db = test_db().await;
+    install(&db).await;
     let recorder = Arc::new(Recorder::default());
     let running = Running::start(&db.url, "crud", engine(&recorder)).await;
     running
@@ -436,8 +363,8 @@ async fn inserts_updates_and_deletes_reach_observers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_rows_written_before_start_are_all_processed() {
-    let db = TestDb::create().await;
-    db.install().await;
+    let db = test_db().await;
+    install(&db).await;
     db.pool
         .execute("INSERT INTO tb_order (total) SELECT g FROM generate_series(1, 600) g")
         .await
@@ -474,8 +401,8 @@ async fn a_thousand_rows_written_before_start_are_all_processed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_delivers_what_came_after_and_nothing_acknowledged() {
-    let db = TestDb::create().await;
-    db.install().await;
+    let db = test_db().await;
+    install(&db).await;
     let first = Arc::new(Recorder::default());
     let running = Running::start(&db.url, "restart", engine(&first)).await;
     for i in 0..10 {
@@ -509,8 +436,8 @@ async fn a_restart_delivers_what_came_after_and_nothing_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_that_commits_late_is_not_skipped() {
-    let db = TestDb::create().await;
-    db.install().await;
+    let db = test_db().await;
+    install(&db).await;
     let recorder = Arc::new(Recorder::default());
     let running = Running::start(&db.url, "late", engine(&recorder)).await;
     running.wait_until("healthy", |h| h.healthy()).await;
@@ -569,8 +496,8 @@ async fn a_transaction_that_commits_late_is_not_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_kb_row_is_delivered_whole() {
-    let db = TestDb::create().await;
-    db.install().await;
+    let db = test_db().await;
+    install(&db).await;
     let recorder = Arc::new(Recorder::default());
     let running = Running::start(&db.url, "large", engine(&recorder)).await;
     let note = "x".repeat(100 * 1024);
@@ -587,8 +514,8 @@ async fn a_100_kb_row_is_delivered_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_change_log_row_is_skipped_and_counted() {
-    let db = TestDb::create().await;
-    db.install().await;
+    let db = test_db().await;
+    install(&db).await;
     db.pool
         .execute(
             "INSERT INTO fraiseql_change_log (entity, event, table_name, new) \
@@ -617,8 +544,8 @@ async fn a_bad_change_log_row_is_skipped_and_counted() {
 /// 10 (ordered as text, '10' < '9', and the cursor would jump past txid 9's change).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_are_read_in_numeric_transaction_order() {
-    let db = TestDb::create().await;
-    db.install().await;
+    let db = test_db().await;
+    install(&db).await;
     db.pool
         .execute(
             "INSERT INTO fraiseql_change_log (txid, entity, event, table_name, new) VALUES \
@@ -653,8 +580,8 @@ async fn changes_are_read_in_numeric_transaction_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sources_on_one_listener_id_process_each_change_once() {
-    let db = TestDb::create().await;
-    db.install().await;
+    let db = test_db().await;
+    install(&db).await;
     let (r1, r2) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
     let s1 = Running::start(&db.url, "shared", engine(&r1)).await;
     let s2 = Running::start(&db.url, "shared", engine(&r2)).await;
@@ -714,7 +641,7 @@ async fn two_sources_on_one_listener_id_process_each_change_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_store_records_each_key_once() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
     let store = PgIdempotencyStore::new(db.pool.clone(), "billing_observer_keys")
         .await
         .unwrap();
@@ -779,7 +706,7 @@ async fn idempotency_store_records_each_key_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn effectively_once_holds_across_engines_sharing_the_table() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
     let stores = PgIdempotencyStores::new(db.pool.clone());
     stores.prepare(["charge_keys"]).await.unwrap();
     let recorder = Arc::new(Recorder::default());
@@ -830,8 +757,8 @@ async fn effectively_once_holds_across_engines_sharing_the_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_source_reconnects_after_its_connections_are_killed() {
-    let db = TestDb::create().await;
-    db.install().await;
+    let db = test_db().await;
+    install(&db).await;
     let recorder = Arc::new(Recorder::default());
     let running = Running::start(&db.url, "reconnect", engine(&recorder)).await;
     running.wait_until("healthy", |h| h.healthy()).await;

@@ -13,97 +13,14 @@ use fraiseql_observers::{
     MemoryIdempotencyStores, Metrics, ObserverSpec, PgDeadLetterQueue, RetryPolicy,
 };
 use serde_json::json;
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{Connection, Executor, PgConnection};
 use tokio::sync::Barrier;
 
-fn base_url() -> String {
-    std::env::var("FRAISEQL_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
+mod pg;
 
-/// `url` with its database replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (main, query) = match url.find('?') {
-        Some(i) => (&url[..i], &url[i..]),
-        None => (url, ""),
-    };
-    let authority_start = main.find("://").map_or(0, |i| i + 3);
-    let root = match main[authority_start..].find('/') {
-        Some(i) => &main[..authority_start + i],
-        None => main,
-    };
-    format!("{root}/{db}{query}")
-}
+use pg::{connect, TestDb};
 
-/// A database of its own, dropped by `cleanup` (or, if the test panicked, on drop).
-struct TestDb {
-    name: String,
-    url: String,
-    pool: PgPool,
-    cleaned: bool,
-}
-
-impl TestDb {
-    async fn create() -> TestDb {
-        let name = format!("fraiseql_dlq_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&base_url())
-            .await
-            .expect("connect to the test PostgreSQL");
-        admin
-            .execute(format!("CREATE DATABASE \"{name}\"").as_str())
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        let url = with_database(&base_url(), &name);
-        let pool = connect(&url, 4).await;
-        TestDb {
-            name,
-            url,
-            pool,
-            cleaned: false,
-        }
-    }
-
-    async fn cleanup(mut self) {
-        self.pool.close().await;
-        drop_database(&self.name).await;
-        self.cleaned = true;
-    }
-}
-
-async fn connect(url: &str, max: u32) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(max)
-        .connect(url)
-        .await
-        .unwrap()
-}
-
-async fn drop_database(name: &str) {
-    let mut admin = PgConnection::connect(&base_url()).await.unwrap();
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
-        .await
-        .unwrap();
-    let _ = admin.close().await;
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if self.cleaned {
-            return;
-        }
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(drop_database(&name));
-        })
-        .join();
-    }
+async fn test_db() -> TestDb {
+    TestDb::create("fraiseql_dlq", 4).await
 }
 
 fn event(n: u32) -> Event {
@@ -153,7 +70,7 @@ fn stored(outcome: PushOutcome) -> u64 {
 
 #[tokio::test]
 async fn push_list_get_remove_purge_len_round_trip() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
     let dlq = PgDeadLetterQueue::new(db.pool.clone(), None).await.unwrap();
     assert!(dlq.is_empty().await.unwrap());
     assert!(dlq.list(10).await.unwrap().is_empty());
@@ -213,7 +130,7 @@ async fn push_list_get_remove_purge_len_round_trip() {
 
 #[tokio::test]
 async fn timestamps_are_normalised_to_utc_and_must_be_rfc3339() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
     let dlq = PgDeadLetterQueue::new(db.pool.clone(), None).await.unwrap();
 
     let mut e = entry(1);
@@ -246,7 +163,7 @@ async fn timestamps_are_normalised_to_utc_and_must_be_rfc3339() {
 
 #[tokio::test]
 async fn table_and_index_are_created_idempotently() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
     PgDeadLetterQueue::new(db.pool.clone(), None).await.unwrap();
     PgDeadLetterQueue::new(db.pool.clone(), Some(5))
         .await
@@ -265,7 +182,7 @@ async fn table_and_index_are_created_idempotently() {
 
 #[tokio::test]
 async fn full_queue_drops_the_newest_and_keeps_the_oldest() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
     let dlq = PgDeadLetterQueue::new(db.pool.clone(), Some(2))
         .await
         .unwrap();
@@ -309,7 +226,7 @@ async fn cap_holds_across_concurrent_pushers_with_separate_pools() {
     const TASKS: usize = 4;
     const PER_TASK: u32 = 50;
     const CAP: usize = 20;
-    let db = TestDb::create().await;
+    let db = test_db().await;
     let barrier = Arc::new(Barrier::new(TASKS));
     let mut handles = Vec::new();
     for t in 0..TASKS {
@@ -359,7 +276,7 @@ async fn cap_holds_across_concurrent_pushers_with_separate_pools() {
 
 #[tokio::test]
 async fn entries_survive_recreating_the_queue() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
     let expected: Vec<DlqEntry> = {
         let pool = connect(&db.url, 2).await;
         let dlq = PgDeadLetterQueue::new(pool.clone(), Some(3)).await.unwrap();
@@ -435,7 +352,7 @@ fn engine(dlq: Arc<PgDeadLetterQueue>, action: Arc<Flaky>) -> Engine {
 
 #[tokio::test]
 async fn engine_dead_letters_into_the_table_and_retries_from_it() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
     let dlq = Arc::new(PgDeadLetterQueue::new(db.pool.clone(), None).await.unwrap());
     let action = Arc::new(Flaky::default());
     let engine = engine(dlq.clone(), action.clone());
@@ -485,7 +402,7 @@ async fn engine_dead_letters_into_the_table_and_retries_from_it() {
 
 #[tokio::test]
 async fn engine_counts_overflow_when_the_table_is_full() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
     let dlq = Arc::new(
         PgDeadLetterQueue::new(db.pool.clone(), Some(1))
             .await

@@ -580,56 +580,36 @@ impl PyEngine {
                     runtime().block_on(backend::start_memory(engine, &self.config, http_port))
                 })
             }
-            Backend::Postgres => {
+            source => {
                 let specs = self.take_specs()?;
                 let dlq = self.durable_dead_letters(py)?;
+                let (config, schema, metrics) = (&self.config, &self.schema, self.metrics.clone());
                 py.detach(|| {
-                    runtime().block_on(backend::start_postgres(
-                        specs,
-                        &self.config,
-                        &self.schema,
-                        dlq,
-                        self.metrics.clone(),
-                        http_port,
-                    ))
-                })
-                .map(|(engine, running)| {
-                    let _ = self.engine.set(engine);
-                    running
-                })
-            }
-            Backend::Nats => {
-                let specs = self.take_specs()?;
-                let dlq = self.durable_dead_letters(py)?;
-                py.detach(|| {
-                    runtime().block_on(backend::start_nats(
-                        specs,
-                        &self.config,
-                        &self.schema,
-                        dlq,
-                        self.metrics.clone(),
-                        self.nats_metrics.clone(),
-                        http_port,
-                    ))
-                })
-                .map(|(engine, running)| {
-                    let _ = self.engine.set(engine);
-                    running
-                })
-            }
-            Backend::Redis => {
-                let specs = self.take_specs()?;
-                let dlq = self.durable_dead_letters(py)?;
-                py.detach(|| {
-                    runtime().block_on(backend::start_redis(
-                        specs,
-                        &self.config,
-                        &self.schema,
-                        dlq,
-                        self.metrics.clone(),
-                        self.redis_metrics.clone(),
-                        http_port,
-                    ))
+                    runtime().block_on(async {
+                        match source {
+                            Backend::Postgres => {
+                                backend::start_postgres(
+                                    specs, config, schema, dlq, metrics, http_port,
+                                )
+                                .await
+                            }
+                            Backend::Nats => {
+                                let nats = self.nats_metrics.clone();
+                                backend::start_nats(
+                                    specs, config, schema, dlq, metrics, nats, http_port,
+                                )
+                                .await
+                            }
+                            Backend::Redis => {
+                                let redis = self.redis_metrics.clone();
+                                backend::start_redis(
+                                    specs, config, schema, dlq, metrics, redis, http_port,
+                                )
+                                .await
+                            }
+                            Backend::InMemory => unreachable!("handled above"),
+                        }
+                    })
                 })
                 .map(|(engine, running)| {
                     let _ = self.engine.set(engine);

@@ -73,6 +73,9 @@ use crate::metrics::Metrics;
 
 /// Counting more than this many pending rows for `/health` is not worth the scan.
 const LAG_COUNT_CAP: i64 = 100_000;
+/// How often the active reader counts its lag: at most once per poll interval, and not
+/// more than once a second even when polling faster (the count reads up to the cap).
+const LAG_EVERY: Duration = Duration::from_secs(1);
 /// `/health` turns 503 when the active reader's cursor has not moved for this long while
 /// changes are pending (a stuck batch, a transaction holding back `xmin`).
 const STALL_AFTER: Duration = Duration::from_secs(60);
@@ -440,7 +443,7 @@ impl PostgresSource {
                 self.health.progressed();
                 engine.metrics().source_batches.inc();
             }
-            if lag_checked.is_none_or(|t| t.elapsed() >= o.poll_interval) {
+            if lag_checked.is_none_or(|t| t.elapsed() >= o.poll_interval.max(LAG_EVERY)) {
                 self.store_lag(conn, cursor, engine.metrics()).await?;
                 lag_checked = Some(Instant::now());
             }

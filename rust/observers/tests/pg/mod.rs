@@ -1,0 +1,97 @@
+//! A database of its own per test, on the PostgreSQL at `FRAISEQL_TEST_DATABASE_URL` (else
+//! `postgres://postgres@127.0.0.1:5432/postgres`), dropped at the end. Shared by the live
+//! PostgreSQL test files.
+#![allow(dead_code)]
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Connection, Executor, PgConnection};
+
+pub fn base_url() -> String {
+    std::env::var("FRAISEQL_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// `url` with its database replaced by `db`.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (main, query) = match url.find('?') {
+        Some(i) => (&url[..i], &url[i..]),
+        None => (url, ""),
+    };
+    let authority_start = main.find("://").map_or(0, |i| i + 3);
+    let root = match main[authority_start..].find('/') {
+        Some(i) => &main[..authority_start + i],
+        None => main,
+    };
+    format!("{root}/{db}{query}")
+}
+
+pub async fn connect(url: &str, max: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+/// A database of its own, dropped by `cleanup` (or, if the test panicked, on drop).
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+    cleaned: bool,
+}
+
+impl TestDb {
+    /// `prefix_<uuid>`, with a pool of `max` connections.
+    pub async fn create(prefix: &str, max: u32) -> TestDb {
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&base_url())
+            .await
+            .expect("connect to the test PostgreSQL");
+        admin
+            .execute(format!("CREATE DATABASE \"{name}\"").as_str())
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        let url = with_database(&base_url(), &name);
+        let pool = connect(&url, max).await;
+        TestDb {
+            name,
+            url,
+            pool,
+            cleaned: false,
+        }
+    }
+
+    pub async fn cleanup(mut self) {
+        self.pool.close().await;
+        drop_database(&self.name).await;
+        self.cleaned = true;
+    }
+}
+
+async fn drop_database(name: &str) {
+    let mut admin = PgConnection::connect(&base_url()).await.unwrap();
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+    let _ = admin.close().await;
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(drop_database(&name));
+        })
+        .join();
+    }
+}
