@@ -1,0 +1,356 @@
+//! NATS JetStream: the engine's publisher and consumer against bare async-nats, in one run.
+//!
+//! `cargo bench -p fraiseql_observers --bench nats` — needs a live nats-server with JetStream
+//! (`FRAISEQL_TEST_NATS_URL`, default `nats://127.0.0.1:4222`). Every phase uses a stream of
+//! its own (file storage, the engine's stream settings) that is deleted afterwards.
+//!
+//! Raw baselines, written the way a team would with async-nats alone:
+//! - async publish: 200-byte payloads with a `Nats-Msg-Id`, up to 8,192 PubAcks in flight;
+//! - publish awaiting each PubAck before the next;
+//! - pull consume with explicit acks from a durable consumer (batches of 256).
+//!
+//! The engine, on the same server in the same run:
+//! - publisher: `NatsPublisher::publish_all` (each event serialised to the bridge's JSON body,
+//!   `Nats-Msg-Id` = event id, every PubAck awaited);
+//! - in-memory source → engine → publish action (`bridge_observers`): what `fraiseql run`
+//!   does with every change it forwards;
+//! - consumer: `NatsSource` (durable pull consumer, max concurrency 256) through a condition
+//!   and a no-op action, acking each message, with 1 and with 3 instances (each with its own
+//!   connection) sharing the consumer.
+//!
+//! CPU is this process's user + system time (`/proc/self/stat`) over the phase divided by the
+//! messages; nats-server is another process and is not counted.
+//! `FRAISEQL_BENCH_MESSAGES` sets the messages per phase (default 200,000).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, context::PublishAckFuture};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use fraiseql_observers::bridge;
+use fraiseql_observers::config::NatsConfig;
+use fraiseql_observers::transport::nats;
+use fraiseql_observers::{
+    CheckpointStrategy, Condition, Engine, EntityDef, Event, EventKind, MemoryDlq,
+    MemoryIdempotencyStores, MemoryTransport, Metrics, NatsMetrics, NatsPublisher, NatsSource,
+    NoopAction, ObserverSpec, RetryPolicy, Schema,
+};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::sync::watch;
+
+const RAW_WINDOW: usize = 8192;
+const MAX_CONCURRENCY: usize = 256;
+
+fn messages() -> usize {
+    std::env::var("FRAISEQL_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000)
+}
+
+/// utime + stime of the whole process, in seconds.
+fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let close = stat.rfind(')').unwrap();
+    let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0 // USER_HZ
+}
+
+/// Rate and CPU per message of one phase.
+struct Measured {
+    rate: f64,
+    cpu_us: f64,
+}
+
+async fn measure<F: std::future::Future<Output = ()>>(n: usize, phase: F) -> Measured {
+    let cpu0 = process_cpu();
+    let started = Instant::now();
+    phase.await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = process_cpu() - cpu0;
+    Measured {
+        rate: n as f64 / elapsed,
+        cpu_us: cpu * 1e6 / n as f64,
+    }
+}
+
+/// A stream, subject prefix and consumer of the phase's own.
+fn nats_config(url: &str) -> NatsConfig {
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    NatsConfig {
+        url: Some(url.to_owned()),
+        subject_prefix: format!("fqbench{suffix}"),
+        consumer_name: "bench".into(),
+        stream_name: format!("fqbench_{suffix}"),
+        ..NatsConfig::default()
+    }
+}
+
+async fn fresh_stream(client: &async_nats::Client, config: &NatsConfig) -> jetstream::Context {
+    let js = jetstream::new(client.clone());
+    nats::ensure_stream(&js, config).await.unwrap();
+    js
+}
+
+async fn delete_stream(client: &async_nats::Client, config: &NatsConfig) {
+    let _ = jetstream::new(client.clone())
+        .delete_stream(&config.stream_name)
+        .await;
+}
+
+/// A context that lets `RAW_WINDOW` PubAcks be outstanding (async-nats' default is 5,000).
+fn raw_context(client: &async_nats::Client) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .max_ack_inflight(RAW_WINDOW)
+        .build(client.clone())
+}
+
+fn headers(i: usize) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        format!("raw-{i}").as_str(),
+    );
+    headers
+}
+
+/// Bare async-nats: publish with `Nats-Msg-Id`, `RAW_WINDOW` PubAcks in flight.
+async fn raw_publish_async(js: &jetstream::Context, subject: &str, n: usize) {
+    let payload = Bytes::from(vec![b'x'; 200]);
+    let mut acks: std::collections::VecDeque<PublishAckFuture> =
+        std::collections::VecDeque::with_capacity(RAW_WINDOW);
+    for i in 0..n {
+        if acks.len() == RAW_WINDOW {
+            acks.pop_front().unwrap().await.unwrap();
+        }
+        let ack = js
+            .publish_with_headers(subject.to_owned(), headers(i), payload.clone())
+            .await
+            .unwrap();
+        acks.push_back(ack);
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
+/// Bare async-nats: each publish waits for its PubAck.
+async fn raw_publish_sync(js: &jetstream::Context, subject: &str, n: usize) {
+    let payload = Bytes::from(vec![b'x'; 200]);
+    for i in 0..n {
+        js.publish_with_headers(subject.to_owned(), headers(i), payload.clone())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
+/// Bare async-nats: pull `n` messages from a durable consumer and ack each.
+async fn raw_consume(stream: &jetstream::stream::Stream, n: usize) {
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            "raw",
+            pull::Config {
+                durable_name: Some("raw".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(256)
+        .messages()
+        .await
+        .unwrap();
+    let mut seen = 0;
+    while seen < n {
+        let message = messages.next().await.unwrap().unwrap();
+        message.ack().await.unwrap();
+        seen += 1;
+    }
+}
+
+fn schema() -> Schema {
+    Schema::new(vec![EntityDef {
+        name: "Order".into(),
+        table: "tb_order".into(),
+        fields: Vec::new(),
+    }])
+    .unwrap()
+}
+
+/// INSERT events whose JSON body is about 200 bytes, as in the raw phases.
+fn events(n: usize) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            let row = json!({"id": format!("ord_{i}"), "status": "pending", "total": 1500.0});
+            Event::new("Order", EventKind::Insert, "tb_order", Some(row), None)
+        })
+        .collect()
+}
+
+fn engine_with(specs: Vec<ObserverSpec>) -> Arc<Engine> {
+    let dlq = Arc::new(MemoryDlq::new(None));
+    let stores = MemoryIdempotencyStores::default();
+    Arc::new(Engine::new(specs, dlq, &stores, Arc::new(Metrics::new())).unwrap())
+}
+
+/// One observer with a condition and a no-op action.
+fn consuming_engine() -> Arc<Engine> {
+    engine_with(vec![ObserverSpec {
+        name: "noop".into(),
+        entity: "Order".into(),
+        event: EventKind::Insert,
+        condition: Some(Condition::compile("status == 'pending' && total > 100", None).unwrap()),
+        retry: RetryPolicy::default(),
+        checkpoint: CheckpointStrategy::AtLeastOnce,
+        actions: vec![Arc::new(NoopAction)],
+    }])
+}
+
+/// In-memory source → engine → publish action, as `fraiseql run` forwards every change.
+async fn engine_forward(publisher: NatsPublisher, events: Vec<Event>) {
+    let engine = engine_with(bridge::bridge_observers(
+        &schema(),
+        Arc::new(publisher),
+        "bench",
+    ));
+    let transport = MemoryTransport::start(engine, 10_000, RAW_WINDOW);
+    for event in events {
+        transport.emit(event).await.unwrap();
+    }
+    transport.stop().await;
+}
+
+/// `instances` consumers on one durable consumer, each with its own connection, until all
+/// `n` messages are processed and acked.
+async fn engine_consume(config: &NatsConfig, instances: usize, n: usize) -> Measured {
+    let mut clients = Vec::new();
+    let mut sources = Vec::new();
+    let metrics = NatsMetrics::new();
+    for _ in 0..instances {
+        let client = nats::connect(config).await.unwrap();
+        sources.push(
+            NatsSource::new(client.clone(), config, metrics.clone(), MAX_CONCURRENCY)
+                .await
+                .unwrap(),
+        );
+        clients.push(client);
+    }
+    let (stop, stop_rx) = watch::channel(false);
+    let engine = consuming_engine();
+    measure(n, async {
+        let runs: Vec<_> = sources
+            .into_iter()
+            .map(|s| tokio::spawn(s.run(engine.clone(), stop_rx.clone())))
+            .collect();
+        while metrics.received.get() < n as u64 || metrics.jetstream_pending.get() != 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        stop.send(true).unwrap();
+        for run in runs {
+            run.await.unwrap().unwrap();
+        }
+    })
+    .await
+}
+
+fn line(what: &str, m: &Measured, raw: Option<&Measured>) {
+    let ratio = raw.map_or(String::new(), |r| format!("  {:.2} x raw", m.rate / r.rate));
+    println!(
+        "  {what:<44} {:>9.0} msgs/s  {:>6.2} µs CPU/msg{ratio}",
+        m.rate, m.cpu_us
+    );
+}
+
+fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let url =
+        std::env::var("FRAISEQL_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let n = messages();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    println!("NATS JetStream, {n} messages per phase, file storage, {cores} cores");
+    rt.block_on(async {
+        let client = async_nats::connect(&url).await.unwrap();
+
+        // Publishing.
+        let config = nats_config(&url);
+        fresh_stream(&client, &config).await;
+        let js = raw_context(&client);
+        let subject = format!("{}.order.insert", config.subject_prefix);
+        let raw_async = measure(n, raw_publish_async(&js, &subject, n)).await;
+        line("raw publish, 8192 acks in flight", &raw_async, None);
+        delete_stream(&client, &config).await;
+
+        let config = nats_config(&url);
+        let js = fresh_stream(&client, &config).await;
+        let subject = format!("{}.order.insert", config.subject_prefix);
+        let sync_n = (n / 20).max(1000);
+        let raw_sync = measure(sync_n, raw_publish_sync(&js, &subject, sync_n)).await;
+        line("raw publish, awaiting each ack", &raw_sync, None);
+        delete_stream(&client, &config).await;
+
+        let config = nats_config(&url);
+        fresh_stream(&client, &config).await;
+        let events = events(n);
+        let publisher = NatsPublisher::new(client.clone(), &config, NatsMetrics::new());
+        let engine_publish = measure(n, async {
+            publisher.publish_all(&events).await.unwrap();
+        })
+        .await;
+        line(
+            "NatsPublisher::publish_all",
+            &engine_publish,
+            Some(&raw_async),
+        );
+        delete_stream(&client, &config).await;
+
+        let config = nats_config(&url);
+        fresh_stream(&client, &config).await;
+        let publisher = NatsPublisher::new(client.clone(), &config, NatsMetrics::new());
+        let events = crate::events(n);
+        let forwarded = measure(n, engine_forward(publisher, events)).await;
+        line(
+            "in-memory source -> engine -> publish",
+            &forwarded,
+            Some(&raw_async),
+        );
+        delete_stream(&client, &config).await;
+
+        // Consuming: each phase reads a stream filled (untimed) by the engine's publisher.
+        let config = nats_config(&url);
+        let js = fresh_stream(&client, &config).await;
+        let subject = format!("{}.order.insert", config.subject_prefix);
+        raw_publish_async(&raw_context(&client), &subject, n).await;
+        let stream = js.get_stream(&config.stream_name).await.unwrap();
+        let raw_pull = measure(n, raw_consume(&stream, n)).await;
+        line("raw pull consume + ack", &raw_pull, None);
+        delete_stream(&client, &config).await;
+
+        for instances in [1, 3] {
+            let config = nats_config(&url);
+            fresh_stream(&client, &config).await;
+            NatsPublisher::new(client.clone(), &config, NatsMetrics::new())
+                .publish_all(&crate::events(n))
+                .await
+                .unwrap();
+            let consumed = engine_consume(&config, instances, n).await;
+            line(
+                &format!("NatsSource x{instances}: condition + no-op + ack"),
+                &consumed,
+                Some(&raw_pull),
+            );
+            delete_stream(&client, &config).await;
+        }
+    });
+}
