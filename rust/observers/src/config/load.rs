@@ -832,12 +832,13 @@ fn check_subject_prefix(s: &str) -> Result<(), String> {
 }
 
 /// A file the engine will read (a TLS certificate or key): it must exist now, so a typo is a
-/// config error with file and line rather than a connect failure later.
+/// config error with file and line rather than a connect failure later. The whole path is
+/// shown (a shortened one would hide the file name).
 fn check_readable_file(s: &str) -> Result<(), String> {
     match std::fs::metadata(s) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(format!("{} is not a file", quote_short(s))),
-        Err(e) => Err(format!("cannot read {}: {e}", quote_short(s))),
+        Ok(_) => Err(format!("{s:?} is not a file")),
+        Err(e) => Err(format!("cannot read {s:?}: {e}")),
     }
 }
 

@@ -1229,3 +1229,60 @@ fn redis_section_unknown_key_and_bad_values() {
         "fraiseql.toml:7: observers.redis.stream: expected a name without spaces"
     ));
 }
+
+// ---------------------------------------------------------------- NATS files
+
+/// A fresh directory for one test's files.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "fraiseql-config-{}-{name}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn nats_with(url: &str, extra: &str) -> String {
+    format!("[observers]\nbackend = \"nats\"\n\n[observers.nats]\nurl = \"{url}\"\n{extra}")
+}
+
+#[test]
+fn nats_tls_files_are_checked_when_the_config_is_read() {
+    let dir = scratch("tls");
+    let missing = dir.join("ca.pem");
+    let missing = missing.to_str().unwrap();
+    let text = nats_with(
+        "tls://n:4222",
+        &format!(
+            "tls_ca_file = \"{missing}\"\ntls_cert_file = \"{}\"\n",
+            dir.display()
+        ),
+    );
+    let errs = errors_of(main_only(&text, &no_env));
+    assert!(
+        has(
+            &errs,
+            &format!("fraiseql.toml:6: observers.nats.tls_ca_file: cannot read \"{missing}\"")
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        has(
+            &errs,
+            &format!(
+                "fraiseql.toml:7: observers.nats.tls_cert_file: \"{}\" is not a file",
+                dir.display()
+            )
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        has(
+            &errs,
+            "fraiseql.toml:7: observers.nats.tls_cert_file: a client certificate needs both \
+             tls_cert_file and tls_key_file; tls_key_file is missing"
+        ),
+        "{errs:#?}"
+    );
+}
