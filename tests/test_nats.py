@@ -595,3 +595,52 @@ def test_credentials_file_in_operator_mode(registry: fraiseql.Registry, tmp_path
             assert time.monotonic() - started < 5, "refused at once, not retried"
     finally:
         server.stop()
+
+
+async def consumer_info(url: str, stream: str, consumer: str) -> Any:
+    nc = await nats.connect(url)
+    try:
+        return await nc.jetstream().consumer_info(stream, consumer)
+    finally:
+        await nc.close()
+
+
+def test_an_action_longer_than_ack_wait_runs_once(
+    registry: fraiseql.Registry, fraiseql_nats_url: str
+) -> None:
+    """With ack_wait_secs = 1, a handler that takes 3.5 s runs exactly once per event: the
+    consumer sends progress acks every ack_wait/2, so JetStream never redelivers, and the
+    consumer ends with everything acknowledged and nothing delivered twice."""
+
+    @fraiseql.type
+    class Order:
+        id: str
+
+    lock = threading.Lock()
+    calls: dict[str, int] = {}
+
+    @fraiseql.subscription(entity_type=Order, operation="create")
+    def slow(order: Any) -> None:
+        time.sleep(3.5)
+        with lock:
+            calls[order.id] = calls.get(order.id, 0) + 1
+
+    suffix = uuid.uuid4().hex[:8]
+    config = nats_config(fraiseql_nats_url, suffix)
+    config["observers"]["nats"]["jetstream"] = {"ack_wait_secs": 1}
+    ids = ["o1", "o2", "o3"]
+    try:
+        with fraiseql.Engine(config, http_port=0):
+            publisher = fraiseql.Publisher(config)
+            for order_id in ids:
+                publisher.publish(Order, "INSERT", new={"id": order_id})
+            wait_until(lambda: sorted(calls) == ids, timeout=30)
+            # A redelivery would have come after 1 s and finished 3.5 s later: wait past that.
+            time.sleep(3)
+            info = asyncio.run(consumer_info(fraiseql_nats_url, f"fq_{suffix}", f"worker_{suffix}"))
+        assert calls == dict.fromkeys(ids, 1)
+        assert info.delivered.consumer_seq == len(ids), "no message was delivered twice"
+        assert info.ack_floor.consumer_seq == len(ids)
+        assert (info.num_ack_pending, info.num_redelivered, info.num_pending) == (0, 0, 0)
+    finally:
+        asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
