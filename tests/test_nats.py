@@ -488,3 +488,159 @@ def test_three_instances_share_the_consumer_and_a_killed_one_loses_nothing(
     pids = {line.split()[1] for line in lines(effectively)}
     assert len(pids) >= 2, "the work was shared"
     asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
+
+
+def _engine_consumes_and_publishes(config: dict[str, Any]) -> None:
+    """The engine on `config` consumes an event that a Publisher on `config` published."""
+
+    @fraiseql.type
+    class Order:
+        id: str
+
+    seen: list[str] = []
+    fraiseql.subscription(entity_type=Order, operation="create")(lambda o: seen.append(o.id))
+    with fraiseql.Engine(config):
+        fraiseql.Publisher(config).publish(Order, "INSERT", new={"id": "o1"})
+        wait_until(lambda: seen == ["o1"])
+
+
+def test_nkey_file_authenticates_and_a_wrong_seed_is_refused_at_once(
+    registry: fraiseql.Registry, tmp_path: Any
+) -> None:
+    """A nats-server that lists the user's public nkey: with `nkey_file` the engine connects,
+    consumes and publishes; another user's seed is refused at start, at once, with the file
+    named and the seed never shown."""
+    from fraiseql.testing.nats_auth import KeyPair
+    from fraiseql.testing.services import start_nats_server
+
+    user, stranger = KeyPair.create("user"), KeyPair.create("user")
+    (tmp_path / "user.nk").write_text(user.seed + "\n")
+    (tmp_path / "stranger.nk").write_text(stranger.seed + "\n")
+    server = start_nats_server(config=f'authorization {{ users = [ {{ nkey: "{user.public_key}" }} ] }}\n')
+    try:
+        config = nats_config(server.url, uuid.uuid4().hex[:8])
+        config["observers"]["nats"]["nkey_file"] = str(tmp_path / "user.nk")
+        _engine_consumes_and_publishes(config)
+
+        config["observers"]["nats"]["nkey_file"] = str(tmp_path / "stranger.nk")
+        started = time.monotonic()
+        with pytest.raises(fraiseql.TransportError) as refused:
+            fraiseql.Engine(config).start()
+        message = str(refused.value)
+        assert "authorization violation" in message, message
+        assert f'nkey_file "{tmp_path / "stranger.nk"}", public key {stranger.public_key}' in message
+        assert stranger.seed not in message
+        assert time.monotonic() - started < 5, "refused at once, not retried"
+    finally:
+        server.stop()
+
+
+def test_nkey_file_errors_name_the_file_and_the_key(registry: fraiseql.Registry, tmp_path: Any) -> None:
+    """Checked when the config is read: a file without a valid user seed, both files, or a
+    file together with credentials in the URL."""
+    from fraiseql.testing.nats_auth import KeyPair, OperatorMode
+
+    seed = KeyPair.create("user").seed
+    broken = tmp_path / "broken.nk"
+    broken.write_text(seed[:20] + ("A" if seed[20] != "A" else "B") + seed[21:] + "\n")
+    creds = tmp_path / "user.creds"
+    creds.write_text(OperatorMode.create().creds())
+
+    def load(url: str = "nats://127.0.0.1:4222", **auth: str) -> str:
+        config = {"observers": {"backend": "nats", "nats": {"url": url, **auth}}}
+        with pytest.raises(fraiseql.ConfigError) as failed:
+            fraiseql.Engine(config)
+        return str(failed.value)
+
+    message = load(nkey_file=str(broken))
+    assert f'observers.nats.nkey_file: "{broken}" does not hold a valid nkey seed' in message
+    assert seed[2:] not in message
+    message = load(credentials_file=str(creds), nkey_file=str(tmp_path / "user.nk"))
+    assert "observers.nats.nkey_file: cannot read" in message
+    (tmp_path / "user.nk").write_text(seed)
+    message = load(credentials_file=str(creds), nkey_file=str(tmp_path / "user.nk"))
+    assert "set only one of credentials_file and nkey_file" in message
+    message = load("nats://app:s3cret@127.0.0.1:4222", credentials_file=str(creds))
+    assert "observers.nats.credentials_file: cannot be combined with a user, password or token" in message
+    assert "s3cret" not in message
+
+
+def test_credentials_file_in_operator_mode(registry: fraiseql.Registry, tmp_path: Any) -> None:
+    """A nats-server in operator mode (JWTs, memory resolver): with the user's `.creds` file
+    the engine connects, consumes and publishes; without it, or with a user signed by an
+    account the server does not know, it is refused at start."""
+    from fraiseql.testing.nats_auth import KeyPair, OperatorMode, creds_file_text, user_jwt
+    from fraiseql.testing.services import start_nats_server
+
+    trust = OperatorMode.create()
+    (tmp_path / "user.creds").write_text(trust.creds())
+    unknown = KeyPair.create("user")
+    (tmp_path / "unknown.creds").write_text(
+        creds_file_text(user_jwt(unknown, KeyPair.create("account")), unknown)
+    )
+    server = start_nats_server(config=trust.server_config())
+    try:
+        config = nats_config(server.url, uuid.uuid4().hex[:8])
+        anonymous = dict(config["observers"]["nats"])
+        config["observers"]["nats"]["credentials_file"] = str(tmp_path / "user.creds")
+        _engine_consumes_and_publishes(config)
+
+        for nats_settings in (
+            anonymous,
+            dict(anonymous, credentials_file=str(tmp_path / "unknown.creds")),
+        ):
+            started = time.monotonic()
+            with pytest.raises(fraiseql.TransportError, match="authorization violation"):
+                fraiseql.Engine({"observers": {"backend": "nats", "nats": nats_settings}}).start()
+            assert time.monotonic() - started < 5, "refused at once, not retried"
+    finally:
+        server.stop()
+
+
+async def consumer_info(url: str, stream: str, consumer: str) -> Any:
+    nc = await nats.connect(url)
+    try:
+        return await nc.jetstream().consumer_info(stream, consumer)
+    finally:
+        await nc.close()
+
+
+def test_an_action_longer_than_ack_wait_runs_once(
+    registry: fraiseql.Registry, fraiseql_nats_url: str
+) -> None:
+    """With ack_wait_secs = 1, a handler that takes 3.5 s runs exactly once per event: the
+    consumer sends progress acks every ack_wait/2, so JetStream never redelivers, and the
+    consumer ends with everything acknowledged and nothing delivered twice."""
+
+    @fraiseql.type
+    class Order:
+        id: str
+
+    lock = threading.Lock()
+    calls: dict[str, int] = {}
+
+    @fraiseql.subscription(entity_type=Order, operation="create")
+    def slow(order: Any) -> None:
+        time.sleep(3.5)
+        with lock:
+            calls[order.id] = calls.get(order.id, 0) + 1
+
+    suffix = uuid.uuid4().hex[:8]
+    config = nats_config(fraiseql_nats_url, suffix)
+    config["observers"]["nats"]["jetstream"] = {"ack_wait_secs": 1}
+    ids = ["o1", "o2", "o3"]
+    try:
+        with fraiseql.Engine(config, http_port=0):
+            publisher = fraiseql.Publisher(config)
+            for order_id in ids:
+                publisher.publish(Order, "INSERT", new={"id": order_id})
+            wait_until(lambda: sorted(calls) == ids, timeout=30)
+            # A redelivery would have come after 1 s and finished 3.5 s later: wait past that.
+            time.sleep(3)
+            info = asyncio.run(consumer_info(fraiseql_nats_url, f"fq_{suffix}", f"worker_{suffix}"))
+        assert calls == dict.fromkeys(ids, 1)
+        assert info.delivered.consumer_seq == len(ids), "no message was delivered twice"
+        assert info.ack_floor.consumer_seq == len(ids)
+        assert (info.num_ack_pending, info.num_redelivered, info.num_pending) == (0, 0, 0)
+    finally:
+        asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))

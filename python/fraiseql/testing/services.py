@@ -310,14 +310,28 @@ def postgres_bin_dir() -> Path:
 # --------------------------------------------------------------------------
 
 
-def start_nats_server(timeout: float = 20.0) -> ServerProcess:
-    """Start a private nats-server with JetStream on a free loopback port."""
+def start_nats_server(timeout: float = 20.0, config: str | None = None) -> ServerProcess:
+    """Start a private nats-server with JetStream on a free loopback port.
+
+    ``config`` adds nats-server config lines (authorization, accounts, operator
+    mode, TLS...) to ``listen`` and ``jetstream``; the server is then only
+    waited for until its port answers, since the JetStream probe cannot
+    authenticate.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="fraiseql-nats-"))
     port = free_port()
-    argv = [nats_server_binary(), "-js", "-sd", str(workdir / "jetstream")]
-    argv += ["-a", LOOPBACK, "-p", str(port)]
-    server = _spawn("nats-server", argv, workdir, port, f"nats://{LOOPBACK}:{port}")
-    _wait_ready(server, lambda: nats_has_jetstream(LOOPBACK, port, timeout=1.0), timeout)
+    url = f"nats://{LOOPBACK}:{port}"
+    if config is None:
+        argv = [nats_server_binary(), "-js", "-sd", str(workdir / "jetstream")]
+        argv += ["-a", LOOPBACK, "-p", str(port)]
+        server = _spawn("nats-server", argv, workdir, port, url)
+        _wait_ready(server, lambda: nats_has_jetstream(LOOPBACK, port, timeout=1.0), timeout)
+        return server
+    conf = workdir / "nats.conf"
+    store = json.dumps(str(workdir / "jetstream"))
+    conf.write_text(f"listen: {LOOPBACK}:{port}\njetstream {{ store_dir: {store} }}\n{config}")
+    server = _spawn("nats-server", [nats_server_binary(), "-c", str(conf)], workdir, port, url)
+    _wait_ready(server, lambda: _port_open(LOOPBACK, port), timeout)
     return server
 
 

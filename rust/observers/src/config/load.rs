@@ -5,6 +5,8 @@ use super::error::ConfigError;
 use super::handler;
 use super::node::{self, quote_short, Node, SyntaxError};
 use super::reader::{parse_int, url_shape, Ctx, Range};
+use crate::transport::nats_auth;
+
 use super::{
     validate_sql_identifier, Backend, Config, ConfigErrors, NatsConfig, RedisConfig,
     NATS_URL_REQUIRED, RUN_BRIDGE_REQUIRES_NATS,
@@ -38,6 +40,8 @@ const NATS_KEYS: &[&str] = &[
     "tls_ca_file",
     "tls_cert_file",
     "tls_key_file",
+    "credentials_file",
+    "nkey_file",
     "jetstream",
 ];
 const JETSTREAM_KEYS: &[&str] = &[
@@ -99,6 +103,15 @@ impl Origin {
         ConfigError::new(self.file.clone(), self.key.clone(), self.line, message)
     }
 
+    /// Names `other` as seen from this setting: `key (line N)` in the same file, else
+    /// `key in file` (or the variable's name).
+    fn other(&self, other: &Origin) -> String {
+        match other.line {
+            Some(line) if other.file == self.file => format!("{} (line {line})", other.key),
+            _ => other.describe(),
+        }
+    }
+
     fn describe(&self) -> String {
         if self.file == ENV_LABEL {
             self.key.clone()
@@ -113,6 +126,8 @@ struct Provenance {
     backend: Option<Origin>,
     backend_invalid: bool,
     nats_url: Option<Origin>,
+    nats_credentials_file: Option<Origin>,
+    nats_nkey_file: Option<Origin>,
     redis_url: Option<Origin>,
     run_bridge: Option<Origin>,
     bridge_channel_set: bool,
@@ -171,6 +186,7 @@ pub(crate) fn from_sources(
 
     if !prov.syntax_error {
         cross_checks(&cfg, &prov, url_was_empty, &mut errors);
+        nats_auth_checks(&cfg.observers.nats, &prov, &mut errors);
     }
 
     if errors.is_empty() {
@@ -243,6 +259,47 @@ fn cross_checks(
             o.backend.as_str()
         )));
     }
+}
+
+/// `credentials_file` and `nkey_file` are two ways to authenticate, and so is a user, password
+/// or token in the URL: only one of them may be set (after merging every source).
+fn nats_auth_checks(nats: &NatsConfig, prov: &Provenance, errors: &mut Vec<ConfigError>) {
+    let creds = nats
+        .credentials_file
+        .as_ref()
+        .and(prov.nats_credentials_file.as_ref());
+    let nkey = nats.nkey_file.as_ref().and(prov.nats_nkey_file.as_ref());
+    if let (Some(creds), Some(nkey)) = (creds, nkey) {
+        errors.push(nkey.error(format!(
+            "conflicts with {}: a credentials file already holds the user's nkey seed (with its \
+             JWT); set only one of credentials_file and nkey_file",
+            nkey.other(creds)
+        )));
+        return;
+    }
+    let Some(file) = creds.or(nkey) else {
+        return;
+    };
+    if nats.url.as_deref().is_some_and(url_has_credentials) {
+        let url = match &prov.nats_url {
+            Some(origin) => format!(", set by {}", file.other(origin)),
+            None => String::new(),
+        };
+        errors.push(file.error(format!(
+            "cannot be combined with a user, password or token in the NATS URL{url}; \
+             authenticate one way only"
+        )));
+    }
+}
+
+/// Whether any URL of the comma-separated list carries `user[:password]@` or `token@`.
+fn url_has_credentials(urls: &str) -> bool {
+    urls.split(',').any(|part| {
+        let part = part.trim();
+        let rest = part.find("://").map_or(part, |i| &part[i + 3..]);
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        rest[..end].contains('@')
+    })
 }
 
 fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Provenance) {
@@ -608,6 +665,20 @@ fn apply_nats(
             }
         }
     }
+    if let Some(n) = t.get("credentials_file") {
+        let p = t.path("credentials_file");
+        if let Some(v) = checked(ctx, n, &p, nats_auth::check_credentials_file) {
+            nats.credentials_file = Some(v);
+            prov.nats_credentials_file = Some(Origin::new(ctx, &p, n.line));
+        }
+    }
+    if let Some(n) = t.get("nkey_file") {
+        let p = t.path("nkey_file");
+        if let Some(v) = checked(ctx, n, &p, |s| nats_auth::read_nkey_seed(s).map(drop)) {
+            nats.nkey_file = Some(v);
+            prov.nats_nkey_file = Some(Origin::new(ctx, &p, n.line));
+        }
+    }
     for (key, other) in [
         ("tls_cert_file", "tls_key_file"),
         ("tls_key_file", "tls_cert_file"),
@@ -832,12 +903,13 @@ fn check_subject_prefix(s: &str) -> Result<(), String> {
 }
 
 /// A file the engine will read (a TLS certificate or key): it must exist now, so a typo is a
-/// config error with file and line rather than a connect failure later.
+/// config error with file and line rather than a connect failure later. The whole path is
+/// shown (a shortened one would hide the file name).
 fn check_readable_file(s: &str) -> Result<(), String> {
     match std::fs::metadata(s) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(format!("{} is not a file", quote_short(s))),
-        Err(e) => Err(format!("cannot read {}: {e}", quote_short(s))),
+        Ok(_) => Err(format!("{s:?} is not a file")),
+        Err(e) => Err(format!("cannot read {s:?}: {e}")),
     }
 }
 

@@ -15,7 +15,8 @@
 //! names the file, the dotted key, the line and what was expected. An unknown key anywhere is
 //! an error with a did-you-mean.
 //!
-//! This module is self-contained: `std`, `toml`, `strsim` only.
+//! This module is self-contained (`std`, `toml`, `strsim`), except that NATS authentication
+//! files are checked with [`crate::transport::nats_auth`], the parser the connection uses.
 
 mod error;
 mod handler;
@@ -166,6 +167,11 @@ pub struct NatsConfig {
     /// PEM client certificate and key, for servers that verify clients.
     pub tls_cert_file: Option<String>,
     pub tls_key_file: Option<String>,
+    /// A NATS credentials file (`.creds`: the user JWT and its nkey seed), for servers in
+    /// operator (decentralized JWT) mode.
+    pub credentials_file: Option<String>,
+    /// A file holding a user nkey seed (`SU…`), for servers that list the user's public nkey.
+    pub nkey_file: Option<String>,
     /// `[*.nats.jetstream]`
     pub jetstream: JetStreamConfig,
 }
@@ -180,6 +186,8 @@ impl Default for NatsConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            credentials_file: None,
+            nkey_file: None,
             jetstream: JetStreamConfig::default(),
         }
     }
@@ -760,6 +768,8 @@ impl fmt::Debug for NatsConfig {
             .field("subject_prefix", &self.subject_prefix)
             .field("consumer_name", &self.consumer_name)
             .field("stream_name", &self.stream_name)
+            .field("credentials_file", &self.credentials_file)
+            .field("nkey_file", &self.nkey_file)
             .field("jetstream", &self.jetstream)
             .finish()
     }

@@ -1229,3 +1229,303 @@ fn redis_section_unknown_key_and_bad_values() {
         "fraiseql.toml:7: observers.redis.stream: expected a name without spaces"
     ));
 }
+
+// ---------------------------------------------------------------- NATS files
+
+/// A fresh directory for one test's files.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "fraiseql-config-{}-{name}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn user_seed() -> String {
+    nkeys::KeyPair::new_user().seed().unwrap()
+}
+
+fn creds_text(seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.c2ln\n\
+         ------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    )
+}
+
+fn nats_with(url: &str, extra: &str) -> String {
+    format!("[observers]\nbackend = \"nats\"\n\n[observers.nats]\nurl = \"{url}\"\n{extra}")
+}
+
+#[test]
+fn nats_nkey_and_credentials_files_are_read() {
+    let dir = scratch("auth-ok");
+    let seed = user_seed();
+    let nk = write(&dir, "user.nk", &format!("{seed}\n"));
+    let creds = write(&dir, "user.creds", &creds_text(&user_seed()));
+
+    let text = nats_with("nats://n:4222", &format!("nkey_file = \"{nk}\"\n"));
+    let cfg = main_only(&text, &no_env).unwrap();
+    assert_eq!(cfg.observers.nats.nkey_file.as_deref(), Some(nk.as_str()));
+    assert_eq!(cfg.observers.nats.credentials_file, None);
+    let read = crate::transport::nats_auth::read_nkey_seed(&nk).unwrap();
+    assert_eq!(read.seed(), seed);
+    assert!(read.public_key().starts_with('U'));
+    assert!(
+        !format!("{read:?} {cfg:?}").contains(&seed),
+        "Debug never shows the seed"
+    );
+
+    let text = nats_with(
+        "nats://n:4222",
+        &format!("credentials_file = \"{creds}\"\n"),
+    );
+    let cfg = main_only(&text, &no_env).unwrap();
+    assert_eq!(
+        cfg.observers.nats.credentials_file.as_deref(),
+        Some(creds.as_str())
+    );
+
+    // the runtime file's [transport.nats], and a seed file with decoration lines
+    let decorated = write(
+        &dir,
+        "decorated.nk",
+        &format!("-----BEGIN USER NKEY SEED-----\n  {seed}  \n------END USER NKEY SEED------\n"),
+    );
+    let runtime = format!("[transport.nats]\nnkey_file = \"{decorated}\"\n");
+    let cfg = Config::from_sources(
+        Some((MAIN, &nats_with("nats://n:4222", ""))),
+        Some((RUNTIME, &runtime)),
+        &no_env,
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.observers.nats.nkey_file.as_deref(),
+        Some(decorated.as_str())
+    );
+}
+
+#[test]
+fn nats_auth_file_that_is_missing_is_an_error_with_file_and_line() {
+    let dir = scratch("auth-missing");
+    let missing = dir.join("nope.creds");
+    let missing = missing.to_str().unwrap();
+    let text = nats_with(
+        "nats://n:4222",
+        &format!(
+            "credentials_file = \"{missing}\"\nnkey_file = \"{}\"\n",
+            dir.display()
+        ),
+    );
+    let errs = errors_of(main_only(&text, &no_env));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].starts_with(&format!(
+        "fraiseql.toml:6: observers.nats.credentials_file: cannot read \"{missing}\": "
+    )));
+    assert!(
+        errs[1].starts_with(&format!(
+            "fraiseql.toml:7: observers.nats.nkey_file: cannot read \"{}\": ",
+            dir.display()
+        )),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn nats_nkey_file_without_a_valid_user_seed_names_the_file_not_the_seed() {
+    let dir = scratch("auth-bad-seed");
+    let seed = user_seed();
+    // one character changed: the checksum no longer matches
+    let mut chars: Vec<char> = seed.chars().collect();
+    chars[20] = if chars[20] == 'A' { 'B' } else { 'A' };
+    let broken: String = chars.into_iter().collect();
+    let account = nkeys::KeyPair::new_account().seed().unwrap();
+    let cases = [
+        (
+            "broken.nk",
+            broken.clone(),
+            "does not hold a valid nkey seed: its checksum does not match",
+        ),
+        (
+            "short.nk",
+            seed[..30].to_string(),
+            "does not hold a valid nkey seed: it is 30 characters long, a seed has 58",
+        ),
+        (
+            "public.nk",
+            nkeys::KeyPair::new_user().public_key(),
+            "holds no nkey seed (expected a line starting with \"SU\"",
+        ),
+        ("empty.nk", String::new(), "holds no nkey seed"),
+        (
+            "account.nk",
+            account.clone(),
+            "holds an account nkey seed; a client authenticates with a user seed (\"SU…\")",
+        ),
+    ];
+    for (name, content, want) in cases {
+        let path = write(&dir, name, &content);
+        let text = nats_with("nats://n:4222", &format!("nkey_file = \"{path}\"\n"));
+        let errs = errors_of(main_only(&text, &no_env));
+        let expected = format!("fraiseql.toml:6: observers.nats.nkey_file: \"{path}\" {want}");
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(errs[0].starts_with(&expected), "{name}: {errs:#?}");
+        if content.len() > 8 {
+            assert!(
+                !errs[0].contains(&content[2..]),
+                "{name}: the key is never shown"
+            );
+        }
+    }
+}
+
+#[test]
+fn nats_credentials_file_that_is_not_a_creds_file() {
+    let dir = scratch("auth-bad-creds");
+    let jwt_only = write(
+        &dir,
+        "jwt-only.creds",
+        "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.e30.c2ln\n------END NATS USER JWT------\n",
+    );
+    let text = nats_with(
+        "nats://n:4222",
+        &format!("credentials_file = \"{jwt_only}\"\n"),
+    );
+    let errs = errors_of(main_only(&text, &no_env));
+    assert_eq!(
+        errs,
+        [format!(
+            "fraiseql.toml:6: observers.nats.credentials_file: \"{jwt_only}\" is not a NATS \
+             credentials file (cannot parse nkey from the credentials file); expected the user \
+             JWT and nkey seed blocks that `nsc generate creds` writes"
+        )]
+    );
+}
+
+#[test]
+fn nats_credentials_file_and_nkey_file_together_conflict() {
+    let dir = scratch("auth-both");
+    let nk = write(&dir, "user.nk", &user_seed());
+    let creds = write(&dir, "user.creds", &creds_text(&user_seed()));
+    let text = nats_with(
+        "nats://n:4222",
+        &format!("credentials_file = \"{creds}\"\nnkey_file = \"{nk}\"\n"),
+    );
+    let errs = errors_of(main_only(&text, &no_env));
+    assert_eq!(
+        errs,
+        ["fraiseql.toml:7: observers.nats.nkey_file: conflicts with \
+          observers.nats.credentials_file (line 6): a credentials file already holds the user's \
+          nkey seed (with its JWT); set only one of credentials_file and nkey_file"]
+    );
+
+    // across files: named with the other file
+    let runtime = format!("[transport.nats]\nnkey_file = \"{nk}\"\n");
+    let main = nats_with(
+        "nats://n:4222",
+        &format!("credentials_file = \"{creds}\"\n"),
+    );
+    let errs = errors_of(Config::from_sources(
+        Some((MAIN, &main)),
+        Some((RUNTIME, &runtime)),
+        &no_env,
+    ));
+    assert!(
+        has(
+            &errs,
+            "fraiseql-observer.toml:2: transport.nats.nkey_file: conflicts with \
+             observers.nats.credentials_file in fraiseql.toml:"
+        ),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn nats_auth_file_with_credentials_in_the_url_conflicts() {
+    let dir = scratch("auth-url");
+    let nk = write(&dir, "user.nk", &user_seed());
+    let creds = write(&dir, "user.creds", &creds_text(&user_seed()));
+
+    let text = nats_with(
+        "nats://a:4222,nats://fraiseql:s3cret@b:4222",
+        &format!("nkey_file = \"{nk}\"\n"),
+    );
+    let errs = errors_of(main_only(&text, &no_env));
+    assert_eq!(
+        errs,
+        [
+            "fraiseql.toml:6: observers.nats.nkey_file: cannot be combined with a user, password \
+          or token in the NATS URL, set by observers.nats.url (line 5); authenticate one way only"
+        ]
+    );
+    assert!(!errs[0].contains("s3cret"));
+
+    // a token in FRAISEQL_NATS_URL, with the shorthand nats_url in the file
+    let text = format!(
+        "[observers]\nbackend = \"nats\"\nnats_url = \"nats://n:4222\"\n\n\
+         [observers.nats]\ncredentials_file = \"{creds}\"\n"
+    );
+    let env = env_of(&[("FRAISEQL_NATS_URL", "tok3n@n:4222")]);
+    let errs = errors_of(main_only(&text, &env));
+    assert_eq!(
+        errs,
+        [
+            "fraiseql.toml:6: observers.nats.credentials_file: cannot be combined with a user, \
+          password or token in the NATS URL, set by FRAISEQL_NATS_URL; authenticate one way only"
+        ]
+    );
+
+    // no credentials in the URL: fine ('@' in a path or query does not count)
+    let text = nats_with("nats://n:4222/?x=a@b", &format!("nkey_file = \"{nk}\"\n"));
+    assert!(main_only(&text, &no_env).is_ok());
+}
+
+#[test]
+fn nats_tls_files_are_checked_when_the_config_is_read() {
+    let dir = scratch("tls");
+    let missing = dir.join("ca.pem");
+    let missing = missing.to_str().unwrap();
+    let text = nats_with(
+        "tls://n:4222",
+        &format!(
+            "tls_ca_file = \"{missing}\"\ntls_cert_file = \"{}\"\n",
+            dir.display()
+        ),
+    );
+    let errs = errors_of(main_only(&text, &no_env));
+    assert!(
+        has(
+            &errs,
+            &format!("fraiseql.toml:6: observers.nats.tls_ca_file: cannot read \"{missing}\"")
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        has(
+            &errs,
+            &format!(
+                "fraiseql.toml:7: observers.nats.tls_cert_file: \"{}\" is not a file",
+                dir.display()
+            )
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        has(
+            &errs,
+            "fraiseql.toml:7: observers.nats.tls_cert_file: a client certificate needs both \
+             tls_cert_file and tls_key_file; tls_key_file is missing"
+        ),
+        "{errs:#?}"
+    );
+}

@@ -4,6 +4,7 @@
 
 pub mod memory;
 pub mod nats;
+pub mod nats_auth;
 pub mod postgres;
 pub mod redis;
 

@@ -1,7 +1,8 @@
 //! The `nats` transport: JetStream publishing and a durable pull consumer.
 //!
-//! - [`connect`] opens the client (comma-separated URLs, credentials in the URL, retry on the
-//!   initial connect, reconnects forever) and checks that JetStream is enabled.
+//! - [`connect`] opens the client (comma-separated URLs, credentials in the URL or from a
+//!   credentials or nkey file, TLS, retry on the initial connect, reconnects forever) and
+//!   checks that JetStream is enabled.
 //! - [`ensure_stream`] / [`ensure_consumer`] create or update the stream over
 //!   `{subject_prefix}.>` and the durable pull consumer with the configured limits.
 //! - [`NatsPublisher`] publishes events to `{prefix}.{entity_lowercase}.{event_lowercase}` with
@@ -232,6 +233,31 @@ fn with_tls(options: ConnectOptions, config: &NatsConfig) -> ConnectOptions {
     options
 }
 
+/// `credentials_file` (a user JWT, the nonce signed with its seed) or `nkey_file` (the nonce
+/// signed with a user seed). The files were checked when the config was read; a file that has
+/// since become unreadable stops the start-up. Returns the options and how the client
+/// authenticates, for the error when the server refuses it.
+async fn with_auth(
+    options: ConnectOptions,
+    config: &NatsConfig,
+) -> Result<(ConnectOptions, Option<String>)> {
+    if let Some(path) = &config.credentials_file {
+        let options = options.credentials_file(path).await.map_err(|e| {
+            Error::Transport(format!(
+                "observers.nats.credentials_file: cannot use {path:?}: {e}"
+            ))
+        })?;
+        return Ok((options, Some(format!("credentials_file {path:?}"))));
+    }
+    if let Some(path) = &config.nkey_file {
+        let seed = super::nats_auth::read_nkey_seed(path)
+            .map_err(|e| Error::Transport(format!("observers.nats.nkey_file: {e}")))?;
+        let how = format!("nkey_file {path:?}, public key {}", seed.public_key());
+        return Ok((options.nkey(seed.seed().to_string()), Some(how)));
+    }
+    Ok((options, None))
+}
+
 /// What the README's "NATS permissions" section grants, for the error that names a missing one.
 pub fn minimal_permissions(subject_prefix: &str) -> String {
     format!(
@@ -262,6 +288,7 @@ pub async fn connect(config: &NatsConfig) -> Result<Client> {
     let client = loop {
         let (addrs, options) = parse_servers(urls)?;
         let options = with_tls(options, config);
+        let (options, auth) = with_auth(options, config).await?;
         let watch = permissions.clone();
         let options = options
             .name("fraiseql-observers")
@@ -298,8 +325,10 @@ pub async fn connect(config: &NatsConfig) -> Result<Client> {
                         | async_nats::ConnectErrorKind::ServerParse
                         | async_nats::ConnectErrorKind::Tls
                 ) {
+                    let auth =
+                        auth.map_or_else(String::new, |a| format!(" (authenticating with {a})"));
                     return Err(Error::Transport(format!(
-                        "cannot connect to NATS at {masked}: {e}"
+                        "cannot connect to NATS at {masked}: {e}{auth}"
                     )));
                 }
                 tracing::warn!(
