@@ -3,10 +3,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, Semaphore};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::InFlight;
+use super::{process_guarded, InFlight};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -92,27 +93,31 @@ impl MemoryTransport {
     }
 }
 
+/// Runs up to `max_concurrency` events at once as futures of this task.
 async fn dispatch(
     engine: Arc<Engine>,
     mut rx: mpsc::Receiver<Event>,
     in_flight: Arc<InFlight>,
     max_concurrency: usize,
 ) {
-    let permits = Arc::new(Semaphore::new(max_concurrency));
-    while let Some(event) = rx.recv().await {
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
-        let engine = engine.clone();
-        let in_flight = in_flight.clone();
-        engine.metrics().events_in_flight.inc();
-        tokio::spawn(async move {
-            engine.process(&event).await;
-            engine.metrics().events_in_flight.dec();
-            drop(permit);
-            in_flight.end();
-        });
+    let mut running = FuturesUnordered::new();
+    loop {
+        if running.len() >= max_concurrency {
+            running.next().await;
+            continue;
+        }
+        tokio::select! {
+            biased;
+            Some(()) = running.next(), if !running.is_empty() => {}
+            event = rx.recv() => {
+                let Some(event) = event else { break };
+                let (engine, in_flight) = (&engine, &in_flight);
+                running.push(async move {
+                    process_guarded(engine, &event, "in-memory transport").await;
+                    in_flight.end();
+                });
+            }
+        }
     }
+    while running.next().await.is_some() {}
 }

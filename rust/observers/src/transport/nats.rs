@@ -14,6 +14,7 @@
 //! Wire format (body): the spec's `{"event","entity","subject","timestamp","data"}` plus
 //! `"id"` (stable event id), `"old"` (previous row for UPDATE/DELETE, else null) and `"table"`.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{
     self,
     consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer},
+    context::PublishAckFuture,
     message::{AckKind, PublishMessage},
     stream::{self, RetentionPolicy, StorageType, Stream},
 };
@@ -30,7 +32,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -47,6 +49,8 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 pub const DEFAULT_MAX_ACK_PENDING: i64 = 1024;
 /// Publishes kept in flight by [`NatsPublisher::publish_all`].
 pub const DEFAULT_PUBLISH_WINDOW: usize = 1024;
+/// PubAcks outstanding on a publisher's JetStream context (async-nats waits for room beyond).
+pub const MAX_ACKS_IN_FLIGHT: usize = 8192;
 /// Attempts for one publish (1 + retries), same `Nats-Msg-Id` each time.
 pub const PUBLISH_ATTEMPTS: u32 = 4;
 
@@ -527,25 +531,53 @@ pub fn subject_for(prefix: &str, event: &Event) -> Result<String> {
     ))
 }
 
+/// The body published for an event, borrowed from it: serialising it copies the row once,
+/// straight into the payload (no intermediate `Value`).
+#[derive(serde::Serialize)]
+struct MessageBody<'a> {
+    event: &'static str,
+    entity: &'a str,
+    subject: &'a str,
+    timestamp: &'a str,
+    data: Option<&'a Value>,
+    id: &'a str,
+    old: Option<&'a Value>,
+    table: &'a str,
+}
+
+impl<'a> MessageBody<'a> {
+    fn new(subject: &'a str, event: &'a Event) -> Self {
+        MessageBody {
+            event: event.event.as_str(),
+            entity: &event.entity,
+            subject,
+            timestamp: &event.timestamp,
+            data: event.row(),
+            id: &event.id,
+            old: event.old.as_ref(),
+            table: &event.table,
+        }
+    }
+}
+
+/// The JSON body published for `event` on `subject`, as bytes.
+pub fn encode_body(subject: &str, event: &Event) -> Result<Vec<u8>> {
+    serde_json::to_vec(&MessageBody::new(subject, event))
+        .map_err(|e| Error::Transport(format!("cannot encode event {}: {e}", event.id)))
+}
+
 /// The JSON body published for `event` on `subject`.
 pub fn message_body(subject: &str, event: &Event) -> Value {
-    json!({
-        "event": event.event.as_str(),
-        "entity": event.entity,
-        "subject": subject,
-        "timestamp": event.timestamp,
-        "data": event.row().cloned().unwrap_or(Value::Null),
-        "id": event.id,
-        "old": event.old.clone().unwrap_or(Value::Null),
-        "table": event.table,
-    })
+    serde_json::to_value(MessageBody::new(subject, event)).unwrap_or(Value::Null)
 }
 
 /// Rebuilds the event from a message body. `fallback_id` (the `Nats-Msg-Id` header, else the
 /// stream sequence) is used when the body has no `"id"`.
 pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event, String> {
     let v: Value = serde_json::from_slice(payload).map_err(|e| format!("invalid JSON: {e}"))?;
-    let obj: &Map<String, Value> = v.as_object().ok_or("the body is not a JSON object")?;
+    let Value::Object(mut obj) = v else {
+        return Err("the body is not a JSON object".into());
+    };
     let str_field = |k: &str| -> Result<Option<&str>, String> {
         match obj.get(k) {
             None | Some(Value::Null) => Ok(None),
@@ -572,8 +604,8 @@ pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event,
         Some(t) if !t.is_empty() => t.to_string(),
         _ => default_table(&entity),
     };
-    let data = obj.get("data").cloned().filter(|d| !d.is_null());
-    let old = obj.get("old").cloned().filter(|d| !d.is_null());
+    let data = obj.remove("data").filter(|d| !d.is_null());
+    let old = obj.remove("old").filter(|d| !d.is_null());
     let (new, old) = match kind {
         EventKind::Insert => (data, None),
         EventKind::Update => (data, old),
@@ -611,7 +643,7 @@ impl NatsPublisher {
     pub fn new(client: Client, config: &NatsConfig, metrics: NatsMetrics) -> Self {
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(10))
-            .max_ack_inflight(DEFAULT_PUBLISH_WINDOW * 2)
+            .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
             .backpressure_on_inflight(true)
             .build(client);
         NatsPublisher {
@@ -633,7 +665,8 @@ impl NatsPublisher {
 
     /// Publishes kept in flight by [`Self::publish_all`] (at least 1).
     pub fn with_window(mut self, window: usize) -> Self {
-        self.window = window.max(1);
+        // Beyond the context's PubAck limit, a send would wait for an ack nobody awaits yet.
+        self.window = window.clamp(1, MAX_ACKS_IN_FLIGHT);
         self
     }
 
@@ -645,8 +678,7 @@ impl NatsPublisher {
     /// (so a retry of a publish that was in fact stored is deduplicated by the server).
     pub async fn publish(&self, event: &Event) -> Result<()> {
         let subject = subject_for(&self.prefix, event)?;
-        let payload = serde_json::to_vec(&message_body(&subject, event))
-            .map_err(|e| Error::Transport(format!("cannot encode event {}: {e}", event.id)))?;
+        let payload = bytes::Bytes::from(encode_body(&subject, event)?);
         let mut delay = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
@@ -679,7 +711,7 @@ impl NatsPublisher {
         &self,
         subject: &str,
         id: &str,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
     ) -> std::result::Result<(), String> {
         let started = Instant::now();
         let mut headers = HeaderMap::new();
@@ -688,9 +720,7 @@ impl NatsPublisher {
             .js
             .send_publish(
                 subject.to_string(),
-                PublishMessage::build()
-                    .payload(payload.into())
-                    .headers(headers),
+                PublishMessage::build().payload(payload).headers(headers),
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -702,17 +732,32 @@ impl NatsPublisher {
         Ok(())
     }
 
-    /// Publishes every event with up to `window` publishes in flight and waits for every
-    /// PubAck. Each failed publish is retried ([`Self::publish`]); an error is returned if any
-    /// event could not be published, after all the others were tried.
+    /// Publishes every event with up to `window` PubAcks outstanding and waits for all of
+    /// them. Events are sent in order and their acks awaited oldest first, as a hand-written
+    /// async-nats publisher would: an ack that arrives before it is awaited wakes nobody.
+    /// A publish that failed is retried ([`Self::publish`], same `Nats-Msg-Id`) after the
+    /// others; an error is returned if any event could not be published.
     pub async fn publish_all(&self, events: &[Event]) -> Result<()> {
-        let mut results = futures::stream::iter(events.iter())
-            .map(|e| self.publish(e))
-            .buffer_unordered(self.window);
+        let mut in_flight: VecDeque<(usize, Instant, PublishAckFuture)> =
+            VecDeque::with_capacity(self.window);
+        let mut to_retry = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            if in_flight.len() >= self.window {
+                let (j, started, ack) = in_flight.pop_front().expect("the window is full");
+                self.settle(j, started, ack, &mut to_retry).await;
+            }
+            match self.send(event).await {
+                Ok(ack) => in_flight.push_back((i, Instant::now(), ack)),
+                Err(_) => to_retry.push(i),
+            }
+        }
+        while let Some((j, started, ack)) = in_flight.pop_front() {
+            self.settle(j, started, ack, &mut to_retry).await;
+        }
         let mut failed = 0usize;
         let mut first: Option<Error> = None;
-        while let Some(r) = results.next().await {
-            if let Err(e) = r {
+        for i in to_retry {
+            if let Err(e) = self.publish(&events[i]).await {
                 failed += 1;
                 first.get_or_insert(e);
             }
@@ -723,6 +768,42 @@ impl NatsPublisher {
                 "{failed} of {} events were not published; first error: {e}",
                 events.len()
             ))),
+        }
+    }
+
+    /// Sends one event without waiting for its PubAck.
+    async fn send(&self, event: &Event) -> Result<PublishAckFuture> {
+        let subject = subject_for(&self.prefix, event)?;
+        let payload = encode_body(&subject, event)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
+        self.js
+            .send_publish(
+                subject,
+                PublishMessage::build()
+                    .payload(payload.into())
+                    .headers(headers),
+            )
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))
+    }
+
+    /// Awaits one PubAck of [`Self::publish_all`]; a failed one is set aside for a retry.
+    async fn settle(
+        &self,
+        index: usize,
+        started: Instant,
+        ack: PublishAckFuture,
+        to_retry: &mut Vec<usize>,
+    ) {
+        match ack.await {
+            Ok(_) => {
+                self.metrics
+                    .publish_latency
+                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.published.inc();
+            }
+            Err(_) => to_retry.push(index),
         }
     }
 }
@@ -873,11 +954,16 @@ impl NatsSource {
                 match next {
                     None => break,
                     Some(Ok(message)) => {
-                        let shared = shared.clone();
-                        tasks.spawn(async move {
-                            handle(message, &shared).await;
-                            drop(permit);
-                        });
+                        // Polled once here first: most messages are done on that poll (no
+                        // observer matched, in-process actions), and a task of their own
+                        // would cost more than their processing. The rest become tasks.
+                        let mut handling = Box::pin(handle(message, shared.clone()));
+                        if futures::poll!(&mut handling).is_pending() {
+                            tasks.spawn(async move {
+                                handling.await;
+                                drop(permit);
+                            });
+                        }
                     }
                     Some(Err(e)) => {
                         use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
@@ -946,7 +1032,7 @@ fn fallback_id(message: &jetstream::Message) -> Option<String> {
         .map(|i| format!("{}:{}", i.stream, i.stream_sequence))
 }
 
-async fn handle(message: jetstream::Message, shared: &Shared) {
+async fn handle(message: jetstream::Message, shared: Arc<Shared>) {
     shared.metrics.received.inc();
     shared.metrics.jetstream_pending.inc();
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
@@ -978,16 +1064,24 @@ async fn handle(message: jetstream::Message, shared: &Shared) {
     };
     let processing = AssertUnwindSafe(shared.engine.process(&event)).catch_unwind();
     tokio::pin!(processing);
-    let mut ticker = tokio::time::interval_at(
-        tokio::time::Instant::now() + shared.progress_every,
-        shared.progress_every,
-    );
-    let outcome = loop {
-        tokio::select! {
-            r = &mut processing => break r,
-            _ = ticker.tick() => {
-                if let Err(e) = message.ack_with(AckKind::Progress).await {
-                    tracing::debug!("nats: cannot signal progress for event {}: {e}", event.id);
+    // Events that finish on their first poll arm no progress timer.
+    let outcome = match futures::poll!(&mut processing) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => {
+            let mut ticker = tokio::time::interval_at(
+                tokio::time::Instant::now() + shared.progress_every,
+                shared.progress_every,
+            );
+            loop {
+                tokio::select! {
+                    r = &mut processing => break r,
+                    _ = ticker.tick() => {
+                        if let Err(e) = message.ack_with(AckKind::Progress).await {
+                            tracing::debug!(
+                                "nats: cannot signal progress for event {}: {e}", event.id
+                            );
+                        }
+                    }
                 }
             }
         }

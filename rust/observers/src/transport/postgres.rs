@@ -57,11 +57,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::{json, Value};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
-use tokio::sync::{watch, Notify, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{watch, Notify};
 
 use crate::capture::{CHANGE_LOG_TABLE, CURSOR_TABLE};
 use crate::config::{redact_url, validate_sql_identifier, Config, DEFAULT_NOTIFY_CHANNEL};
@@ -70,6 +70,7 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
 use crate::http::HealthSource;
 use crate::metrics::Metrics;
+use crate::transport::process_guarded;
 
 /// Counting more than this many pending rows for `/health` is not worth the scan.
 const LAG_COUNT_CAP: i64 = 100_000;
@@ -426,18 +427,36 @@ impl PostgresSource {
             cursor.id
         );
         let mut lag_checked: Option<Instant> = None;
+        let mut prefetched: Option<Vec<PgRow>> = None;
         loop {
             if is_shutdown(shutdown) {
                 return Ok(());
             }
-            let rows = fetch_batch(conn, cursor, o.batch_size).await?;
+            let rows = match prefetched.take() {
+                Some(rows) => rows,
+                None => fetch_batch(conn, cursor, o.batch_size).await?,
+            };
             let full = rows.len() == o.batch_size;
             if let Some(last) = rows.last() {
                 let last = row_cursor(last)?;
                 let events = self.decode_batch(engine, &rows).await;
+                drop(rows);
                 let n = events.len() as u64;
-                process_batch(engine, events, o.max_concurrency).await;
-                save_cursor(conn, &o.listener_id, last).await?;
+                if full {
+                    // A backlog: the next batch is read while this one is processed (the
+                    // engine does not use this connection). The cursor still moves only
+                    // after this batch is done; a prefetched batch dropped on shutdown or
+                    // error is simply read again.
+                    let (_, next) = tokio::join!(
+                        process_batch(engine, events, o.max_concurrency),
+                        fetch_batch(conn, last, o.batch_size)
+                    );
+                    save_cursor(conn, &o.listener_id, last).await?;
+                    prefetched = Some(next?);
+                } else {
+                    process_batch(engine, events, o.max_concurrency).await;
+                    save_cursor(conn, &o.listener_id, last).await?;
+                }
                 cursor = last;
                 self.health.delivered.fetch_add(n, Ordering::Relaxed);
                 self.health.progressed();
@@ -594,28 +613,12 @@ async fn connect_listener(
 }
 
 /// Processes the events concurrently (bounded) and returns when every one has finished.
-async fn process_batch(engine: &Arc<Engine>, events: Vec<Event>, max_concurrency: usize) {
-    let permits = Arc::new(Semaphore::new(max_concurrency));
-    let mut tasks = JoinSet::new();
-    for event in events {
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
-        let engine = engine.clone();
-        tasks.spawn(async move {
-            engine.metrics().events_in_flight.inc();
-            engine.process(&event).await;
-            engine.metrics().events_in_flight.dec();
-            drop(permit);
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        if let Err(e) = done {
-            tracing::error!("postgres source: an event's processing task failed: {e}");
-        }
-    }
+async fn process_batch(engine: &Engine, events: Vec<Event>, max_concurrency: usize) {
+    futures::stream::iter(events)
+        .for_each_concurrent(max_concurrency, |event| async move {
+            process_guarded(engine, &event, "postgres source").await;
+        })
+        .await;
 }
 
 fn batch_sql() -> String {

@@ -43,7 +43,7 @@ use crate::error::{Error, Result};
 use crate::event::{now_rfc3339, Event, EventKind};
 use crate::http::HealthSource;
 use crate::metrics::RedisMetrics;
-use crate::transport::nats::{decode_body, mask_url, message_body};
+use crate::transport::nats::{decode_body, encode_body, mask_url};
 
 /// Attempts for one `XADD` (1 + retries).
 pub const PUBLISH_ATTEMPTS: u32 = 4;
@@ -165,7 +165,7 @@ impl RedisPublisher {
 
     /// `XADD` with the event's fields; retried a few times. Returns the entry id.
     pub async fn publish(&self, event: &Event) -> Result<String> {
-        let payload = serde_json::to_string(&message_body(&self.stream, event))
+        let payload = String::from_utf8(encode_body(&self.stream, event)?)
             .map_err(|e| Error::Transport(format!("cannot encode event {}: {e}", event.id)))?;
         let mut delay = BACKOFF_MIN;
         let mut attempt = 1;
@@ -828,7 +828,7 @@ mod tests {
             Some(json!({"id": "o1", "total": 5})),
             Some(json!({"id": "o1", "total": 4})),
         );
-        let payload = message_body("s", &event).to_string();
+        let payload = String::from_utf8(encode_body("s", &event).unwrap()).unwrap();
         let decoded = decode_entry(&entry(&[("id", &event.id), ("payload", &payload)])).unwrap();
         assert_eq!(decoded, event);
     }
