@@ -12,8 +12,13 @@
 //! The engine, on the same server in the same run:
 //! - publisher: `NatsPublisher::publish_all` (each event serialised to the bridge's JSON body,
 //!   `Nats-Msg-Id` = event id, every PubAck awaited);
-//! - in-memory source → engine → publish action (`bridge_observers`): what `fraiseql run`
-//!   does with every change it forwards;
+//! - in-memory source → engine → publish action (`bridge_observers`, max concurrency 256,
+//!   the default);
+//! - the bridge: `n` INSERTs already in the change log of a throwaway database
+//!   (`FRAISEQL_TEST_DATABASE_URL`, default `postgresql://postgres@127.0.0.1:5432/postgres`),
+//!   forwarded by the PostgreSQL source (batches of 5,000, 1,024 in flight) through the same
+//!   publish action, timed from the forwarder's start to the last PubAck; PostgreSQL's own
+//!   CPU is not counted;
 //! - consumer: `NatsSource` (durable pull consumer, max concurrency 256) through a condition
 //!   and a no-op action, acking each message, with 1 and with 3 instances (each with its own
 //!   connection) sharing the consumer.
@@ -39,6 +44,8 @@ use fraiseql_observers::{
 use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::watch;
+
+mod support;
 
 const RAW_WINDOW: usize = 8192;
 const MAX_CONCURRENCY: usize = 256;
@@ -221,7 +228,7 @@ async fn engine_forward(publisher: NatsPublisher, events: Vec<Event>) {
         Arc::new(publisher),
         "bench",
     ));
-    let transport = MemoryTransport::start(engine, 10_000, RAW_WINDOW);
+    let transport = MemoryTransport::start(engine, 10_000, 256);
     for event in events {
         transport.emit(event).await.unwrap();
     }
@@ -269,6 +276,48 @@ fn line(what: &str, m: &Measured, raw: Option<&Measured>) {
     );
 }
 
+/// The bridge: `n` changes already in the change log, forwarded by the PostgreSQL source
+/// under its own cursor through the engine's publish action, until every PubAck is in.
+async fn bridge_from_change_log(
+    client: async_nats::Client,
+    config: NatsConfig,
+    n: usize,
+) -> Measured {
+    let backlog = support::Backlog::create(&support::database_url(), n).await;
+    let metrics = NatsMetrics::new();
+    let publisher = NatsPublisher::new(client, &config, metrics.clone());
+    let (stop, stop_rx) = watch::channel(false);
+    let measured = measure(n, async {
+        let forwarder = backlog.forward(Arc::new(publisher), stop_rx).await;
+        while metrics.published.get() < n as u64 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        stop.send(true).unwrap();
+        forwarder.await.unwrap().unwrap();
+    })
+    .await;
+    backlog.drop_database().await;
+    measured
+}
+
+/// `FRAISEQL_BENCH_ONLY=raw,publish,forward,bridge,consume` runs only those groups (all by default).
+fn only(group: &str) -> bool {
+    std::env::var("FRAISEQL_BENCH_ONLY").map_or(true, |v| v.split(',').any(|g| g.trim() == group))
+}
+
+/// Runs `phase` against a stream of its own, deleted afterwards.
+async fn on_fresh_stream<F, Fut>(client: &async_nats::Client, url: &str, phase: F) -> Measured
+where
+    F: FnOnce(async_nats::Client, NatsConfig) -> Fut,
+    Fut: std::future::Future<Output = Measured>,
+{
+    let config = nats_config(url);
+    fresh_stream(client, &config).await;
+    let measured = phase(client.clone(), config.clone()).await;
+    delete_stream(client, &config).await;
+    measured
+}
+
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let url =
@@ -279,78 +328,104 @@ fn main() {
         .build()
         .unwrap();
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    println!("NATS JetStream, {n} messages per phase, file storage, {cores} cores");
+    let body = {
+        let event = &events(1)[0];
+        let subject = nats::subject_for("fraiseql.mutation", event).unwrap();
+        serde_json::to_vec(&nats::message_body(&subject, event))
+            .unwrap()
+            .len()
+    };
+    println!(
+        "NATS JetStream, {n} messages per phase, file storage, {cores} cores \
+         (raw payload 200 bytes, engine body {body} bytes)"
+    );
     rt.block_on(async {
         let client = async_nats::connect(&url).await.unwrap();
+        let subject = |c: &NatsConfig| format!("{}.order.insert", c.subject_prefix);
 
-        // Publishing.
-        let config = nats_config(&url);
-        fresh_stream(&client, &config).await;
-        let js = raw_context(&client);
-        let subject = format!("{}.order.insert", config.subject_prefix);
-        let raw_async = measure(n, raw_publish_async(&js, &subject, n)).await;
-        line("raw publish, 8192 acks in flight", &raw_async, None);
-        delete_stream(&client, &config).await;
+        let mut raw_async = None;
+        let mut raw_pull = None;
+        if only("raw") {
+            let m = on_fresh_stream(&client, &url, |client, c| async move {
+                measure(n, raw_publish_async(&raw_context(&client), &subject(&c), n)).await
+            })
+            .await;
+            line("raw publish, 8192 acks in flight", &m, None);
+            raw_async = Some(m);
 
-        let config = nats_config(&url);
-        let js = fresh_stream(&client, &config).await;
-        let subject = format!("{}.order.insert", config.subject_prefix);
-        let sync_n = (n / 20).max(1000);
-        let raw_sync = measure(sync_n, raw_publish_sync(&js, &subject, sync_n)).await;
-        line("raw publish, awaiting each ack", &raw_sync, None);
-        delete_stream(&client, &config).await;
+            let sync_n = (n / 20).max(1000);
+            let m = on_fresh_stream(&client, &url, |client, c| async move {
+                let js = jetstream::new(client.clone());
+                measure(sync_n, raw_publish_sync(&js, &subject(&c), sync_n)).await
+            })
+            .await;
+            line("raw publish, awaiting each ack", &m, None);
 
-        let config = nats_config(&url);
-        fresh_stream(&client, &config).await;
-        let events = events(n);
-        let publisher = NatsPublisher::new(client.clone(), &config, NatsMetrics::new());
-        let engine_publish = measure(n, async {
-            publisher.publish_all(&events).await.unwrap();
-        })
-        .await;
-        line(
-            "NatsPublisher::publish_all",
-            &engine_publish,
-            Some(&raw_async),
-        );
-        delete_stream(&client, &config).await;
+            let m = on_fresh_stream(&client, &url, |client, c| async move {
+                raw_publish_async(&raw_context(&client), &subject(&c), n).await;
+                let js = jetstream::new(client.clone());
+                let stream = js.get_stream(&c.stream_name).await.unwrap();
+                measure(n, raw_consume(&stream, n)).await
+            })
+            .await;
+            line("raw pull consume + ack", &m, None);
+            raw_pull = Some(m);
+        }
 
-        let config = nats_config(&url);
-        fresh_stream(&client, &config).await;
-        let publisher = NatsPublisher::new(client.clone(), &config, NatsMetrics::new());
-        let events = crate::events(n);
-        let forwarded = measure(n, engine_forward(publisher, events)).await;
-        line(
-            "in-memory source -> engine -> publish",
-            &forwarded,
-            Some(&raw_async),
-        );
-        delete_stream(&client, &config).await;
-
-        // Consuming: each phase reads a stream filled (untimed) by the engine's publisher.
-        let config = nats_config(&url);
-        let js = fresh_stream(&client, &config).await;
-        let subject = format!("{}.order.insert", config.subject_prefix);
-        raw_publish_async(&raw_context(&client), &subject, n).await;
-        let stream = js.get_stream(&config.stream_name).await.unwrap();
-        let raw_pull = measure(n, raw_consume(&stream, n)).await;
-        line("raw pull consume + ack", &raw_pull, None);
-        delete_stream(&client, &config).await;
-
-        for instances in [1, 3] {
-            let config = nats_config(&url);
-            fresh_stream(&client, &config).await;
-            NatsPublisher::new(client.clone(), &config, NatsMetrics::new())
-                .publish_all(&crate::events(n))
+        if only("publish") {
+            let m = on_fresh_stream(&client, &url, |client, c| async move {
+                let events = events(n);
+                let publisher = NatsPublisher::new(client.clone(), &c, NatsMetrics::new());
+                measure(n, async {
+                    publisher.publish_all(&events).await.unwrap();
+                })
                 .await
-                .unwrap();
-            let consumed = engine_consume(&config, instances, n).await;
+            })
+            .await;
+            line("NatsPublisher::publish_all", &m, raw_async.as_ref());
+        }
+
+        if only("forward") {
+            let m = on_fresh_stream(&client, &url, |client, c| async move {
+                let publisher = NatsPublisher::new(client.clone(), &c, NatsMetrics::new());
+                measure(n, engine_forward(publisher, events(n))).await
+            })
+            .await;
             line(
-                &format!("NatsSource x{instances}: condition + no-op + ack"),
-                &consumed,
-                Some(&raw_pull),
+                "in-memory source -> engine -> publish",
+                &m,
+                raw_async.as_ref(),
             );
-            delete_stream(&client, &config).await;
+        }
+
+        if only("bridge") {
+            let m = on_fresh_stream(&client, &url, |client, c| async move {
+                bridge_from_change_log(client, c, n).await
+            })
+            .await;
+            line(
+                "change log -> bridge (PostgreSQL source) -> publish",
+                &m,
+                raw_async.as_ref(),
+            );
+        }
+
+        if only("consume") {
+            for instances in [1, 3] {
+                let m = on_fresh_stream(&client, &url, |client, c| async move {
+                    NatsPublisher::new(client.clone(), &c, NatsMetrics::new())
+                        .publish_all(&events(n))
+                        .await
+                        .unwrap();
+                    engine_consume(&c, instances, n).await
+                })
+                .await;
+                line(
+                    &format!("NatsSource x{instances}: condition + no-op + ack"),
+                    &m,
+                    raw_pull.as_ref(),
+                );
+            }
         }
     });
 }

@@ -17,18 +17,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fraiseql_observers::bridge::{self, Publisher};
-use fraiseql_observers::capture::{self, CaptureOptions};
 use fraiseql_observers::config::{NatsConfig, RedisConfig};
 use fraiseql_observers::transport::{nats, redis};
 use fraiseql_observers::{
-    Backend, CheckpointStrategy, Config, Engine, EntityDef, Event, EventKind, MemoryDlq,
-    MemoryIdempotencyStores, Metrics, NatsMetrics, NatsPublisher, NatsSource, NoopAction,
-    ObserverSpec, PostgresSource, RedisMetrics, RedisPublisher, RedisSource, RetryPolicy, Schema,
+    CheckpointStrategy, Engine, Event, EventKind, MemoryDlq, MemoryIdempotencyStores, Metrics,
+    NatsMetrics, NatsPublisher, NatsSource, NoopAction, ObserverSpec, RedisMetrics, RedisPublisher,
+    RedisSource, RetryPolicy,
 };
 use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::watch;
+
+mod support;
+use support::Backlog;
 
 const EVENTS: usize = 100_000;
 const MAX_CONCURRENCY: usize = 256;
@@ -140,85 +141,8 @@ async fn through_nats(url: &str) -> Duration {
     elapsed
 }
 
-/// A fresh database with a captured `tb_order` holding `EVENTS` changes.
-struct Backlog {
-    admin: sqlx::PgPool,
-    name: String,
-    url: String,
-    schema: Schema,
-}
-
-impl Backlog {
-    async fn create(admin_url: &str) -> Backlog {
-        let admin = sqlx::PgPool::connect(admin_url).await.unwrap();
-        let name = format!(
-            "fraiseql_bench_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let base = admin_url.rsplit_once('/').unwrap().0;
-        let url = format!("{base}/{name}");
-        let pool = sqlx::PgPool::connect(&url).await.unwrap();
-        sqlx::query("CREATE TABLE tb_order (id text PRIMARY KEY, status text, total numeric)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        let schema = Schema::new(vec![EntityDef {
-            name: "Order".into(),
-            table: "tb_order".into(),
-            fields: Vec::new(),
-        }])
-        .unwrap();
-        capture::install_with(&pool, &schema, &CaptureOptions::new("bench_changes"))
-            .await
-            .unwrap();
-        sqlx::query(&format!(
-            "INSERT INTO tb_order SELECT 'ord_' || g, 'pending', g FROM generate_series(1, {EVENTS}) g"
-        ))
-        .execute(&pool)
-        .await
-        .unwrap();
-        pool.close().await;
-        Backlog {
-            admin,
-            name,
-            url,
-            schema,
-        }
-    }
-
-    /// Starts the forwarder to `publisher` under the listener id `bench`.
-    async fn forward(
-        &self,
-        publisher: Arc<dyn Publisher>,
-        stop: watch::Receiver<bool>,
-    ) -> tokio::task::JoinHandle<fraiseql_observers::Result<()>> {
-        let mut config = Config::default_with_backend(Backend::Redis);
-        config.observers.bridge.batch_size = 5000;
-        config.observers.max_concurrency = 1024;
-        config.observers.bridge.notify_channel = "bench_changes".into();
-        let specs = bridge::bridge_observers(&self.schema, publisher, "bench");
-        let dlq = Arc::new(MemoryDlq::new(None));
-        let stores = MemoryIdempotencyStores::default();
-        let engine = Engine::new(specs, dlq, &stores, Arc::new(Metrics::new())).unwrap();
-        let options = bridge::bridge_options(&config, "bench");
-        let source = PostgresSource::connect(&self.url, options).await.unwrap();
-        tokio::spawn(source.run(Arc::new(engine), stop))
-    }
-
-    async fn drop_database(self) {
-        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
-            .execute(&self.admin)
-            .await
-            .unwrap();
-    }
-}
-
 async fn from_postgres_to_redis(db_url: &str, url: &str) -> Duration {
-    let backlog = Backlog::create(db_url).await;
+    let backlog = Backlog::create(db_url, EVENTS).await;
     let config = RedisConfig {
         stream: format!("fq:bench:{}", uuid::Uuid::new_v4().simple()),
         group: "bench".into(),
@@ -249,7 +173,7 @@ async fn from_postgres_to_redis(db_url: &str, url: &str) -> Duration {
 }
 
 async fn from_postgres_to_nats(db_url: &str, url: &str) -> Duration {
-    let backlog = Backlog::create(db_url).await;
+    let backlog = Backlog::create(db_url, EVENTS).await;
     let config = nats_config(url);
     let client = nats::connect(&config).await.unwrap();
     let metrics = NatsMetrics::new();
@@ -309,8 +233,7 @@ fn main() {
     );
     println!("  ratio redis / nats: {:.2}", rate(redis) / rate(nats));
 
-    let db_url = std::env::var("FRAISEQL_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/postgres".into());
+    let db_url = support::database_url();
     println!(
         "from PostgreSQL: {EVENTS} captured rows -> forwarder -> transport -> consumer -> ack"
     );
