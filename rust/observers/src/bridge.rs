@@ -36,6 +36,14 @@ pub trait Publisher: Send + Sync {
     /// Safe description (no credentials).
     fn describe(&self) -> String;
     async fn publish(&self, event: &Event) -> Result<()>;
+
+    /// Publishes a whole batch with many publishes in flight, one attempt each, and returns
+    /// the indices (ascending) of the events that were not confirmed: the forwarder runs those
+    /// through its engine (retries, then the dead-letter queue). The default publishes
+    /// nothing and returns them all.
+    async fn publish_batch(&self, events: &[Event]) -> Vec<usize> {
+        (0..events.len()).collect()
+    }
 }
 
 #[async_trait]
@@ -50,6 +58,10 @@ impl Publisher for NatsPublisher {
 
     async fn publish(&self, event: &Event) -> Result<()> {
         NatsPublisher::publish(self, event).await
+    }
+
+    async fn publish_batch(&self, events: &[Event]) -> Vec<usize> {
+        self.publish_pipelined(events).await
     }
 }
 

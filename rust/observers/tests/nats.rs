@@ -298,6 +298,29 @@ async fn publish_all_stores_every_event() {
 }
 
 #[tokio::test]
+async fn a_pipelined_batch_reports_the_events_it_could_not_publish() {
+    let cfg = config("pipe");
+    let (client, js) = setup(&cfg).await;
+    ensure_stream(&js, &cfg).await.unwrap();
+    let publisher = NatsPublisher::new(client.clone(), &cfg, NatsMetrics::new()).with_window(2);
+    let mut events = orders(6);
+    // An entity that cannot be a subject token fails before it is sent.
+    events[3].entity = "Bad.Entity".into();
+    assert_eq!(publisher.publish_pipelined(&events).await, vec![3]);
+    assert_eq!(stream_messages(&js, &cfg).await, 5);
+
+    // A prefix no stream captures: every PubAck is a "no responders" at once.
+    let mut elsewhere = cfg.clone();
+    elsewhere.subject_prefix = format!("{}x", cfg.subject_prefix.replace('.', "_"));
+    let stray = NatsPublisher::new(client, &elsewhere, NatsMetrics::new());
+    let started = std::time::Instant::now();
+    assert_eq!(stray.publish_pipelined(&orders(4)).await, vec![0, 1, 2, 3]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(stream_messages(&js, &cfg).await, 5);
+    cleanup(&js, &cfg).await;
+}
+
+#[tokio::test]
 async fn the_message_has_the_spec_fields_plus_id_and_old() {
     let cfg = config("body");
     let (client, js) = setup(&cfg).await;

@@ -379,10 +379,13 @@ impl<'a> Forwarder<'a> {
             };
             capture::install_with(&pool(url).await?, self.schema, &options).await?;
         }
-        let specs = bridge::bridge_observers(self.schema, self.publisher, &self.listener_id);
+        let specs =
+            bridge::bridge_observers(self.schema, self.publisher.clone(), &self.listener_id);
         let engine = Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?;
         let options = bridge::bridge_options(self.config, &self.listener_id);
-        let source = PostgresSource::connect(url, options).await?;
+        let source = PostgresSource::connect(url, options)
+            .await?
+            .with_batch_publisher(self.publisher);
         tracing::info!(
             "[observers] bridge: postgres -> {} ({}, {} table(s))",
             self.target,

@@ -78,12 +78,15 @@ impl Backlog {
         config.observers.bridge.batch_size = 5000;
         config.observers.max_concurrency = 1024;
         config.observers.bridge.notify_channel = "bench_changes".into();
-        let specs = bridge::bridge_observers(&self.schema, publisher, "bench");
+        let specs = bridge::bridge_observers(&self.schema, publisher.clone(), "bench");
         let dlq = Arc::new(MemoryDlq::new(None));
         let stores = MemoryIdempotencyStores::default();
         let engine = Engine::new(specs, dlq, &stores, Arc::new(Metrics::new())).unwrap();
         let options = bridge::bridge_options(&config, "bench");
-        let source = PostgresSource::connect(&self.url, options).await.unwrap();
+        let source = PostgresSource::connect(&self.url, options)
+            .await
+            .unwrap()
+            .with_batch_publisher(publisher);
         tokio::spawn(source.run(Arc::new(engine), stop))
     }
 

@@ -48,7 +48,7 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// Unacknowledged messages a consumer may hand out at once (across all instances).
 pub const DEFAULT_MAX_ACK_PENDING: i64 = 1024;
 /// Publishes kept in flight by [`NatsPublisher::publish_all`].
-pub const DEFAULT_PUBLISH_WINDOW: usize = 1024;
+pub const DEFAULT_PUBLISH_WINDOW: usize = 4096;
 /// PubAcks outstanding on a publisher's JetStream context (async-nats waits for room beyond).
 pub const MAX_ACKS_IN_FLIGHT: usize = 8192;
 /// Attempts for one publish (1 + retries), same `Nats-Msg-Id` each time.
@@ -733,30 +733,12 @@ impl NatsPublisher {
     }
 
     /// Publishes every event with up to `window` PubAcks outstanding and waits for all of
-    /// them. Events are sent in order and their acks awaited oldest first, as a hand-written
-    /// async-nats publisher would: an ack that arrives before it is awaited wakes nobody.
-    /// A publish that failed is retried ([`Self::publish`], same `Nats-Msg-Id`) after the
-    /// others; an error is returned if any event could not be published.
+    /// them. A publish that failed is retried ([`Self::publish`], same `Nats-Msg-Id`) after
+    /// the others; an error is returned if any event could not be published.
     pub async fn publish_all(&self, events: &[Event]) -> Result<()> {
-        let mut in_flight: VecDeque<(usize, Instant, PublishAckFuture)> =
-            VecDeque::with_capacity(self.window);
-        let mut to_retry = Vec::new();
-        for (i, event) in events.iter().enumerate() {
-            if in_flight.len() >= self.window {
-                let (j, started, ack) = in_flight.pop_front().expect("the window is full");
-                self.settle(j, started, ack, &mut to_retry).await;
-            }
-            match self.send(event).await {
-                Ok(ack) => in_flight.push_back((i, Instant::now(), ack)),
-                Err(_) => to_retry.push(i),
-            }
-        }
-        while let Some((j, started, ack)) = in_flight.pop_front() {
-            self.settle(j, started, ack, &mut to_retry).await;
-        }
         let mut failed = 0usize;
         let mut first: Option<Error> = None;
-        for i in to_retry {
+        for i in self.publish_pipelined(events).await {
             if let Err(e) = self.publish(&events[i]).await {
                 failed += 1;
                 first.get_or_insert(e);
@@ -769,6 +751,34 @@ impl NatsPublisher {
                 events.len()
             ))),
         }
+    }
+
+    /// One attempt for each event, with up to `window` PubAcks outstanding; returns the
+    /// indices of the events whose publish was not confirmed. Events are sent in order and
+    /// their acks awaited oldest first, as a hand-written async-nats publisher would: an ack
+    /// that arrives before it is awaited wakes nobody.
+    pub async fn publish_pipelined(&self, events: &[Event]) -> Vec<usize> {
+        let mut in_flight: VecDeque<(usize, Instant, PublishAckFuture)> =
+            VecDeque::with_capacity(self.window.min(events.len()));
+        let mut unconfirmed = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            if in_flight.len() >= self.window {
+                let (j, started, ack) = in_flight.pop_front().expect("the window is full");
+                self.settle(j, started, ack, &mut unconfirmed).await;
+            }
+            match self.send(event).await {
+                Ok(ack) => in_flight.push_back((i, Instant::now(), ack)),
+                Err(e) => {
+                    tracing::debug!("publish of event {} failed: {e}", event.id);
+                    unconfirmed.push(i);
+                }
+            }
+        }
+        while let Some((j, started, ack)) = in_flight.pop_front() {
+            self.settle(j, started, ack, &mut unconfirmed).await;
+        }
+        unconfirmed.sort_unstable();
+        unconfirmed
     }
 
     /// Sends one event without waiting for its PubAck.
@@ -788,13 +798,13 @@ impl NatsPublisher {
             .map_err(|e| Error::Transport(e.to_string()))
     }
 
-    /// Awaits one PubAck of [`Self::publish_all`]; a failed one is set aside for a retry.
+    /// Awaits one PubAck of [`Self::publish_pipelined`]; a failed one is set aside.
     async fn settle(
         &self,
         index: usize,
         started: Instant,
         ack: PublishAckFuture,
-        to_retry: &mut Vec<usize>,
+        unconfirmed: &mut Vec<usize>,
     ) {
         match ack.await {
             Ok(_) => {
@@ -803,7 +813,10 @@ impl NatsPublisher {
                     .observe(started.elapsed().as_secs_f64());
                 self.metrics.published.inc();
             }
-            Err(_) => to_retry.push(index),
+            Err(e) => {
+                tracing::debug!("a publish was not confirmed: {e}");
+                unconfirmed.push(index);
+            }
         }
     }
 }

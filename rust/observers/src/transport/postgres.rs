@@ -63,6 +63,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use sqlx::{Connection, Row};
 use tokio::sync::{watch, Notify};
 
+use crate::bridge::Publisher;
 use crate::capture::{CHANGE_LOG_TABLE, CURSOR_TABLE};
 use crate::config::{redact_url, validate_sql_identifier, Config, DEFAULT_NOTIFY_CHANNEL};
 use crate::engine::Engine;
@@ -222,6 +223,7 @@ pub struct PostgresSource {
     connect_options: PgConnectOptions,
     options: PostgresOptions,
     health: Arc<SourceHealth>,
+    batch_publisher: Option<Arc<dyn Publisher>>,
 }
 
 impl PostgresSource {
@@ -279,7 +281,16 @@ impl PostgresSource {
             connect_options,
             options,
             health,
+            batch_publisher: None,
         })
+    }
+
+    /// Makes this source a forwarder's: each batch is published through `publisher` first
+    /// ([`Publisher::publish_batch`]), and only what it could not confirm reaches the engine,
+    /// whose observers publish it again with retries and dead-letter it if that fails too.
+    pub fn with_batch_publisher(mut self, publisher: Arc<dyn Publisher>) -> Self {
+        self.batch_publisher = Some(publisher);
+        self
     }
 
     /// The pool (for idempotency stores, the DLQ, installs). Not used by the reader itself,
@@ -448,13 +459,13 @@ impl PostgresSource {
                     // after this batch is done; a prefetched batch dropped on shutdown or
                     // error is simply read again.
                     let (_, next) = tokio::join!(
-                        process_batch(engine, events, o.max_concurrency),
+                        self.deliver(engine, events),
                         fetch_batch(conn, last, o.batch_size)
                     );
                     save_cursor(conn, &o.listener_id, last).await?;
                     prefetched = Some(next?);
                 } else {
-                    process_batch(engine, events, o.max_concurrency).await;
+                    self.deliver(engine, events).await;
                     save_cursor(conn, &o.listener_id, last).await?;
                 }
                 cursor = last;
@@ -479,6 +490,24 @@ impl PostgresSource {
                 () = tokio::time::sleep(o.poll_interval) => {}
             }
         }
+    }
+
+    /// A forwarder's batch goes to its publisher first, many publishes in flight; only the
+    /// events it could not confirm run through the engine (retries, dead-letter queue).
+    async fn deliver(&self, engine: &Engine, events: Vec<Event>) {
+        let events = match &self.batch_publisher {
+            Some(publisher) => {
+                let unconfirmed = publisher.publish_batch(&events).await;
+                events
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| unconfirmed.binary_search(i).is_ok())
+                    .map(|(_, event)| event)
+                    .collect()
+            }
+            None => events,
+        };
+        process_batch(engine, events, self.options.max_concurrency).await;
     }
 
     /// Rows after the cursor (counted up to a cap) and the age of the oldest of them, into
