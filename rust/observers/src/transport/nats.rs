@@ -956,13 +956,18 @@ impl NatsSource {
             backoff = Duration::from_millis(200);
             loop {
                 while tasks.try_join_next().is_some() {}
-                let permit = tokio::select! {
-                    p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-                    _ = shutdown_signal(&mut shutdown) => break 'outer,
+                // Most messages finish inline, so a permit is usually free: no select then.
+                let permit = match permits.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => tokio::select! {
+                        p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                        _ = shutdown_signal(&mut shutdown) => break 'outer,
+                    },
                 };
                 let next = tokio::select! {
-                    m = messages.next() => m,
+                    biased;
                     _ = shutdown_signal(&mut shutdown) => break 'outer,
+                    m = messages.next() => m,
                 };
                 match next {
                     None => break,
