@@ -114,6 +114,23 @@ def test_run_stops_cleanly_on_sigterm_and_exits_0(tmp_path: Path) -> None:
         assert "draining in-flight events" in proc.stderr.read()
 
 
+def test_sigterm_while_start_up_waits_for_an_unreachable_server_exits_0(tmp_path: Path) -> None:
+    """Start-up retries an unreachable NATS forever; SIGTERM must still end it."""
+    (tmp_path / "fraiseql.toml").write_text(
+        '[observers]\nbackend = "nats"\nhttp_port = 0\n[observers.nats]\nurl = "nats://127.0.0.1:1"\n'
+    )
+    with subprocess.Popen([*FRAISEQL, "run"], cwd=tmp_path, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 30
+        for line in proc.stderr:
+            if "cannot connect to NATS" in line or time.monotonic() > deadline:
+                break
+        assert "retrying" in line, line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert "stopped during start-up" in proc.stderr.read()
+
+
 def test_run_on_postgres_without_a_database_says_what_to_set(tmp_path: Path) -> None:
     (tmp_path / "fraiseql.toml").write_text('[observers]\nbackend = "postgres"\n')
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}

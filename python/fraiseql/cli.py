@@ -440,7 +440,14 @@ def run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with _maybe_embedded(cfg, embedded, with_nats=True):
-        _run_engine(cfg, runtime, reg, events, http_port, stop)
+        stopped_early = _run_engine(cfg, runtime, reg, events, http_port, stop)
+    if stopped_early:
+        # The start-up thread is still waiting inside the native engine for a server; nothing
+        # was started, so there is nothing to drain, and finalising would wait for it.
+        click.echo("[observers] stopped during start-up", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _run_engine(
@@ -450,12 +457,14 @@ def _run_engine(
     events: str | None,
     http_port: int | None,
     stop: threading.Event,
-) -> None:
+) -> bool:
+    """Runs until `stop`; True when it was set before start-up finished."""
     try:
         engine = Engine(cfg, runtime_config=_runtime_config(cfg, runtime), schema=reg, http_port=http_port)
         if http_port is None and events is None:  # a one-shot --events run serves no HTTP
             engine._http_port = engine._native.configured_http_port
-        engine.start()
+        if not _start_unless_stopped(engine, stop):
+            return True
     except _native.FraiseQLError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -464,11 +473,38 @@ def _run_engine(
         engine.stop()
         if rejected:
             sys.exit(1)
-        return
+        return False
     while not stop.wait(0.5):
         pass
     click.echo("[observers] stopping: draining in-flight events", err=True)
     engine.stop()
+    return False
+
+
+def _start_unless_stopped(engine: Engine, stop: threading.Event) -> bool:
+    """Starts the engine on a thread of its own and returns True once it runs, or False when
+    `stop` is set first. Start-up retries connecting to an unreachable PostgreSQL, NATS or
+    Redis until it answers, inside native code where Python's signal handlers cannot run;
+    waiting here keeps SIGINT/SIGTERM working meanwhile."""
+    outcome: list[BaseException | None] = []
+
+    def start() -> None:
+        try:
+            engine.start()
+            outcome.append(None)
+        except BaseException as exc:  # handed to the main thread below
+            outcome.append(exc)
+
+    starter = threading.Thread(target=start, name="fraiseql-start", daemon=True)
+    starter.start()
+    while starter.is_alive():
+        if stop.wait(0.1):
+            starter.join(1.0)  # a start-up about to finish is let finish, then drained
+            if starter.is_alive():
+                return False
+    if outcome and outcome[0] is not None:
+        raise outcome[0]
+    return True
 
 
 if __name__ == "__main__":
