@@ -18,14 +18,17 @@ use async_trait::async_trait;
 
 use crate::action::{Action, ActionError};
 use crate::checkpoint::CheckpointStrategy;
-use crate::config::{BackoffStrategy, Config};
-use crate::engine::ObserverSpec;
-use crate::error::Result;
+use crate::config::{Backend, BackoffStrategy, Config};
+use crate::dlq::DeadLetterQueue;
+use crate::engine::{Engine, MemoryIdempotencyStores, ObserverSpec};
+use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
+use crate::metrics::{Metrics, RedisMetrics};
 use crate::retry::RetryPolicy;
 use crate::schema::Schema;
-use crate::transport::nats::NatsPublisher;
+use crate::transport::nats::{NatsMetrics, NatsPublisher};
 use crate::transport::postgres::PostgresOptions;
+use crate::transport::redis::RedisPublisher;
 
 /// A transport the change log can be forwarded to. `publish` returns once the transport
 /// confirmed the write (and retries on its own a few times before giving up).
@@ -136,4 +139,55 @@ pub fn bridge_options(config: &Config, listener_id: &str) -> PostgresOptions {
         listen: true,
         max_concurrency: config.observers.max_concurrency,
     }
+}
+
+/// The forwarder whose dead letters `observer` names (`{name}:{Entity}:{event}`): the NATS
+/// bridge (`run_bridge`, `[observers.bridge] transport_name`) or the Redis forwarder
+/// (`backend = "redis"`, `[observers.redis] forwarder_name`).
+fn forwarder_of(config: &Config, observer: &str) -> Option<(String, &'static str)> {
+    let o = &config.observers;
+    let owns = |name: &str| observer.starts_with(name) && observer[name.len()..].starts_with(':');
+    if o.run_bridge && owns(&o.bridge.transport_name) {
+        return Some((o.bridge.transport_name.clone(), "nats"));
+    }
+    if o.backend == Backend::Redis && owns(&o.redis.forwarder_name) {
+        return Some((o.redis.forwarder_name.clone(), "redis"));
+    }
+    None
+}
+
+/// `fraiseql dlq retry` for a change the bridge or the Redis forwarder could not publish:
+/// connects a publisher from `config` and publishes the entry's event again (same id, so
+/// NATS's duplicate window and EffectivelyOnce consumers absorb a publish that had in fact
+/// landed), with the forwarder's retries; the entry is removed once confirmed. `Ok(None)`
+/// when the entry is not a forwarder's (or does not exist).
+pub async fn retry_forwarded(
+    config: &Config,
+    schema: &Schema,
+    dlq: Arc<dyn DeadLetterQueue>,
+    metrics: Arc<Metrics>,
+    id: u64,
+) -> Result<Option<bool>> {
+    let Some(entry) = dlq.get(id).await? else {
+        return Ok(None);
+    };
+    let Some((name, transport)) = forwarder_of(config, &entry.observer) else {
+        return Ok(None);
+    };
+    let publisher: Arc<dyn Publisher> = if transport == "nats" {
+        Arc::new(NatsPublisher::connect(&config.observers.nats, NatsMetrics::new()).await?)
+    } else {
+        let url = config.observers.redis_url.as_deref().ok_or_else(|| {
+            Error::Transport("redis backend requires observers.redis_url to be set".into())
+        })?;
+        let conn = crate::transport::redis::connect(url, Duration::from_secs(10)).await?;
+        Arc::new(RedisPublisher::new(
+            conn,
+            &config.observers.redis,
+            RedisMetrics::new(),
+        ))
+    };
+    let specs = bridge_observers(schema, publisher, &name);
+    let engine = Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?;
+    engine.retry_dead_letter(id).await.map(Some)
 }

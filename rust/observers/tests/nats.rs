@@ -10,12 +10,14 @@ use async_nats::jetstream::{self, stream::StorageType};
 use async_trait::async_trait;
 use fraiseql_observers::config::NatsConfig;
 use fraiseql_observers::dlq::MemoryDlq;
+use fraiseql_observers::dlq::PushOutcome;
 use fraiseql_observers::transport::nats::{
     connect, ensure_consumer, ensure_stream, mask_url, subject_for,
 };
 use fraiseql_observers::{
-    Action, ActionError, CheckpointStrategy, Engine, Event, EventKind, MemoryIdempotencyStores,
-    Metrics, NatsMetrics, NatsPublisher, NatsSource, ObserverSpec, RetryPolicy,
+    bridge, Action, ActionError, Backend, CheckpointStrategy, Config, DeadLetterQueue, DlqEntry,
+    Engine, EntityDef, Event, EventKind, MemoryIdempotencyStores, Metrics, NatsMetrics,
+    NatsPublisher, NatsSource, ObserverSpec, RetryPolicy, Schema,
 };
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -317,6 +319,78 @@ async fn a_pipelined_batch_reports_the_events_it_could_not_publish() {
     assert_eq!(stray.publish_pipelined(&orders(4)).await, vec![0, 1, 2, 3]);
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(stream_messages(&js, &cfg).await, 5);
+    cleanup(&js, &cfg).await;
+}
+
+fn dead_letter(observer: &str, event: &Event) -> DlqEntry {
+    let now = fraiseql_observers::event::now_rfc3339();
+    DlqEntry {
+        id: 0,
+        event: event.clone(),
+        observer: observer.into(),
+        action_index: 0,
+        action: "nats_publish".into(),
+        error: "cannot publish: timed out".into(),
+        attempts: 5,
+        first_failed_at: now.clone(),
+        last_failed_at: now,
+    }
+}
+
+#[tokio::test]
+async fn dlq_retry_publishes_a_dead_lettered_bridge_change_again() {
+    let cfg = config("dlqretry");
+    let (_client, js) = setup(&cfg).await;
+    let mut config = Config::default_with_backend(Backend::Nats);
+    config.observers.nats = cfg.clone();
+    config.observers.run_bridge = true;
+    config.observers.bridge.transport_name = "pg_to_nats".into();
+    let schema = Schema::new(vec![EntityDef {
+        name: "Order".into(),
+        table: "tb_order".into(),
+        fields: Vec::new(),
+    }])
+    .unwrap();
+    let dlq: Arc<dyn DeadLetterQueue> = Arc::new(MemoryDlq::new(None));
+    let event = order(EventKind::Insert, 7);
+    let push = |observer: &'static str| {
+        let (dlq, entry) = (dlq.clone(), dead_letter(observer, &event));
+        async move {
+            match dlq.push(entry).await.unwrap() {
+                PushOutcome::Stored(id) => id,
+                PushOutcome::Overflow => panic!("unbounded queue"),
+            }
+        }
+    };
+    let metrics = Arc::new(Metrics::new());
+    let retry = |id| bridge::retry_forwarded(&config, &schema, dlq.clone(), metrics.clone(), id);
+
+    // The stream does not exist yet: the retry's publisher creates it, as the bridge does.
+    let id = push("pg_to_nats:Order:insert").await;
+    assert_eq!(retry(id).await.unwrap(), Some(true));
+    assert!(
+        dlq.get(id).await.unwrap().is_none(),
+        "delivered entries are removed"
+    );
+    assert_eq!(stream_messages(&js, &cfg).await, 1);
+    // The same change dead-lettered twice is stored once (same Nats-Msg-Id).
+    let again = push("pg_to_nats:Order:insert").await;
+    assert_eq!(retry(again).await.unwrap(), Some(true));
+    assert_eq!(stream_messages(&js, &cfg).await, 1);
+    let stream = js.get_stream(&cfg.stream_name).await.unwrap();
+    let stored = stream
+        .get_last_raw_message_by_subject(&subject_for(&cfg.subject_prefix, &event).unwrap())
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&stored.payload).unwrap();
+    assert_eq!(body["id"], json!(event.id));
+
+    // Not the bridge's: another observer, or a listener id that only starts the same way.
+    for other in ["shipping:Order:insert", "pg_to_nats_b:Order:insert"] {
+        let id = push(other).await;
+        assert_eq!(retry(id).await.unwrap(), None, "{other}");
+        assert!(dlq.get(id).await.unwrap().is_some());
+    }
     cleanup(&js, &cfg).await;
 }
 

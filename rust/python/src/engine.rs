@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use fraiseql_observers::action;
+use fraiseql_observers::bridge;
 use fraiseql_observers::capture::{self, CaptureOptions};
 use fraiseql_observers::config::{self, HandlerConfig};
 use fraiseql_observers::schema::default_table;
@@ -347,6 +348,29 @@ impl PyEngine {
 
     fn engine(&self) -> PyResult<Arc<Engine>> {
         self.engine.get().cloned().ok_or_else(not_running)
+    }
+
+    /// Re-runs a dead letter: an observer's, or else a change the bridge or the Redis
+    /// forwarder could not publish (published again through a publisher of its own).
+    fn retry_dead_letter(
+        &self,
+        id: u64,
+    ) -> PyResult<
+        impl std::future::Future<Output = fraiseql_observers::Result<bool>> + Send + 'static,
+    > {
+        let engine = self.engine()?;
+        let (config, schema) = (self.config.clone(), self.schema.clone());
+        let (dlq, metrics) = (self.dead_letter_queue(), self.metrics.clone());
+        Ok(async move {
+            match engine.retry_dead_letter(id).await {
+                Err(Error::DeadLetter(not_found)) => {
+                    bridge::retry_forwarded(&config, &schema, dlq, metrics, id)
+                        .await?
+                        .ok_or(Error::DeadLetter(not_found))
+                }
+                done => done,
+            }
+        })
     }
 
     fn event(
@@ -752,16 +776,16 @@ impl PyEngine {
     }
 
     fn dlq_retry(&self, py: Python<'_>, id: u64) -> PyResult<bool> {
-        let engine = self.engine()?;
+        let retry = self.retry_dead_letter(id)?;
         Ok(py
-            .detach(|| runtime().block_on(engine.retry_dead_letter(id)))
+            .detach(|| runtime().block_on(retry))
             .map_err(PyFraiseError)?)
     }
 
     fn dlq_retry_async<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyAny>> {
-        let engine = self.engine()?;
+        let retry = self.retry_dead_letter(id)?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            Ok(engine.retry_dead_letter(id).await.map_err(PyFraiseError)?)
+            Ok(retry.await.map_err(PyFraiseError)?)
         })
     }
 
