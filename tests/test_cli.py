@@ -101,14 +101,22 @@ def test_check_reports_the_bridge_rule_and_toml_syntax(tmp_path: Path) -> None:
     assert f"{cfg}:1:" in out.stderr
 
 
+def read_stderr_until(proc: subprocess.Popen[str], needle: str, timeout: float = 30) -> str:
+    """Reads `proc`'s stderr up to the line holding `needle` (or the timeout); that line."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    line = ""
+    for line in proc.stderr:
+        if needle in line or time.monotonic() > deadline:
+            break
+    return line
+
+
 def test_run_stops_cleanly_on_sigterm_and_exits_0(tmp_path: Path) -> None:
     (tmp_path / "fraiseql.toml").write_text('[observers]\nbackend = "in_memory"\nhttp_port = 0\n')
     with subprocess.Popen([*FRAISEQL, "run"], cwd=tmp_path, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
-        deadline = time.monotonic() + 30
-        for line in proc.stderr:
-            if "observer(s) loaded" in line or time.monotonic() > deadline:
-                break
+        read_stderr_until(proc, "observer(s) loaded")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert "draining in-flight events" in proc.stderr.read()
@@ -121,10 +129,7 @@ def test_sigterm_while_start_up_waits_for_an_unreachable_server_exits_0(tmp_path
     )
     with subprocess.Popen([*FRAISEQL, "run"], cwd=tmp_path, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
-        deadline = time.monotonic() + 30
-        for line in proc.stderr:
-            if "cannot connect to NATS" in line or time.monotonic() > deadline:
-                break
+        line = read_stderr_until(proc, "cannot connect to NATS")
         assert "retrying" in line, line
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

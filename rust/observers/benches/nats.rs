@@ -46,6 +46,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 mod support;
+use support::nats_config;
 
 const RAW_WINDOW: usize = 8192;
 const MAX_CONCURRENCY: usize = 256;
@@ -81,18 +82,6 @@ async fn measure<F: std::future::Future<Output = ()>>(n: usize, phase: F) -> Mea
     Measured {
         rate: n as f64 / elapsed,
         cpu_us: cpu * 1e6 / n as f64,
-    }
-}
-
-/// A stream, subject prefix and consumer of the phase's own.
-fn nats_config(url: &str) -> NatsConfig {
-    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..12];
-    NatsConfig {
-        url: Some(url.to_owned()),
-        subject_prefix: format!("fqbench{suffix}"),
-        consumer_name: "bench".into(),
-        stream_name: format!("fqbench_{suffix}"),
-        ..NatsConfig::default()
     }
 }
 

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fraiseql_observers::config::{NatsConfig, RedisConfig};
+use fraiseql_observers::config::RedisConfig;
 use fraiseql_observers::transport::{nats, redis};
 use fraiseql_observers::{
     CheckpointStrategy, Engine, Event, EventKind, MemoryDlq, MemoryIdempotencyStores, Metrics,
@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 mod support;
-use support::Backlog;
+use support::{nats_config, Backlog};
 
 const EVENTS: usize = 100_000;
 const MAX_CONCURRENCY: usize = 256;
@@ -101,18 +101,6 @@ async fn through_redis(url: &str) -> Duration {
         .await
         .unwrap();
     elapsed
-}
-
-/// A stream and subject prefix of the run's own.
-fn nats_config(url: &str) -> NatsConfig {
-    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..12];
-    NatsConfig {
-        url: Some(url.to_owned()),
-        subject_prefix: format!("fqbench{suffix}"),
-        consumer_name: "bench".into(),
-        stream_name: format!("fqbench_{suffix}"),
-        ..NatsConfig::default()
-    }
 }
 
 async fn through_nats(url: &str) -> Duration {

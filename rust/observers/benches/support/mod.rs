@@ -1,15 +1,28 @@
-//! Shared by the transport benchmarks: a throwaway database whose change log holds a backlog,
-//! and the PostgreSQL → transport forwarder running over it.
+//! Shared by the transport benchmarks: a NATS config of their own, a throwaway database whose
+//! change log holds a backlog, and the PostgreSQL → transport forwarder running over it.
 
 use std::sync::Arc;
 
 use fraiseql_observers::bridge::{self, Publisher};
 use fraiseql_observers::capture::{self, CaptureOptions};
+use fraiseql_observers::config::NatsConfig;
 use fraiseql_observers::{
     Backend, Config, Engine, EntityDef, MemoryDlq, MemoryIdempotencyStores, Metrics,
     PostgresSource, Schema,
 };
 use tokio::sync::watch;
+
+/// A stream, subject prefix and consumer of the caller's own.
+pub fn nats_config(url: &str) -> NatsConfig {
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    NatsConfig {
+        url: Some(url.to_owned()),
+        subject_prefix: format!("fqbench{suffix}"),
+        consumer_name: "bench".into(),
+        stream_name: format!("fqbench_{suffix}"),
+        ..NatsConfig::default()
+    }
+}
 
 /// `FRAISEQL_TEST_DATABASE_URL`, default `postgresql://postgres@127.0.0.1:5432/postgres`.
 pub fn database_url() -> String {

@@ -714,22 +714,35 @@ impl NatsPublisher {
         payload: bytes::Bytes,
     ) -> std::result::Result<(), String> {
         let started = Instant::now();
+        let ack = self.send_payload(subject.to_string(), id, payload).await?;
+        ack.await.map_err(|e| e.to_string())?;
+        self.record_published(started);
+        Ok(())
+    }
+
+    /// Sends one message with `Nats-Msg-Id = id`, without waiting for its PubAck.
+    async fn send_payload(
+        &self,
+        subject: String,
+        id: &str,
+        payload: bytes::Bytes,
+    ) -> std::result::Result<PublishAckFuture, String> {
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-        let ack = self
-            .js
+        self.js
             .send_publish(
-                subject.to_string(),
+                subject,
                 PublishMessage::build().payload(payload).headers(headers),
             )
             .await
-            .map_err(|e| e.to_string())?;
-        ack.await.map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())
+    }
+
+    fn record_published(&self, started: Instant) {
         self.metrics
             .publish_latency
             .observe(started.elapsed().as_secs_f64());
         self.metrics.published.inc();
-        Ok(())
     }
 
     /// Publishes every event with up to `window` PubAcks outstanding and waits for all of
@@ -785,17 +798,9 @@ impl NatsPublisher {
     async fn send(&self, event: &Event) -> Result<PublishAckFuture> {
         let subject = subject_for(&self.prefix, event)?;
         let payload = encode_body(&subject, event)?;
-        let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
-        self.js
-            .send_publish(
-                subject,
-                PublishMessage::build()
-                    .payload(payload.into())
-                    .headers(headers),
-            )
+        self.send_payload(subject, &event.id, payload.into())
             .await
-            .map_err(|e| Error::Transport(e.to_string()))
+            .map_err(Error::Transport)
     }
 
     /// Awaits one PubAck of [`Self::publish_pipelined`]; a failed one is set aside.
@@ -807,12 +812,7 @@ impl NatsPublisher {
         unconfirmed: &mut Vec<usize>,
     ) {
         match ack.await {
-            Ok(_) => {
-                self.metrics
-                    .publish_latency
-                    .observe(started.elapsed().as_secs_f64());
-                self.metrics.published.inc();
-            }
+            Ok(_) => self.record_published(started),
             Err(e) => {
                 tracing::debug!("a publish was not confirmed: {e}");
                 unconfirmed.push(index);
