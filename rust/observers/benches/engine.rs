@@ -9,23 +9,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fraiseql_observers::{
-    CheckpointStrategy, Condition, Engine, Event, EventKind, MemoryDlq, MemoryIdempotencyStores,
-    MemoryTransport, Metrics, NoopAction, ObserverSpec, RetryPolicy,
+    CheckpointStrategy, Condition, Engine, Event, EventKind, ListenerConfig, MemoryDlq,
+    MemoryIdempotencyStores, MemoryTransport, Metrics, NoopAction, ObserverSpec,
 };
 use serde_json::json;
 
 const EVENTS: usize = 1_000_000;
 
 fn engine(checkpoint: CheckpointStrategy) -> Arc<Engine> {
-    let spec = ObserverSpec {
-        name: "on_high_value_order".into(),
-        entity: "Order".into(),
-        event: EventKind::Insert,
-        condition: Some(Condition::compile("total > 1000 && is_premium == true", None).unwrap()),
-        retry: RetryPolicy::default(),
-        checkpoint,
-        actions: vec![Arc::new(NoopAction)],
-    };
+    let spec = ObserverSpec::new(
+        ListenerConfig::new("on_high_value_order", checkpoint),
+        "Order",
+        EventKind::Insert,
+    )
+    .condition(Condition::compile("total > 1000 && is_premium == true", None).unwrap())
+    .action(Arc::new(NoopAction));
     let metrics = Arc::new(Metrics::new());
     let dlq = Arc::new(MemoryDlq::new(None));
     Arc::new(

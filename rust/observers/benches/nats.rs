@@ -37,9 +37,9 @@ use fraiseql_observers::bridge;
 use fraiseql_observers::config::NatsConfig;
 use fraiseql_observers::transport::nats;
 use fraiseql_observers::{
-    CheckpointStrategy, Condition, Engine, EntityDef, Event, EventKind, MemoryDlq,
+    CheckpointStrategy, Condition, Engine, EntityDef, Event, EventKind, ListenerConfig, MemoryDlq,
     MemoryIdempotencyStores, MemoryTransport, Metrics, NatsMetrics, NatsPublisher, NatsSource,
-    NoopAction, ObserverSpec, RetryPolicy, Schema,
+    NoopAction, ObserverSpec, Schema,
 };
 use futures::StreamExt;
 use serde_json::json;
@@ -199,15 +199,13 @@ fn engine_with(specs: Vec<ObserverSpec>) -> Arc<Engine> {
 
 /// One observer with a condition and a no-op action.
 fn consuming_engine() -> Arc<Engine> {
-    engine_with(vec![ObserverSpec {
-        name: "noop".into(),
-        entity: "Order".into(),
-        event: EventKind::Insert,
-        condition: Some(Condition::compile("status == 'pending' && total > 100", None).unwrap()),
-        retry: RetryPolicy::default(),
-        checkpoint: CheckpointStrategy::AtLeastOnce,
-        actions: vec![Arc::new(NoopAction)],
-    }])
+    engine_with(vec![ObserverSpec::new(
+        ListenerConfig::new("noop", CheckpointStrategy::AtLeastOnce),
+        "Order",
+        EventKind::Insert,
+    )
+    .condition(Condition::compile("status == 'pending' && total > 100", None).unwrap())
+    .action(Arc::new(NoopAction))])
 }
 
 /// In-memory source → engine → publish action, as `fraiseql run` forwards every change.

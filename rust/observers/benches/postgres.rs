@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use fraiseql_observers::capture::{self, CaptureOptions};
 use fraiseql_observers::{
-    Action, ActionError, CheckpointStrategy, EntityDef, Event, EventKind, MemoryDlq,
-    MemoryIdempotencyStores, Metrics, ObserverSpec, PostgresOptions, PostgresSource, RetryPolicy,
+    Action, ActionError, CheckpointStrategy, EntityDef, Event, EventKind, ListenerConfig,
+    MemoryDlq, MemoryIdempotencyStores, Metrics, ObserverSpec, PostgresOptions, PostgresSource,
     Schema,
 };
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -208,15 +208,12 @@ struct RunningEngine {
 
 async fn start_engine(listen: bool, listener_id: &str) -> RunningEngine {
     let recorder = Arc::new(Recorder::default());
-    let spec = ObserverSpec {
-        name: "bench".into(),
-        entity: "Bench".into(),
-        event: EventKind::Insert,
-        condition: None,
-        retry: RetryPolicy::default(),
-        checkpoint: CheckpointStrategy::AtLeastOnce,
-        actions: vec![recorder.clone()],
-    };
+    let spec = ObserverSpec::new(
+        ListenerConfig::new("bench", CheckpointStrategy::AtLeastOnce),
+        "Bench",
+        EventKind::Insert,
+    )
+    .action(recorder.clone());
     let metrics = Arc::new(Metrics::new());
     let engine = fraiseql_observers::Engine::new(
         vec![spec],

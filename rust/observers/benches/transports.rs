@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use fraiseql_observers::config::RedisConfig;
 use fraiseql_observers::transport::{nats, redis};
 use fraiseql_observers::{
-    CheckpointStrategy, Engine, Event, EventKind, MemoryDlq, MemoryIdempotencyStores, Metrics,
-    NatsMetrics, NatsPublisher, NatsSource, NoopAction, ObserverSpec, RedisMetrics, RedisPublisher,
-    RedisSource, RetryPolicy,
+    CheckpointStrategy, Engine, Event, EventKind, ListenerConfig, MemoryDlq,
+    MemoryIdempotencyStores, Metrics, NatsMetrics, NatsPublisher, NatsSource, NoopAction,
+    ObserverSpec, RedisMetrics, RedisPublisher, RedisSource,
 };
 use futures::StreamExt;
 use serde_json::json;
@@ -35,15 +35,12 @@ const EVENTS: usize = 100_000;
 const MAX_CONCURRENCY: usize = 256;
 
 fn engine() -> Arc<Engine> {
-    let spec = ObserverSpec {
-        name: "noop".into(),
-        entity: "Order".into(),
-        event: EventKind::Insert,
-        condition: None,
-        retry: RetryPolicy::default(),
-        checkpoint: CheckpointStrategy::AtLeastOnce,
-        actions: vec![Arc::new(NoopAction)],
-    };
+    let spec = ObserverSpec::new(
+        ListenerConfig::new("noop", CheckpointStrategy::AtLeastOnce),
+        "Order",
+        EventKind::Insert,
+    )
+    .action(Arc::new(NoopAction));
     let dlq = Arc::new(MemoryDlq::new(None));
     let stores = MemoryIdempotencyStores::default();
     Arc::new(Engine::new(vec![spec], dlq, &stores, Arc::new(Metrics::new())).unwrap())

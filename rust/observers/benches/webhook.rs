@@ -37,8 +37,8 @@ use axum::Router;
 use fraiseql_observers::action::webhook::{default_payload, IDEMPOTENCY_HEADER};
 use fraiseql_observers::config::{ActionConfig, BackoffStrategy, WebhookConfig};
 use fraiseql_observers::{
-    CheckpointStrategy, Engine, Event, EventKind, MemoryDlq, MemoryIdempotencyStores,
-    MemoryTransport, Metrics, ObserverSpec, RetryPolicy,
+    CheckpointStrategy, Engine, Event, EventKind, ListenerConfig, MemoryDlq,
+    MemoryIdempotencyStores, MemoryTransport, Metrics, ObserverSpec, RetryPolicy,
 };
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
@@ -167,15 +167,13 @@ fn webhook_engine(url: String, retry: RetryPolicy, dlq_max: Option<usize>) -> Ar
     });
     let action =
         fraiseql_observers::action::build("on_order_paid", &config, None, &|_| None).unwrap();
-    let spec = ObserverSpec {
-        name: "on_order_paid".into(),
-        entity: "Order".into(),
-        event: EventKind::Insert,
-        condition: None,
-        retry,
-        checkpoint: CheckpointStrategy::AtLeastOnce,
-        actions: vec![action],
-    };
+    let spec = ObserverSpec::new(
+        ListenerConfig::new("on_order_paid", CheckpointStrategy::AtLeastOnce),
+        "Order",
+        EventKind::Insert,
+    )
+    .retry(retry)
+    .action(action);
     Arc::new(
         Engine::new(
             vec![spec],

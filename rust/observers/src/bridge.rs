@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::action::{Action, ActionError};
-use crate::checkpoint::CheckpointStrategy;
+use crate::checkpoint::{CheckpointStrategy, ListenerConfig};
 use crate::config::{Backend, BackoffStrategy, Config};
 use crate::dlq::DeadLetterQueue;
 use crate::engine::{Engine, MemoryIdempotencyStores, ObserverSpec};
@@ -113,15 +113,13 @@ pub fn bridge_observers(
     let mut specs = Vec::new();
     for entity in schema.entities() {
         for kind in EventKind::ALL {
-            specs.push(ObserverSpec {
-                name: format!("{transport_name}:{}:{}", entity.name, kind.as_lower()),
-                entity: entity.name.clone(),
-                event: kind,
-                condition: None,
-                retry: bridge_retry(),
-                checkpoint: CheckpointStrategy::AtLeastOnce,
-                actions: vec![action.clone()],
-            });
+            let name = format!("{transport_name}:{}:{}", entity.name, kind.as_lower());
+            let listener = ListenerConfig::new(name, CheckpointStrategy::AtLeastOnce);
+            specs.push(
+                ObserverSpec::new(listener, entity.name.clone(), kind)
+                    .retry(bridge_retry())
+                    .action(action.clone()),
+            );
         }
     }
     specs

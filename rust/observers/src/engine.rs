@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::action::{Action, ActionError};
-use crate::checkpoint::{CheckpointStrategy, IdempotencyStore, MemoryIdempotencyStore};
+use crate::checkpoint::{
+    CheckpointStrategy, IdempotencyStore, ListenerConfig, MemoryIdempotencyStore,
+};
 use crate::condition::Condition;
 use crate::dlq::{DeadLetterQueue, DlqEntry, PushOutcome};
 use crate::error::{Error, Result};
@@ -23,15 +25,69 @@ pub const UNDECODABLE_ACTION: &str = "decode";
 use crate::metrics::{ActionMetrics, Metrics, ObserverMetrics};
 use crate::retry::RetryPolicy;
 
-/// One observer, ready to be compiled into the engine.
+/// One observer, ready to be compiled into the engine: who it is and how it checkpoints
+/// (its [`ListenerConfig`]), what it watches, when it fires and what it does.
+///
+/// ```
+/// use std::sync::Arc;
+/// use fraiseql_observers::{CheckpointStrategy, EventKind, ListenerConfig, NoopAction, ObserverSpec};
+///
+/// let spec = ObserverSpec::new(
+///     ListenerConfig::new("charge_customer", CheckpointStrategy::AtLeastOnce),
+///     "Order",
+///     EventKind::Insert,
+/// )
+/// .action(Arc::new(NoopAction));
+/// assert_eq!(spec.name(), "charge_customer");
+/// ```
 pub struct ObserverSpec {
-    pub name: String,
+    /// The observer's name (the listener id of its idempotency keys and dead letters) and its
+    /// checkpoint strategy.
+    pub listener: ListenerConfig,
     pub entity: String,
     pub event: EventKind,
     pub condition: Option<Condition>,
     pub retry: RetryPolicy,
-    pub checkpoint: CheckpointStrategy,
     pub actions: Vec<Arc<dyn Action>>,
+}
+
+impl ObserverSpec {
+    /// An observer of `event` on `entity` with no condition, the default retry policy and no
+    /// action yet.
+    pub fn new(listener: ListenerConfig, entity: impl Into<String>, event: EventKind) -> Self {
+        ObserverSpec {
+            listener,
+            entity: entity.into(),
+            event,
+            condition: None,
+            retry: RetryPolicy::default(),
+            actions: Vec::new(),
+        }
+    }
+
+    pub fn condition(mut self, condition: Condition) -> Self {
+        self.condition = Some(condition);
+        self
+    }
+
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Adds an action; actions run in the order they were added.
+    pub fn action(mut self, action: Arc<dyn Action>) -> Self {
+        self.actions.push(action);
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.listener.listener_id
+    }
+
+    pub fn checkpoint(&self) -> &CheckpointStrategy {
+        &self.listener.checkpoint
+    }
 }
 
 /// Resolves the idempotency store that serves one idempotency table.
@@ -102,21 +158,21 @@ impl Engine {
         for (i, spec) in specs.into_iter().enumerate() {
             if observers
                 .iter()
-                .any(|o: &CompiledObserver| o.name == spec.name)
+                .any(|o: &CompiledObserver| o.name == spec.name())
             {
                 return Err(Error::Schema(format!(
                     "observer name `{}` is declared twice; names identify observers in the DLQ and idempotency tables and must be unique",
-                    spec.name
+                    spec.name()
                 )));
             }
             if spec.actions.is_empty() {
                 return Err(Error::Schema(format!(
                     "observer `{}` has no action",
-                    spec.name
+                    spec.name()
                 )));
             }
             index.entry(spec.entity.clone()).or_default()[kind_slot(spec.event)].push(i);
-            let idempotency = match &spec.checkpoint {
+            let idempotency = match spec.checkpoint() {
                 CheckpointStrategy::AtLeastOnce => None,
                 CheckpointStrategy::EffectivelyOnce { idempotency_table } => {
                     Some(stores.store_for(idempotency_table))
@@ -126,13 +182,13 @@ impl Engine {
                 .actions
                 .into_iter()
                 .map(|a| {
-                    let m = metrics.action(&spec.name, a.kind());
+                    let m = metrics.action(&spec.listener.listener_id, a.kind());
                     (a, m)
                 })
                 .collect();
             observers.push(CompiledObserver {
-                metrics: metrics.observer(&spec.name),
-                name: spec.name,
+                metrics: metrics.observer(&spec.listener.listener_id),
+                name: spec.listener.listener_id,
                 condition: spec.condition,
                 retry: spec.retry,
                 idempotency,

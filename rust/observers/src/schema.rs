@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::action::Action;
-use crate::checkpoint::CheckpointStrategy;
+use crate::checkpoint::{CheckpointStrategy, ListenerConfig};
 use crate::condition::Condition;
 use crate::config::HandlerConfig;
 use crate::engine::ObserverSpec;
@@ -107,12 +107,14 @@ impl Schema {
             None => None,
         };
         Ok(ObserverSpec {
-            name: handler.name.clone(),
+            listener: ListenerConfig::new(
+                handler.name.clone(),
+                CheckpointStrategy::from(&handler.checkpoint),
+            ),
             entity: handler.entity.clone(),
             event: handler.event.parse().map_err(Error::Schema)?,
             condition,
             retry: RetryPolicy::from(&handler.retry),
-            checkpoint: CheckpointStrategy::from(&handler.checkpoint),
             actions,
         })
     }

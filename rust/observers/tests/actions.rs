@@ -12,8 +12,8 @@ use fraiseql_observers::config::{
     ActionConfig, BackoffStrategy, EmailConfig, EmailTls, SlackConfig, WebhookConfig,
 };
 use fraiseql_observers::{
-    Action, Engine, EntityDef, Event, EventKind, MemoryDlq, MemoryIdempotencyStores, Metrics,
-    ObserverSpec, RetryPolicy,
+    Action, Engine, EntityDef, Event, EventKind, ListenerConfig, MemoryDlq,
+    MemoryIdempotencyStores, Metrics, ObserverSpec, RetryPolicy,
 };
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
@@ -539,21 +539,19 @@ async fn engine_retries_a_webhook_until_it_succeeds() {
     sink.script([Reply::status(500), Reply::status(503), Reply::status(200)]);
     let action = build_webhook(webhook_config(&sink.url("/retry")), &no_env);
     let engine = Engine::new(
-        vec![ObserverSpec {
-            name: "on_order".into(),
-            entity: "Order".into(),
-            event: EventKind::Insert,
-            condition: None,
-            retry: RetryPolicy {
-                max_attempts: 3,
-                backoff: BackoffStrategy::Fixed,
-                initial_delay: Duration::from_millis(10),
-                max_delay: Duration::from_millis(50),
-                jitter: false,
-            },
-            checkpoint: CheckpointStrategy::AtLeastOnce,
-            actions: vec![action],
-        }],
+        vec![ObserverSpec::new(
+            ListenerConfig::new("on_order", CheckpointStrategy::AtLeastOnce),
+            "Order",
+            EventKind::Insert,
+        )
+        .retry(RetryPolicy {
+            max_attempts: 3,
+            backoff: BackoffStrategy::Fixed,
+            initial_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+            jitter: false,
+        })
+        .action(action)],
         Arc::new(MemoryDlq::new(None)),
         &MemoryIdempotencyStores::default(),
         Arc::new(Metrics::new()),

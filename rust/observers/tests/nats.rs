@@ -16,8 +16,8 @@ use fraiseql_observers::transport::nats::{
 };
 use fraiseql_observers::{
     bridge, Action, ActionError, Backend, CheckpointStrategy, Config, DeadLetterQueue, DlqEntry,
-    Engine, EntityDef, Event, EventKind, MemoryIdempotencyStores, Metrics, NatsMetrics,
-    NatsPublisher, NatsSource, ObserverSpec, RetryPolicy, Schema,
+    Engine, EntityDef, Event, EventKind, ListenerConfig, MemoryIdempotencyStores, Metrics,
+    NatsMetrics, NatsPublisher, NatsSource, ObserverSpec, Schema,
 };
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -142,14 +142,16 @@ impl Action for Counting {
 fn engine(action: &Arc<Counting>) -> Arc<Engine> {
     let specs = EventKind::ALL
         .iter()
-        .map(|&kind| ObserverSpec {
-            name: format!("count_{}", kind.as_lower()),
-            entity: "Order".into(),
-            event: kind,
-            condition: None,
-            retry: RetryPolicy::default(),
-            checkpoint: CheckpointStrategy::AtLeastOnce,
-            actions: vec![action.clone() as Arc<dyn Action>],
+        .map(|&kind| {
+            ObserverSpec::new(
+                ListenerConfig::new(
+                    format!("count_{}", kind.as_lower()),
+                    CheckpointStrategy::AtLeastOnce,
+                ),
+                "Order",
+                kind,
+            )
+            .action(action.clone() as Arc<dyn Action>)
         })
         .collect();
     Arc::new(

@@ -9,11 +9,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fraiseql_observers::checkpoint::{is_duplicate, record_idempotency_key};
 use fraiseql_observers::engine::Engine;
-use fraiseql_observers::http::HealthSource;
+use fraiseql_observers::status::HealthSource;
 use fraiseql_observers::{
     capture, Action, ActionError, CheckpointStrategy, EntityDef, Event, EventKind,
-    IdempotencyStore, IdempotencyStores, MemoryDlq, MemoryIdempotencyStores, Metrics, ObserverSpec,
-    PgIdempotencyStore, PgIdempotencyStores, PostgresOptions, PostgresSource, RetryPolicy, Schema,
+    IdempotencyStore, IdempotencyStores, ListenerConfig, MemoryDlq, MemoryIdempotencyStores,
+    Metrics, ObserverSpec, PgIdempotencyStore, PgIdempotencyStores, PostgresOptions,
+    PostgresSource, Schema,
 };
 use serde_json::json;
 use sqlx::postgres::{PgListener, PgPool};
@@ -112,14 +113,16 @@ fn by_id(mut events: Vec<Event>) -> Vec<Event> {
 fn engine(recorder: &Arc<Recorder>) -> Arc<Engine> {
     let specs = EventKind::ALL
         .iter()
-        .map(|&kind| ObserverSpec {
-            name: format!("record_{}", kind.as_lower()),
-            entity: "Order".into(),
-            event: kind,
-            condition: None,
-            retry: RetryPolicy::default(),
-            checkpoint: CheckpointStrategy::AtLeastOnce,
-            actions: vec![recorder.clone() as Arc<dyn Action>],
+        .map(|&kind| {
+            ObserverSpec::new(
+                ListenerConfig::new(
+                    format!("record_{}", kind.as_lower()),
+                    CheckpointStrategy::AtLeastOnce,
+                ),
+                "Order",
+                kind,
+            )
+            .action(recorder.clone() as Arc<dyn Action>)
         })
         .collect();
     Arc::new(
@@ -712,17 +715,17 @@ async fn effectively_once_holds_across_engines_sharing_the_table() {
     let recorder = Arc::new(Recorder::default());
     let build = |stores: &dyn IdempotencyStores| {
         Engine::new(
-            vec![ObserverSpec {
-                name: "charge_customer".into(),
-                entity: "Order".into(),
-                event: EventKind::Insert,
-                condition: None,
-                retry: RetryPolicy::default(),
-                checkpoint: CheckpointStrategy::EffectivelyOnce {
-                    idempotency_table: "charge_keys".into(),
-                },
-                actions: vec![recorder.clone() as Arc<dyn Action>],
-            }],
+            vec![ObserverSpec::new(
+                ListenerConfig::new(
+                    "charge_customer",
+                    CheckpointStrategy::EffectivelyOnce {
+                        idempotency_table: "charge_keys".into(),
+                    },
+                ),
+                "Order",
+                EventKind::Insert,
+            )
+            .action(recorder.clone() as Arc<dyn Action>)],
             Arc::new(MemoryDlq::new(None)),
             stores,
             Arc::new(Metrics::new()),

@@ -10,7 +10,7 @@ use fraiseql_observers::dlq::PushOutcome;
 use fraiseql_observers::event::now_rfc3339;
 use fraiseql_observers::{
     Action, ActionError, CheckpointStrategy, DeadLetterQueue, DlqEntry, Engine, Event, EventKind,
-    MemoryIdempotencyStores, Metrics, ObserverSpec, PgDeadLetterQueue, RetryPolicy,
+    ListenerConfig, MemoryIdempotencyStores, Metrics, ObserverSpec, PgDeadLetterQueue,
 };
 use serde_json::json;
 use tokio::sync::Barrier;
@@ -334,15 +334,12 @@ impl Action for Flaky {
 
 fn engine(dlq: Arc<PgDeadLetterQueue>, action: Arc<Flaky>) -> Engine {
     Engine::new(
-        vec![ObserverSpec {
-            name: "on_order_update".into(),
-            entity: "Order".into(),
-            event: EventKind::Update,
-            condition: None,
-            retry: RetryPolicy::default(),
-            checkpoint: CheckpointStrategy::AtLeastOnce,
-            actions: vec![action as Arc<dyn Action>],
-        }],
+        vec![ObserverSpec::new(
+            ListenerConfig::new("on_order_update", CheckpointStrategy::AtLeastOnce),
+            "Order",
+            EventKind::Update,
+        )
+        .action(action as Arc<dyn Action>)],
         dlq,
         &MemoryIdempotencyStores::default(),
         Arc::new(Metrics::new()),

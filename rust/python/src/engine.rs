@@ -4,14 +4,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use fraiseql_observers::action;
-use fraiseql_observers::bridge;
 use fraiseql_observers::capture::{self, CaptureOptions};
 use fraiseql_observers::config::{self, HandlerConfig};
+use fraiseql_observers::runtime::{
+    self as core_runtime, DeadLetters, Instruments, Running, StartOptions,
+};
 use fraiseql_observers::schema::default_table;
 use fraiseql_observers::{
-    Action, Backend, Config, DeadLetterQueue, DlqEntry, Engine, EntityDef, Error, Event, EventKind,
-    MemoryDlq, MemoryIdempotencyStores, MemoryTransport, Metrics, NatsMetrics, ObserverSpec,
-    RedisMetrics, Schema,
+    Action, Config, DeadLetterQueue, DlqEntry, EntityDef, Error, Event, EventKind, MemoryDlq,
+    MemoryTransport, ObserverSpec, Schema,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -19,7 +20,6 @@ use pyo3::types::{PyDict, PyList};
 use pyo3_async_runtimes::TaskLocals;
 use serde_json::{json, Value};
 
-use crate::backend::{self, Running, Transport};
 use crate::convert::{row_from_py, to_json, to_py};
 use crate::errors::PyFraiseError;
 use crate::handler::{LoopSlot, PythonHandler};
@@ -202,10 +202,10 @@ fn prepare(
     }
     let mut seen = std::collections::HashSet::new();
     for s in &specs {
-        if !seen.insert(s.name.as_str()) {
+        if !seen.insert(s.name()) {
             errors.push(Error::Schema(format!(
                 "observer name `{}` is declared twice",
-                s.name
+                s.name()
             )));
         }
     }
@@ -268,13 +268,12 @@ pub fn check(
 
 /// The in-memory queue of a running engine; emit() and drain() need it.
 fn memory(running: &Running) -> PyResult<&MemoryTransport> {
-    match &running.transport {
-        Transport::Memory(t) => Ok(t),
-        Transport::Source { .. } => Err(PyFraiseError(Error::Engine(
+    running.memory().ok_or_else(|| {
+        PyFraiseError(Error::Engine(
             "emit() and drain() work on the in_memory backend; with backend postgres, write rows to the database (with nats or redis, publish to the stream)".into(),
         ))
-        .into()),
-    }
+        .into()
+    })
 }
 
 fn not_running() -> PyErr {
@@ -284,23 +283,25 @@ fn not_running() -> PyErr {
     .into()
 }
 
+fn started_once() -> PyErr {
+    PyFraiseError(Error::Engine(
+        "this engine was already started once; create a new one".into(),
+    ))
+    .into()
+}
+
 #[pyclass(name = "Engine", module = "fraiseql._native", frozen)]
 pub struct PyEngine {
     config: Config,
     /// Declared types plus TOML-only entities: the tables change capture covers.
     schema: Schema,
-    metrics: Arc<Metrics>,
-    /// The NATS metrics registered in `metrics`, handed to the source at start.
-    nats_metrics: NatsMetrics,
-    /// The Redis metrics registered in `metrics` (backend redis).
-    redis_metrics: RedisMetrics,
-    /// In memory until a backend with a database starts (or `open_dead_letters`).
-    dlq: Mutex<Arc<dyn DeadLetterQueue>>,
+    instruments: Instruments,
     observer_names: Vec<String>,
-    /// Compiled observers, until the engine is built. The in-memory engine is built at once;
-    /// the PostgreSQL one at start, when its idempotency stores have a pool.
+    /// Compiled observers, until the engine starts (or opens its dead letters): it can do
+    /// that once.
     specs: Mutex<Option<Vec<ObserverSpec>>>,
-    engine: OnceLock<Arc<Engine>>,
+    /// The dead letters of the started engine, or of `open_dead_letters`; kept after stop.
+    dead_letters: OnceLock<Arc<DeadLetters>>,
     event_loop: LoopSlot,
     tables: HashMap<String, String>,
     running: Mutex<Option<Arc<Running>>>,
@@ -316,61 +317,25 @@ impl PyEngine {
             .ok_or_else(not_running)
     }
 
-    fn dead_letter_queue(&self) -> Arc<dyn DeadLetterQueue> {
-        self.dlq.lock().expect("dlq lock").clone()
-    }
-
-    /// Switches to the PostgreSQL dead-letter queue when a database is configured.
-    fn durable_dead_letters(&self, py: Python<'_>) -> PyResult<Arc<dyn DeadLetterQueue>> {
-        let durable = py
-            .detach(|| runtime().block_on(backend::dead_letters(&self.config, &self.metrics)))
-            .map_err(PyFraiseError)?;
-        let mut dlq = self.dlq.lock().expect("dlq lock");
-        if let Some(durable) = durable {
-            *dlq = durable;
-        }
-        Ok(dlq.clone())
-    }
-
-    /// The compiled observers, for an engine built at start (it can start once).
+    /// The compiled observers, for the one start (or `open_dead_letters`).
     fn take_specs(&self) -> PyResult<Vec<ObserverSpec>> {
         self.specs
             .lock()
             .expect("specs lock")
             .take()
-            .ok_or_else(|| {
-                PyFraiseError(Error::Engine(
-                    "this engine was already started once; create a new one".into(),
-                ))
-                .into()
-            })
+            .ok_or_else(started_once)
     }
 
-    fn engine(&self) -> PyResult<Arc<Engine>> {
-        self.engine.get().cloned().ok_or_else(not_running)
+    fn dead_letters(&self) -> PyResult<Arc<DeadLetters>> {
+        self.dead_letters.get().cloned().ok_or_else(not_running)
     }
 
-    /// Re-runs a dead letter: an observer's, or else a change the bridge or the Redis
-    /// forwarder could not publish (published again through a publisher of its own).
-    fn retry_dead_letter(
-        &self,
-        id: u64,
-    ) -> PyResult<
-        impl std::future::Future<Output = fraiseql_observers::Result<bool>> + Send + 'static,
-    > {
-        let engine = self.engine()?;
-        let (config, schema) = (self.config.clone(), self.schema.clone());
-        let (dlq, metrics) = (self.dead_letter_queue(), self.metrics.clone());
-        Ok(async move {
-            match engine.retry_dead_letter(id).await {
-                Err(Error::DeadLetter(not_found)) => {
-                    bridge::retry_forwarded(&config, &schema, dlq, metrics, id)
-                        .await?
-                        .ok_or(Error::DeadLetter(not_found))
-                }
-                done => done,
-            }
-        })
+    /// The queue to list: the engine's, or an empty one before it started.
+    fn dead_letter_queue(&self) -> Arc<dyn DeadLetterQueue> {
+        match self.dead_letters.get() {
+            Some(d) => d.queue().clone(),
+            None => Arc::new(MemoryDlq::new(None)),
+        }
     }
 
     fn event(
@@ -461,7 +426,7 @@ pub fn db_install(
     let config = load_config(&main, &runtime_file)?;
     let declared = Schema::new(entities.map(entity_defs).transpose()?.unwrap_or_default())
         .map_err(PyFraiseError)?;
-    let schema = backend::capture_schema(&config, &declared).map_err(PyFraiseError)?;
+    let schema = core_runtime::capture_schema(&config, &declared).map_err(PyFraiseError)?;
     if print_only {
         let sql = if uninstall {
             capture::uninstall_sql(&schema)
@@ -471,7 +436,7 @@ pub fn db_install(
         return Ok(sql.map_err(PyFraiseError)?);
     }
     let tables: Vec<String> = schema.entities().iter().map(|e| e.table.clone()).collect();
-    py.detach(|| runtime().block_on(backend::install(&config, &schema, uninstall)))
+    py.detach(|| runtime().block_on(core_runtime::install_capture(&config, &schema, uninstall)))
         .map_err(PyFraiseError)?;
     let verb = if uninstall {
         "removed from"
@@ -504,7 +469,7 @@ pub fn idempotency_prune(
     let older_than = std::time::Duration::try_from_secs_f64(older_than_secs)
         .map_err(|e| PyValueError::new_err(format!("older_than: {e}")))?;
     py.detach(|| {
-        runtime().block_on(backend::prune_idempotency(
+        runtime().block_on(core_runtime::prune_idempotency(
             &config, &tables, older_than, batch,
         ))
     })
@@ -538,39 +503,17 @@ impl PyEngine {
         let prepared = prepare(main, runtime_file, entities, observers, &event_loop, true)?
             .map_err(raise_all)?;
         let config = prepared.config;
-        let schema = backend::capture_schema(&config, &prepared.schema).map_err(PyFraiseError)?;
-        let nats_metrics = NatsMetrics::new();
-        let redis_metrics = RedisMetrics::new();
-        let metrics = Arc::new(Metrics::new_with(|r| match config.observers.backend {
-            Backend::Nats => nats_metrics.register(r),
-            Backend::Redis => redis_metrics.register(r),
-            _ => {}
-        }));
-        // Dead letters stay in process memory for now; the PostgreSQL DLQ comes next.
-        let dlq: Arc<dyn DeadLetterQueue> = Arc::new(MemoryDlq::new(config.observers.max_dlq_size));
-        let observer_names = prepared.specs.iter().map(|s| s.name.clone()).collect();
-        let engine = OnceLock::new();
-        let mut specs = Some(prepared.specs);
-        if matches!(config.observers.backend, Backend::InMemory) {
-            let built = Engine::new(
-                specs.take().unwrap_or_default(),
-                dlq.clone(),
-                &MemoryIdempotencyStores::default(),
-                metrics.clone(),
-            )
-            .map_err(PyFraiseError)?;
-            let _ = engine.set(Arc::new(built));
-        }
+        let schema =
+            core_runtime::capture_schema(&config, &prepared.schema).map_err(PyFraiseError)?;
+        let instruments = Instruments::for_config(&config);
+        let observer_names = prepared.specs.iter().map(|s| s.name().to_owned()).collect();
         Ok(PyEngine {
             config,
             schema,
-            metrics,
-            nats_metrics,
-            redis_metrics,
-            dlq: Mutex::new(dlq),
+            instruments,
             observer_names,
-            specs: Mutex::new(specs),
-            engine,
+            specs: Mutex::new(Some(prepared.specs)),
+            dead_letters: OnceLock::new(),
             event_loop,
             tables,
             running: Mutex::new(None),
@@ -578,8 +521,9 @@ impl PyEngine {
         })
     }
 
-    /// Starts the transport. `event_loop` runs `async def` handlers. `http_port`: None = no
-    /// HTTP server, 0 = any free port, otherwise that port.
+    /// Starts the engine (`fraiseql_observers::runtime::start`). `event_loop` runs `async
+    /// def` handlers. `http_port`: None = no HTTP server, 0 = any free port, otherwise that
+    /// port.
     #[pyo3(signature = (event_loop=None, http_port=None))]
     fn start(
         &self,
@@ -597,63 +541,29 @@ impl PyEngine {
             let locals = TaskLocals::new(lp).copy_context(py)?;
             let _ = self.event_loop.set(locals);
         }
-        let started = match self.config.observers.backend {
-            Backend::InMemory => {
-                let engine = self.engine()?;
-                py.detach(|| {
-                    runtime().block_on(backend::start_memory(engine, &self.config, http_port))
-                })
-            }
-            source => {
-                let specs = self.take_specs()?;
-                let dlq = self.durable_dead_letters(py)?;
-                let (config, schema, metrics) = (&self.config, &self.schema, self.metrics.clone());
-                py.detach(|| {
-                    runtime().block_on(async {
-                        match source {
-                            Backend::Postgres => {
-                                backend::start_postgres(
-                                    specs, config, schema, dlq, metrics, http_port,
-                                )
-                                .await
-                            }
-                            Backend::Nats => {
-                                let nats = self.nats_metrics.clone();
-                                backend::start_nats(
-                                    specs, config, schema, dlq, metrics, nats, http_port,
-                                )
-                                .await
-                            }
-                            Backend::Redis => {
-                                let redis = self.redis_metrics.clone();
-                                backend::start_redis(
-                                    specs, config, schema, dlq, metrics, redis, http_port,
-                                )
-                                .await
-                            }
-                            Backend::InMemory => unreachable!("handled above"),
-                        }
-                    })
-                })
-                .map(|(engine, running)| {
-                    let _ = self.engine.set(engine);
-                    running
-                })
-            }
-        }
-        .map_err(PyFraiseError)?;
-        let port = started
-            .http
-            .lock()
-            .expect("http lock")
-            .as_ref()
-            .map(|h| h.addr.port());
-        *self.http_port.lock().expect("port lock") = port;
+        let specs = self.take_specs()?;
+        let options = StartOptions {
+            status: http_port.map(|port| ("0.0.0.0".to_owned(), port)),
+        };
+        let started = py
+            .detach(|| {
+                runtime().block_on(core_runtime::start(
+                    &self.config,
+                    &self.schema,
+                    specs,
+                    &self.instruments,
+                    &options,
+                ))
+            })
+            .map_err(PyFraiseError)?;
+        let started = Arc::new(started);
+        *self.http_port.lock().expect("port lock") = started.status_addr().map(|a| a.port());
+        let _ = self.dead_letters.set(started.dead_letters().clone());
         tracing::info!(
             "[observers] {} observer(s) loaded",
             self.observer_names.len()
         );
-        *running = Some(Arc::new(started));
+        *running = Some(started);
         Ok(())
     }
 
@@ -741,10 +651,10 @@ impl PyEngine {
     #[getter]
     fn pending(&self) -> usize {
         let running = self.running.lock().expect("running lock").clone();
-        match running.as_deref().map(|r| &r.transport) {
-            Some(Transport::Memory(t)) => t.pending(),
-            _ => 0,
-        }
+        running
+            .as_deref()
+            .and_then(Running::memory)
+            .map_or(0, MemoryTransport::pending)
     }
 
     /// Stops accepting events, finishes those accepted, stops the HTTP server.
@@ -776,54 +686,51 @@ impl PyEngine {
     }
 
     fn dlq_retry(&self, py: Python<'_>, id: u64) -> PyResult<bool> {
-        let retry = self.retry_dead_letter(id)?;
+        let dead_letters = self.dead_letters()?;
         Ok(py
-            .detach(|| runtime().block_on(retry))
+            .detach(|| runtime().block_on(dead_letters.retry(id)))
             .map_err(PyFraiseError)?)
     }
 
     fn dlq_retry_async<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyAny>> {
-        let retry = self.retry_dead_letter(id)?;
+        let dead_letters = self.dead_letters()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            Ok(retry.await.map_err(PyFraiseError)?)
+            Ok(dead_letters.retry(id).await.map_err(PyFraiseError)?)
         })
     }
 
     fn dlq_purge(&self, py: Python<'_>) -> PyResult<usize> {
-        let dlq = self.dead_letter_queue();
-        let metrics = self.metrics.clone();
-        let n = py
-            .detach(|| runtime().block_on(dlq.purge()))
-            .map_err(PyFraiseError)?;
-        metrics.dlq_size.set(0);
-        Ok(n)
+        let dead_letters = self.dead_letters()?;
+        Ok(py
+            .detach(|| runtime().block_on(dead_letters.purge()))
+            .map_err(PyFraiseError)?)
     }
 
     /// Opens the durable dead-letter queue of the configured database and builds the engine
     /// without starting a source: what `fraiseql dlq list|show|retry|purge` works on.
     fn open_dead_letters(&self, py: Python<'_>) -> PyResult<()> {
-        if self.engine.get().is_some() {
+        if self.dead_letters.get().is_some() {
             return Err(PyFraiseError(Error::DeadLetter(
                 "open_dead_letters() is for an engine that was not started".into(),
             ))
             .into());
         }
         let specs = self.take_specs()?;
-        let (engine, dlq) = py
+        let opened = py
             .detach(|| {
-                runtime().block_on(backend::offline_engine(
-                    specs,
+                runtime().block_on(DeadLetters::open(
                     &self.config,
-                    self.metrics.clone(),
+                    &self.schema,
+                    specs,
+                    &self.instruments,
                 ))
             })
             .map_err(PyFraiseError)?;
-        *self.dlq.lock().expect("dlq lock") = dlq;
-        let _ = self.engine.set(engine);
+        let _ = self.dead_letters.set(Arc::new(opened));
         Ok(())
     }
 
     fn metrics_text(&self) -> String {
-        self.metrics.encode()
+        self.instruments.metrics.encode()
     }
 }

@@ -1,7 +1,6 @@
 //! `fraiseql._native`: the PyO3 binding of `fraiseql_observers`. All Python glue lives here;
 //! the core crate knows nothing of Python.
 
-mod backend;
 mod condition;
 mod convert;
 mod engine;

@@ -40,8 +40,8 @@ use crate::config::NatsConfig;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
-use crate::http::HealthSource;
 use crate::schema::default_table;
+use crate::status::HealthSource;
 
 /// Header carrying the stable event id; JetStream deduplicates on it.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";

@@ -52,7 +52,6 @@
 //! at-least-once allows. Session advisory locks need a session: point `database.url` at
 //! PostgreSQL or a session-pooling proxy, not a transaction-pooling one.
 
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,12 +64,12 @@ use tokio::sync::{watch, Notify};
 
 use crate::bridge::Publisher;
 use crate::capture::{CHANGE_LOG_TABLE, CURSOR_TABLE};
-use crate::config::{redact_url, validate_sql_identifier, Config, DEFAULT_NOTIFY_CHANNEL};
+use crate::config::{validate_sql_identifier, Config, DEFAULT_NOTIFY_CHANNEL};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
-use crate::http::HealthSource;
 use crate::metrics::Metrics;
+use crate::status::HealthSource;
 use crate::transport::process_guarded;
 
 /// Counting more than this many pending rows for `/health` is not worth the scan.
@@ -227,8 +226,17 @@ pub struct PostgresSource {
 }
 
 impl PostgresSource {
-    /// Connects a pool and checks that the change-capture tables exist.
+    /// Connects a pool of its own ([`crate::runtime::connect_pool`]) and checks that the
+    /// change-capture tables exist.
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<PostgresSource> {
+        let pool = crate::runtime::connect_pool(url, options.max_concurrency).await?;
+        PostgresSource::new(pool, options).await
+    }
+
+    /// A source over `pool` (the process's one pool: the reader and the LISTEN connection are
+    /// dedicated connections made with its options). Checks that the change-capture tables
+    /// exist.
+    pub async fn new(pool: PgPool, options: PostgresOptions) -> Result<PostgresSource> {
         let mut options = options;
         validate_sql_identifier(&options.notify_channel)
             .map_err(|e| Error::Transport(format!("observers.notify_channel: {e}")))?;
@@ -238,18 +246,13 @@ impl PostgresSource {
         options.batch_size = options.batch_size.max(1);
         options.max_concurrency = options.max_concurrency.max(1);
         options.poll_interval = options.poll_interval.max(Duration::from_millis(10));
-
-        let shown = redact_url(url);
-        let connect_options = PgConnectOptions::from_str(url)
-            .map_err(|e| Error::Transport(format!("invalid database.url ({shown}): {e}")))?;
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_concurrency.clamp(2, 16) as u32)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(connect_options.clone())
-            .await
-            .map_err(|e| {
-                Error::Transport(format!("cannot connect to PostgreSQL at {shown}: {e}"))
-            })?;
+        let connect_options = (*pool.connect_options()).clone();
+        let shown = format!(
+            "{}:{}/{}",
+            connect_options.get_host(),
+            connect_options.get_port(),
+            connect_options.get_database().unwrap_or_default()
+        );
         let (log, cursor): (bool, bool) =
             sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL")
                 .bind(CHANGE_LOG_TABLE)

@@ -41,8 +41,8 @@ use crate::dlq::DlqEntry;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::event::{now_rfc3339, Event, EventKind};
-use crate::http::HealthSource;
 use crate::metrics::RedisMetrics;
+use crate::status::HealthSource;
 use crate::transport::nats::{decode_body, encode_body, mask_url};
 
 /// Attempts for one `XADD` (1 + retries).

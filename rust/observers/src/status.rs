@@ -1,4 +1,4 @@
-//! `GET /health` and `GET /metrics` on `[observers] http_port`.
+//! The status server: `GET /health` and `GET /metrics` on `[observers] http_port`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,20 +32,20 @@ struct AppState {
     health: Arc<dyn HealthSource>,
 }
 
-pub struct HttpServer {
+pub struct StatusServer {
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl HttpServer {
+impl StatusServer {
     /// Binds `host:port` (port 0 picks a free port) and serves on the current runtime.
     pub async fn start(
         host: &str,
         port: u16,
         metrics: Arc<Metrics>,
         health: Arc<dyn HealthSource>,
-    ) -> Result<HttpServer> {
+    ) -> Result<StatusServer> {
         let listener = TcpListener::bind((host, port)).await.map_err(|e| {
             Error::Transport(format!(
                 "cannot listen on {host}:{port} for /health and /metrics (observers.http_port): {e}"
@@ -69,7 +69,7 @@ impl HttpServer {
                 tracing::error!("http server stopped: {e}");
             }
         });
-        Ok(HttpServer {
+        Ok(StatusServer {
             addr,
             shutdown: Some(tx),
             task,

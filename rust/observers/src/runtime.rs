@@ -1,0 +1,555 @@
+//! The composition root: what starts for a config, decided in one place.
+//!
+//! [`start`] takes the config, the schema and the observers and starts, on the caller's tokio
+//! runtime, what the config asks for: one PostgreSQL pool when a database is configured (shared
+//! by the dead-letter queue, the idempotency stores, change capture and the PostgreSQL
+//! sources), the source of the chosen backend, the bridge or the Redis forwarder, and the
+//! status server. It returns a [`Running`] handle; [`Running::stop`] drains and stops it all.
+//! [`DeadLetters::open`] builds the same engine without a source, for `fraiseql dlq`.
+//!
+//! The PyO3 binding, the Rust example (`examples/embed.rs`), the tests and the benchmarks all
+//! start the engine through here.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::bridge::{self, Publisher};
+use crate::capture::{self, CaptureOptions};
+use crate::checkpoint::{CheckpointStrategy, PgIdempotencyStore, PgIdempotencyStores};
+use crate::config::{Backend, Config};
+use crate::dlq::{DeadLetterQueue, DlqEntry, MemoryDlq, PgDeadLetterQueue};
+use crate::engine::{Engine, IdempotencyStores, MemoryIdempotencyStores, ObserverSpec};
+use crate::error::{Error, Result};
+use crate::metrics::{Metrics, RedisMetrics};
+use crate::schema::{EntityDef, Schema};
+use crate::status::{HealthSource, StatusServer};
+use crate::transport::memory::MemoryTransport;
+use crate::transport::nats::{self, NatsMetrics, NatsPublisher, NatsSource};
+use crate::transport::postgres::{PostgresOptions, PostgresSource};
+use crate::transport::redis::{self as redis_transport, RedisPublisher, RedisSource};
+
+/// The metrics of one engine process, registered in one registry: the observers' and those
+/// of the configured backend. Made before [`start`] so that `/metrics` has something to
+/// show for an engine that is not started yet.
+#[derive(Clone)]
+pub struct Instruments {
+    pub metrics: Arc<Metrics>,
+    pub nats: NatsMetrics,
+    pub redis: RedisMetrics,
+}
+
+impl Instruments {
+    pub fn for_config(config: &Config) -> Instruments {
+        let nats = NatsMetrics::new();
+        let redis = RedisMetrics::new();
+        let metrics = Arc::new(Metrics::new_with(|r| match config.observers.backend {
+            Backend::Nats => nats.register(r),
+            Backend::Redis => redis.register(r),
+            Backend::Postgres | Backend::InMemory => {}
+        }));
+        Instruments {
+            metrics,
+            nats,
+            redis,
+        }
+    }
+}
+
+/// How [`start`] runs beyond what the config says.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Where `/health` and `/metrics` listen (`host`, `port`; port 0 picks a free one).
+    /// `None` starts no status server.
+    pub status: Option<(String, u16)>,
+}
+
+impl StartOptions {
+    /// Serves the status server on `127.0.0.1:port`.
+    pub fn status_on(port: u16) -> StartOptions {
+        StartOptions {
+            status: Some(("127.0.0.1".to_owned(), port)),
+        }
+    }
+}
+
+/// A started engine.
+pub struct Running {
+    engine: Arc<Engine>,
+    dead_letters: Arc<DeadLetters>,
+    memory: Option<MemoryTransport>,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<Result<()>>>>,
+    status: Mutex<Option<StatusServer>>,
+    status_addr: Option<SocketAddr>,
+}
+
+impl Running {
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The in-memory intake (`backend = "in_memory"`): `emit` and `drain` go there.
+    pub fn memory(&self) -> Option<&MemoryTransport> {
+        self.memory.as_ref()
+    }
+
+    pub fn dead_letters(&self) -> &Arc<DeadLetters> {
+        &self.dead_letters
+    }
+
+    /// Where the status server listens, if one was started.
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.status_addr
+    }
+
+    /// Stops intake, finishes the work in flight (acknowledging it), stops the status server.
+    /// Calling it again does nothing.
+    pub async fn stop(&self) {
+        if let Some(memory) = &self.memory {
+            memory.stop().await;
+        }
+        let _ = self.shutdown.send(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
+        for task in tasks {
+            match task.await {
+                Ok(Err(e)) => tracing::error!("[observers] source stopped: {e}"),
+                Err(e) => tracing::error!("[observers] source task failed: {e}"),
+                Ok(Ok(())) => {}
+            }
+        }
+        let status = self.status.lock().expect("status lock").take();
+        if let Some(status) = status {
+            status.stop().await;
+        }
+    }
+}
+
+/// Starts the engine a config describes. See the module documentation.
+pub async fn start(
+    config: &Config,
+    schema: &Schema,
+    observers: Vec<ObserverSpec>,
+    instruments: &Instruments,
+    options: &StartOptions,
+) -> Result<Running> {
+    let config_schema = capture_schema(config, schema)?;
+    let schema = &config_schema;
+    let metrics = &instruments.metrics;
+    // The in-memory backend keeps everything in process memory, a database or not.
+    let pool = match &config.database.url {
+        Some(url) if config.observers.backend != Backend::InMemory => {
+            Some(connect_pool(url, config.observers.max_concurrency).await?)
+        }
+        _ => None,
+    };
+    let dlq = dead_letter_queue(config, pool.as_ref(), metrics).await?;
+    let stores = idempotency_stores(pool.as_ref(), &observers).await?;
+    let engine = Arc::new(Engine::new(
+        observers,
+        dlq.clone(),
+        stores.as_ref(),
+        metrics.clone(),
+    )?);
+    let (shutdown, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut memory = None;
+    let health: Arc<dyn HealthSource> = match config.observers.backend {
+        Backend::InMemory => {
+            let o = &config.observers;
+            memory = Some(MemoryTransport::start(
+                engine.clone(),
+                o.queue_capacity,
+                o.max_concurrency,
+            ));
+            tracing::info!("[observers] transport: in_memory");
+            Arc::new(MemoryHealth)
+        }
+        Backend::Postgres => {
+            let pool = pool.as_ref().ok_or_else(no_database)?;
+            if config.observers.auto_install {
+                capture::install_with(pool, schema, &CaptureOptions::from_config(config)).await?;
+            }
+            let source =
+                PostgresSource::new(pool.clone(), PostgresOptions::from_config(config)).await?;
+            log_postgres_source(config);
+            let health = source.health();
+            tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx.clone())));
+            health
+        }
+        Backend::Nats => {
+            let client = nats::connect(&config.observers.nats).await?;
+            let source = NatsSource::new(
+                client.clone(),
+                &config.observers.nats,
+                instruments.nats.clone(),
+                config.observers.max_concurrency,
+            )
+            .await?;
+            if config.observers.run_bridge {
+                let publisher =
+                    NatsPublisher::new(client, &config.observers.nats, instruments.nats.clone());
+                let forwarder = Forwarder {
+                    config,
+                    schema,
+                    pool: pool.as_ref().ok_or_else(no_database)?,
+                    publisher: Arc::new(publisher),
+                    listener_id: &config.observers.bridge.transport_name,
+                    target: "nats",
+                };
+                tasks.push(
+                    forwarder
+                        .start(dlq.clone(), metrics.clone(), stop_rx.clone())
+                        .await?,
+                );
+            }
+            let health = source.health();
+            tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx.clone())));
+            health
+        }
+        Backend::Redis => {
+            let url = redis_url(config)?;
+            let rc = &config.observers.redis;
+            let source = RedisSource::connect(
+                url,
+                rc,
+                instruments.redis.clone(),
+                config.observers.max_concurrency,
+            )
+            .await?;
+            tracing::info!(
+                "[observers] transport: redis ({}, stream {}, group {})",
+                nats::mask_url(url),
+                rc.stream,
+                rc.group
+            );
+            match pool.as_ref() {
+                Some(pool) => {
+                    let conn = redis_transport::connect(url, Duration::from_secs(10)).await?;
+                    let publisher = RedisPublisher::new(conn, rc, instruments.redis.clone());
+                    let forwarder = Forwarder {
+                        config,
+                        schema,
+                        pool,
+                        publisher: Arc::new(publisher),
+                        listener_id: &rc.forwarder_name,
+                        target: "redis",
+                    };
+                    tasks.push(
+                        forwarder
+                            .start(dlq.clone(), metrics.clone(), stop_rx.clone())
+                            .await?,
+                    );
+                }
+                None => tracing::warn!(
+                    "[observers] no [database] url: nothing is forwarded to the Redis stream by \
+                     this instance, and dead letters are kept in memory"
+                ),
+            }
+            let health = source.health();
+            tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx.clone())));
+            health
+        }
+    };
+    let status = match &options.status {
+        Some((host, port)) => {
+            Some(StatusServer::start(host, *port, metrics.clone(), health).await?)
+        }
+        None => None,
+    };
+    let dead_letters = Arc::new(DeadLetters {
+        engine: engine.clone(),
+        dlq,
+        config: config.clone(),
+        schema: schema.clone(),
+        metrics: metrics.clone(),
+    });
+    Ok(Running {
+        engine,
+        dead_letters,
+        memory,
+        shutdown,
+        tasks: Mutex::new(tasks),
+        status_addr: status.as_ref().map(|s| s.addr),
+        status: Mutex::new(status),
+    })
+}
+
+fn log_postgres_source(config: &Config) {
+    let pg = &config.observers.postgres;
+    if pg.listen {
+        tracing::info!(
+            "[observers] transport: postgres (listener {}, channel {})",
+            pg.listener_id,
+            config.observers.notify_channel
+        );
+    } else {
+        tracing::info!(
+            "[observers] transport: postgres (listener {}, polling every {} ms)",
+            pg.listener_id,
+            pg.poll_interval_ms
+        );
+    }
+}
+
+/// The dead-letter queue and the engine that can re-run its entries, with or without a
+/// running source.
+pub struct DeadLetters {
+    engine: Arc<Engine>,
+    dlq: Arc<dyn DeadLetterQueue>,
+    config: Config,
+    schema: Schema,
+    metrics: Arc<Metrics>,
+}
+
+impl DeadLetters {
+    /// The engine of `observers` over the durable dead-letter queue of the configured
+    /// database, without a source: what `fraiseql dlq list|show|retry|purge` works on.
+    pub async fn open(
+        config: &Config,
+        schema: &Schema,
+        observers: Vec<ObserverSpec>,
+        instruments: &Instruments,
+    ) -> Result<DeadLetters> {
+        let url = config.database.url.as_deref().ok_or_else(|| {
+            Error::DeadLetter(
+                "no [database] url: without a database, dead letters live in the memory of the \
+                 running engine"
+                    .into(),
+            )
+        })?;
+        let pool = connect_pool(url, 4).await?;
+        let metrics = &instruments.metrics;
+        let dlq = dead_letter_queue(config, Some(&pool), metrics).await?;
+        let stores = idempotency_stores(Some(&pool), &observers).await?;
+        let engine = Arc::new(Engine::new(
+            observers,
+            dlq.clone(),
+            stores.as_ref(),
+            metrics.clone(),
+        )?);
+        Ok(DeadLetters {
+            engine,
+            dlq,
+            config: config.clone(),
+            schema: capture_schema(config, schema)?,
+            metrics: metrics.clone(),
+        })
+    }
+
+    pub fn queue(&self) -> &Arc<dyn DeadLetterQueue> {
+        &self.dlq
+    }
+
+    /// Oldest first.
+    pub async fn list(&self, limit: usize) -> Result<Vec<DlqEntry>> {
+        self.dlq.list(limit).await
+    }
+
+    /// Re-runs a dead letter: an observer's action, or a change the bridge or the Redis
+    /// forwarder could not publish (published again through a publisher of its own). Ok(false)
+    /// when it failed again (the entry stays, with the new error).
+    pub async fn retry(&self, id: u64) -> Result<bool> {
+        match self.engine.retry_dead_letter(id).await {
+            Err(Error::DeadLetter(not_found)) => bridge::retry_forwarded(
+                &self.config,
+                &self.schema,
+                self.dlq.clone(),
+                self.metrics.clone(),
+                id,
+            )
+            .await?
+            .ok_or(Error::DeadLetter(not_found)),
+            done => done,
+        }
+    }
+
+    /// Removes every entry; returns how many there were.
+    pub async fn purge(&self) -> Result<usize> {
+        self.engine.purge_dead_letters().await
+    }
+}
+
+struct MemoryHealth;
+
+impl HealthSource for MemoryHealth {
+    fn observers(&self) -> Value {
+        json!({"transport": "in_memory", "connected": true})
+    }
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+/// The tables to capture: every declared type, plus the entities that `[[observers.handlers]]`
+/// name without a declared type (a TOML-only deployment), with their configured tables.
+pub fn capture_schema(config: &Config, declared: &Schema) -> Result<Schema> {
+    let mut entities = declared.entities().to_vec();
+    for h in &config.observers.handlers {
+        if !entities.iter().any(|e| e.name == h.entity) {
+            entities.push(EntityDef {
+                name: h.entity.clone(),
+                table: h.table.clone(),
+                fields: Vec::new(),
+            });
+        }
+    }
+    Schema::new(entities)
+}
+
+fn no_database() -> Error {
+    Error::Transport(
+        "backend `postgres` needs a database: set [database] url in fraiseql.toml or DATABASE_URL"
+            .into(),
+    )
+}
+
+fn redis_url(config: &Config) -> Result<&str> {
+    config.observers.redis_url.as_deref().ok_or_else(|| {
+        Error::Transport("redis backend requires observers.redis_url to be set".into())
+    })
+}
+
+/// The one pool of a process: the dead-letter queue, the idempotency stores (on the hot path
+/// of every EffectivelyOnce event), change capture. Sources take dedicated connections of
+/// their own from its options.
+pub async fn connect_pool(url: &str, max_concurrency: usize) -> Result<PgPool> {
+    let shown = crate::config::redact_url(url);
+    PgPoolOptions::new()
+        .max_connections(max_concurrency.clamp(4, 16) as u32)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(url)
+        .await
+        .map_err(|e| Error::Transport(format!("cannot connect to PostgreSQL at {shown}: {e}")))
+}
+
+/// The durable dead-letter queue with a database (its size seeds the gauge), else one in
+/// process memory.
+async fn dead_letter_queue(
+    config: &Config,
+    pool: Option<&PgPool>,
+    metrics: &Metrics,
+) -> Result<Arc<dyn DeadLetterQueue>> {
+    let max = config.observers.max_dlq_size;
+    let Some(pool) = pool else {
+        return Ok(Arc::new(MemoryDlq::new(max)));
+    };
+    let dlq = PgDeadLetterQueue::new(pool.clone(), max).await?;
+    metrics.dlq_size.set(dlq.len().await? as i64);
+    Ok(Arc::new(dlq))
+}
+
+fn idempotency_tables(specs: &[ObserverSpec]) -> Vec<&str> {
+    specs
+        .iter()
+        .filter_map(|s| match s.checkpoint() {
+            CheckpointStrategy::EffectivelyOnce { idempotency_table } => {
+                Some(idempotency_table.as_str())
+            }
+            CheckpointStrategy::AtLeastOnce => None,
+        })
+        .collect()
+}
+
+/// EffectivelyOnce stores: in PostgreSQL when a database is configured (so they hold across
+/// instances), in process memory otherwise.
+async fn idempotency_stores(
+    pool: Option<&PgPool>,
+    specs: &[ObserverSpec],
+) -> Result<Box<dyn IdempotencyStores>> {
+    let tables = idempotency_tables(specs);
+    match pool {
+        Some(pool) => {
+            let stores = PgIdempotencyStores::new(pool.clone());
+            stores.prepare(tables).await?;
+            Ok(Box::new(stores))
+        }
+        None => {
+            if !tables.is_empty() {
+                tracing::warn!(
+                    "[observers] no [database] url: EffectivelyOnce keys are kept per process, \
+                     so several instances may each run an event once"
+                );
+            }
+            Ok(Box::new(MemoryIdempotencyStores::default()))
+        }
+    }
+}
+
+/// The PostgreSQL → transport forwarder (see [`crate::bridge`]): installs capture notifying
+/// the bridge's channel, and forwards the change log under its own cursor.
+struct Forwarder<'a> {
+    config: &'a Config,
+    schema: &'a Schema,
+    pool: &'a PgPool,
+    publisher: Arc<dyn Publisher>,
+    listener_id: &'a str,
+    target: &'static str,
+}
+
+impl Forwarder<'_> {
+    async fn start(
+        self,
+        dlq: Arc<dyn DeadLetterQueue>,
+        metrics: Arc<Metrics>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<JoinHandle<Result<()>>> {
+        let bridge = &self.config.observers.bridge;
+        if self.config.observers.auto_install {
+            let options = CaptureOptions {
+                notify_channel: bridge.notify_channel.clone(),
+                skip_unchanged_updates: self.config.observers.postgres.skip_unchanged_updates,
+                notify: true,
+            };
+            capture::install_with(self.pool, self.schema, &options).await?;
+        }
+        let specs = bridge::bridge_observers(self.schema, self.publisher.clone(), self.listener_id);
+        let engine = Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?;
+        let options = bridge::bridge_options(self.config, self.listener_id);
+        let source = PostgresSource::new(self.pool.clone(), options)
+            .await?
+            .with_batch_publisher(self.publisher);
+        tracing::info!(
+            "[observers] bridge: postgres -> {} ({}, {} table(s))",
+            self.target,
+            self.listener_id,
+            self.schema.entities().len()
+        );
+        Ok(tokio::spawn(source.run(Arc::new(engine), stop)))
+    }
+}
+
+/// `fraiseql db install` / `--uninstall` for the captured tables of `schema` and the config.
+pub async fn install_capture(config: &Config, schema: &Schema, uninstall: bool) -> Result<()> {
+    let schema = capture_schema(config, schema)?;
+    let url = config.database.url.as_deref().ok_or_else(no_database)?;
+    let pool = connect_pool(url, 1).await?;
+    if uninstall {
+        capture::uninstall(&pool, &schema).await
+    } else {
+        capture::install_with(&pool, &schema, &CaptureOptions::from_config(config)).await
+    }
+}
+
+/// `fraiseql idempotency prune`: old keys out of each table, in batches. Returns the rows
+/// deleted per table.
+pub async fn prune_idempotency(
+    config: &Config,
+    tables: &[String],
+    older_than: Duration,
+    batch: usize,
+) -> Result<Vec<(String, u64)>> {
+    let url = config.database.url.as_deref().ok_or_else(no_database)?;
+    let pool = connect_pool(url, 1).await?;
+    let mut out = Vec::new();
+    for table in tables {
+        let store = PgIdempotencyStore::lazy(pool.clone(), table)?;
+        out.push((table.clone(), store.prune(older_than, batch).await?));
+    }
+    Ok(out)
+}
