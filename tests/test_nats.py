@@ -192,6 +192,56 @@ def test_bridge_publishes_sql_changes_and_the_engine_consumes_them(
         asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
 
 
+def test_a_change_larger_than_max_payload_is_dead_lettered_and_the_stream_goes_on(
+    registry: fraiseql.Registry, fraiseql_nats_url: str, fraiseql_database_url: str
+) -> None:
+    """A 2 MB row against the server's 1 MB max_payload: it is dead-lettered with both sizes
+    at once, the rows after it reach JetStream, the connection stays up, and a retry of it
+    fails again at once instead of timing out."""
+    import psycopg
+
+    suffix = uuid.uuid4().hex[:8]
+    entity, table = f"Order{suffix}", f"tb_order{suffix}"
+    prefix = f"fq{suffix}.mutation"
+    fraiseql.type(table=table, name=entity)(type(entity, (), {"__annotations__": {"id": str, "note": str}}))
+    config = nats_config(fraiseql_nats_url, suffix)
+    config["database"] = {"url": fraiseql_database_url}
+    config["observers"]["run_bridge"] = True
+    config["observers"]["bridge"] = {"transport_name": f"bridge_{suffix}", "notify_channel": f"chan_{suffix}"}
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id text primary key, note text)")
+    try:
+        with fraiseql.Engine(config, http_port=0) as engine, psycopg.connect(
+            fraiseql_database_url, autocommit=True
+        ) as conn:
+            conn.execute(f"INSERT INTO {table} VALUES ('big', repeat('x', 2000000))")
+            conn.execute(f"INSERT INTO {table} VALUES ('small', 'ok')")
+            [message] = asyncio.run(
+                downstream_service(fraiseql_nats_url, f"{prefix}.{entity.lower()}.insert", 1, 20)
+            )
+            assert message["data"] == {"id": "small", "note": "ok"}
+            wait_until(lambda: len(engine.dlq()) == 1)
+            [entry] = engine.dlq()
+            assert entry["observer"] == f"bridge_{suffix}:{entity}:insert"
+            assert "max_payload of 1048576 bytes" in entry["error"], entry["error"]
+            assert "more than the NATS server's" in entry["error"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{engine.http_port}/health") as r:
+                assert json.loads(r.read())["observers"]["connected"] is True
+            assert engine.retry_dead_letter(entry["id"]) is False
+            [again] = engine.dlq()
+            assert "max_payload" in again["error"]
+        publisher = fraiseql.Publisher(config)
+        with pytest.raises(fraiseql.PayloadTooLargeError, match="max_payload") as refused:
+            publisher.publish(entity, "INSERT", new={"id": "big2", "note": "x" * 2_000_000})
+        assert refused.value.kind == "too_large"
+        assert isinstance(refused.value, fraiseql.PublishError)
+    finally:
+        with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+            conn.execute(f"DELETE FROM fraiseql_dead_letters WHERE observer LIKE 'bridge_{suffix}:%'")
+        asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
+
+
 def test_restarting_the_nats_server_mid_stream_loses_nothing(
     registry: fraiseql.Registry, fraiseql_database_url: str, tmp_path: Any
 ) -> None:

@@ -5,17 +5,33 @@ from typing import Any, final
 
 __all__ = [
     "ActionError",
+    "AuthenticationError",
     "CheckpointError",
     "Condition",
     "ConditionError",
     "ConfigError",
+    "ConnectError",
+    "ConnectionSettingsError",
     "DeadLetterError",
+    "DeadLetterNotFoundError",
     "Engine",
     "EngineError",
     "FraiseQLError",
+    "InvalidMessageError",
+    "JetStreamUnavailableError",
+    "NoDatabaseError",
+    "NotSetUpError",
+    "ObserverGoneError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "PublishError",
+    "PublishTimeoutError",
     "Publisher",
     "SchemaError",
+    "TlsError",
     "TransportError",
+    "UndecodableEntryError",
+    "UnreachableError",
     "__version__",
     "check",
     "database_url",
@@ -34,9 +50,35 @@ class ConditionError(FraiseQLError):
 
 class SchemaError(FraiseQLError): ...
 class TransportError(FraiseQLError): ...
+
+class ConnectError(TransportError):
+    kind: str
+
+class UnreachableError(ConnectError): ...
+class ConnectionSettingsError(ConnectError): ...
+class AuthenticationError(ConnectError): ...
+class TlsError(ConnectError): ...
+class PermissionDeniedError(ConnectError): ...
+class JetStreamUnavailableError(ConnectError): ...
+class NotSetUpError(ConnectError): ...
+
+class PublishError(TransportError):
+    kind: str
+
+class PayloadTooLargeError(PublishError): ...
+class PublishTimeoutError(PublishError): ...
+class InvalidMessageError(PublishError): ...
+
 class ActionError(FraiseQLError): ...
 class CheckpointError(FraiseQLError): ...
-class DeadLetterError(FraiseQLError): ...
+class DeadLetterError(FraiseQLError):
+    kind: str
+
+class DeadLetterNotFoundError(DeadLetterError): ...
+class UndecodableEntryError(DeadLetterError): ...
+class ObserverGoneError(DeadLetterError): ...
+class NoDatabaseError(DeadLetterError): ...
+
 class EngineError(FraiseQLError): ...
 
 @final

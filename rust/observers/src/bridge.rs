@@ -7,21 +7,24 @@
 //! an engine whose only observers publish through a [`Publisher`]: one per captured (entity,
 //! event). So forwarding inherits the source's guarantees — no change skipped, one active
 //! forwarder among instances (advisory lock), the cursor moved only after the batch is done
-//! — and "done" here means confirmed by the transport (a PubAck, an `XADD` reply). A publish
-//! that still fails after its retries is dead-lettered; retrying it publishes again with the
-//! same event id, which NATS's duplicate window and EffectivelyOnce observers absorb.
+//! — and "done" here means confirmed by the transport (a PubAck, an `XADD` reply). A change is
+//! sent at most [`BRIDGE_ATTEMPTS`] times in all: a NATS batch is published pipelined (the
+//! first attempt of each of its changes), and only what was not confirmed goes through the
+//! engine for the remaining attempts. A change that still fails, or that can never be sent
+//! (larger than the server's `max_payload`), is dead-lettered; retrying it publishes again with
+//! the same event id, which NATS's duplicate window and EffectivelyOnce observers absorb.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::action::{Action, ActionError};
+use crate::action::{Action, ActionError, FailureReason};
 use crate::checkpoint::{CheckpointStrategy, ListenerConfig};
-use crate::config::{Backend, BackoffStrategy, Config};
+use crate::config::{Backend, Config};
 use crate::dlq::DeadLetterQueue;
 use crate::engine::{Engine, MemoryIdempotencyStores, ObserverSpec};
-use crate::error::{Error, Result};
+use crate::error::{ConnectErrorKind, Error, PublishErrorKind, Result};
 use crate::event::{Event, EventKind};
 use crate::metrics::{Metrics, RedisMetrics};
 use crate::retry::RetryPolicy;
@@ -30,22 +33,23 @@ use crate::transport::nats::{NatsMetrics, NatsPublisher};
 use crate::transport::postgres::PostgresOptions;
 use crate::transport::redis::RedisPublisher;
 
-/// A transport the change log can be forwarded to. `publish` returns once the transport
-/// confirmed the write (and retries on its own a few times before giving up).
+/// A transport the change log can be forwarded to.
 #[async_trait]
 pub trait Publisher: Send + Sync {
     /// Action kind for metrics and the DLQ, e.g. `nats_publish`.
     fn kind(&self) -> &'static str;
     /// Safe description (no credentials).
     fn describe(&self) -> String;
+    /// One attempt: returns once the transport confirmed the write. Retries are the
+    /// caller's (the forwarder's engine).
     async fn publish(&self, event: &Event) -> Result<()>;
 
     /// Publishes a whole batch with many publishes in flight, one attempt each, and returns
     /// the indices (ascending) of the events that were not confirmed: the forwarder runs those
-    /// through its engine (retries, then the dead-letter queue). The default publishes
-    /// nothing and returns them all.
-    async fn publish_batch(&self, events: &[Event]) -> Vec<usize> {
-        (0..events.len()).collect()
+    /// through its engine for their remaining attempts. `None` (the default): this transport
+    /// does not publish batches, and every event goes through the engine.
+    async fn publish_batch(&self, _events: &[Event]) -> Option<Vec<usize>> {
+        None
     }
 }
 
@@ -60,11 +64,11 @@ impl Publisher for NatsPublisher {
     }
 
     async fn publish(&self, event: &Event) -> Result<()> {
-        NatsPublisher::publish(self, event).await
+        self.publish_once(event).await
     }
 
-    async fn publish_batch(&self, events: &[Event]) -> Vec<usize> {
-        self.publish_pipelined(events).await
+    async fn publish_batch(&self, events: &[Event]) -> Option<Vec<usize>> {
+        Some(self.publish_pipelined(events).await)
     }
 }
 
@@ -84,24 +88,40 @@ impl Action for PublishAction {
     }
 
     async fn execute(&self, event: &Event) -> Result<(), ActionError> {
-        self.publisher
-            .publish(event)
-            .await
-            .map_err(|e| ActionError::retryable(e.to_string()))
+        self.publisher.publish(event).await.map_err(publish_failure)
     }
 }
 
-/// Publishes that keep failing are retried for a while (the publisher also retries each
-/// attempt a few times) before the change is dead-lettered.
-fn bridge_retry() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 5,
-        backoff: BackoffStrategy::Exponential,
-        initial_delay: Duration::from_millis(200),
-        max_delay: Duration::from_secs(30),
-        jitter: true,
+/// A failed publish as an action failure: a message that can never be sent (too large, not
+/// encodable) goes to the dead-letter queue at once.
+fn publish_failure(e: Error) -> ActionError {
+    let message = e.to_string();
+    match e {
+        Error::Publish(p) => match p.kind() {
+            PublishErrorKind::TooLarge | PublishErrorKind::Invalid => {
+                ActionError::permanent(message).with_reason(FailureReason::InvalidMessage)
+            }
+            PublishErrorKind::TimedOut => {
+                ActionError::retryable(message).with_reason(FailureReason::Timeout)
+            }
+            PublishErrorKind::Failed => {
+                ActionError::retryable(message).with_reason(FailureReason::Connection)
+            }
+        },
+        _ => ActionError::retryable(message),
     }
 }
+
+/// Sends of one change by a forwarder, in all (the pipelined batch publish counts as the
+/// first).
+pub const BRIDGE_ATTEMPTS: u32 = 5;
+
+/// Publishes that keep failing are retried for a while before the change is dead-lettered.
+pub const BRIDGE_RETRY: RetryPolicy = RetryPolicy::exponential(
+    BRIDGE_ATTEMPTS,
+    Duration::from_millis(200),
+    Duration::from_secs(30),
+);
 
 /// One publishing observer per entity of `schema` and event kind.
 pub fn bridge_observers(
@@ -117,7 +137,7 @@ pub fn bridge_observers(
             let listener = ListenerConfig::new(name, CheckpointStrategy::AtLeastOnce);
             specs.push(
                 ObserverSpec::new(listener, entity.name.clone(), kind)
-                    .retry(bridge_retry())
+                    .retry(BRIDGE_RETRY)
                     .action(action.clone()),
             );
         }
@@ -176,7 +196,10 @@ pub async fn retry_forwarded(
         Arc::new(NatsPublisher::connect(&config.observers.nats, NatsMetrics::new()).await?)
     } else {
         let url = config.observers.redis_url.as_deref().ok_or_else(|| {
-            Error::Transport("redis backend requires observers.redis_url to be set".into())
+            Error::connect(
+                ConnectErrorKind::InvalidSettings,
+                "redis backend requires observers.redis_url to be set",
+            )
         })?;
         let conn = crate::transport::redis::connect(url, Duration::from_secs(10)).await?;
         Arc::new(RedisPublisher::new(

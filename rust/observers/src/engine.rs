@@ -15,7 +15,7 @@ use crate::checkpoint::{
 };
 use crate::condition::Condition;
 use crate::dlq::{DeadLetterQueue, DlqEntry, PushOutcome};
-use crate::error::{Error, Result};
+use crate::error::{DeadLetterErrorKind, Error, Result};
 use serde_json::Value;
 
 use crate::event::{now_rfc3339, Event, EventKind};
@@ -218,6 +218,13 @@ impl Engine {
     /// Runs every matching observer for `event` to completion — success, or dead-lettered —
     /// in definition order. When this returns, the event may be acknowledged.
     pub async fn process(&self, event: &Event) -> ProcessReport {
+        self.process_after(event, 0).await
+    }
+
+    /// [`Self::process`] for an event whose actions already made `failed_attempts` attempts
+    /// elsewhere (a forwarder's pipelined batch publish): they get only the attempts left of
+    /// their policy, after the delay that follows the last failed one.
+    pub async fn process_after(&self, event: &Event, failed_attempts: u32) -> ProcessReport {
         self.metrics.events_received.inc();
         let mut report = ProcessReport::default();
         let Some(slots) = self.index.get(event.entity.as_str()) else {
@@ -245,7 +252,8 @@ impl Engine {
             }
             for (action_index, (action, metrics)) in observer.actions.iter().enumerate() {
                 if let Err(failure) =
-                    run_with_retries(observer, action.as_ref(), metrics, event).await
+                    run_with_retries(observer, action.as_ref(), metrics, event, failed_attempts)
+                        .await
                 {
                     report.dead_lettered += 1;
                     self.dead_letter(observer, action_index, action.as_ref(), event, failure)
@@ -415,37 +423,47 @@ impl Engine {
     /// entry on success. Returns Ok(false) if the action failed again (the entry stays,
     /// with the new error). EffectivelyOnce keys are not consulted: a retry is deliberate.
     pub async fn retry_dead_letter(&self, id: u64) -> Result<bool> {
-        let entry = self
-            .dlq
-            .get(id)
-            .await?
-            .ok_or_else(|| Error::DeadLetter(format!("no dead-letter entry with id {id}")))?;
+        let entry = self.dlq.get(id).await?.ok_or_else(|| {
+            Error::dead_letter(
+                DeadLetterErrorKind::NotFound,
+                format!("no dead-letter entry with id {id}"),
+            )
+        })?;
         if entry.action == UNDECODABLE_ACTION {
-            return Err(Error::DeadLetter(format!(
-                "entry {id} is input that {} could not decode ({}); there is nothing to re-run: \
-                 inspect it with `fraiseql dlq show {id}`, then purge it",
-                entry.observer, entry.error
-            )));
+            return Err(Error::dead_letter(
+                DeadLetterErrorKind::Undecodable,
+                format!(
+                    "entry {id} is input that {} could not decode ({}); there is nothing to \
+                     re-run: inspect it with `fraiseql dlq show {id}`, then purge it",
+                    entry.observer, entry.error
+                ),
+            ));
         }
         let observer = self
             .observers
             .iter()
             .find(|o| o.name == entry.observer)
             .ok_or_else(|| {
-                Error::DeadLetter(format!(
-                    "entry {id} belongs to observer `{}`, which is not declared any more",
-                    entry.observer
-                ))
+                Error::dead_letter(
+                    DeadLetterErrorKind::ObserverGone,
+                    format!(
+                        "entry {id} belongs to observer `{}`, which is not declared any more",
+                        entry.observer
+                    ),
+                )
             })?;
         let (action, metrics) = observer.actions.get(entry.action_index).ok_or_else(|| {
-            Error::DeadLetter(format!(
-                "entry {id} names action #{} of `{}`, which has only {} actions now",
-                entry.action_index,
-                entry.observer,
-                observer.actions.len()
-            ))
+            Error::dead_letter(
+                DeadLetterErrorKind::ObserverGone,
+                format!(
+                    "entry {id} names action #{} of `{}`, which has only {} actions now",
+                    entry.action_index,
+                    entry.observer,
+                    observer.actions.len()
+                ),
+            )
         })?;
-        match run_with_retries(observer, action.as_ref(), metrics, &entry.event).await {
+        match run_with_retries(observer, action.as_ref(), metrics, &entry.event, 0).await {
             Ok(()) => {
                 if self.dlq.remove(id).await? {
                     self.metrics.dlq_size.dec();
@@ -485,16 +503,29 @@ struct Failure {
     first_failed_at: String,
 }
 
-/// Runs one action under the observer's retry policy.
+/// Runs one action under the observer's retry policy, after `failed_attempts` attempts made
+/// elsewhere.
 async fn run_with_retries(
     observer: &CompiledObserver,
     action: &dyn Action,
     metrics: &ActionMetrics,
     event: &Event,
+    failed_attempts: u32,
 ) -> std::result::Result<(), Failure> {
     let max = observer.retry.max_attempts;
     let mut first_failed_at = None;
-    for attempt in 1..=max {
+    if failed_attempts > 0 {
+        if failed_attempts >= max {
+            return Err(Failure {
+                error: format!("not delivered in {failed_attempts} attempt(s)"),
+                attempts: failed_attempts,
+                first_failed_at: now_rfc3339(),
+            });
+        }
+        first_failed_at = Some(now_rfc3339());
+        tokio::time::sleep(observer.retry.delay_after(failed_attempts)).await;
+    }
+    for attempt in failed_attempts + 1..=max {
         let started = Instant::now();
         let outcome = action.execute(event).await;
         metrics.duration.observe(started.elapsed().as_secs_f64());

@@ -25,7 +25,7 @@ use crate::checkpoint::{CheckpointStrategy, PgIdempotencyStore, PgIdempotencySto
 use crate::config::{Backend, Config};
 use crate::dlq::{DeadLetterQueue, DlqEntry, MemoryDlq, PgDeadLetterQueue};
 use crate::engine::{Engine, IdempotencyStores, MemoryIdempotencyStores, ObserverSpec};
-use crate::error::{Error, Result};
+use crate::error::{ConnectErrorKind, DeadLetterErrorKind, Error, Result};
 use crate::metrics::{Metrics, RedisMetrics};
 use crate::schema::{EntityDef, Schema};
 use crate::status::{HealthSource, StatusServer};
@@ -317,10 +317,10 @@ impl DeadLetters {
         instruments: &Instruments,
     ) -> Result<DeadLetters> {
         let url = config.database.url.as_deref().ok_or_else(|| {
-            Error::DeadLetter(
+            Error::dead_letter(
+                DeadLetterErrorKind::NoDatabase,
                 "no [database] url: without a database, dead letters live in the memory of the \
-                 running engine"
-                    .into(),
+                 running engine",
             )
         })?;
         let pool = connect_pool(url, 4).await?;
@@ -356,15 +356,18 @@ impl DeadLetters {
     /// when it failed again (the entry stays, with the new error).
     pub async fn retry(&self, id: u64) -> Result<bool> {
         match self.engine.retry_dead_letter(id).await {
-            Err(Error::DeadLetter(not_found)) => bridge::retry_forwarded(
-                &self.config,
-                &self.schema,
-                self.dlq.clone(),
-                self.metrics.clone(),
-                id,
-            )
-            .await?
-            .ok_or(Error::DeadLetter(not_found)),
+            // Not one of the observers': maybe a change a forwarder could not publish.
+            Err(Error::DeadLetter(gone)) if gone.kind() == DeadLetterErrorKind::ObserverGone => {
+                bridge::retry_forwarded(
+                    &self.config,
+                    &self.schema,
+                    self.dlq.clone(),
+                    self.metrics.clone(),
+                    id,
+                )
+                .await?
+                .ok_or(Error::DeadLetter(gone))
+            }
             done => done,
         }
     }
@@ -403,16 +406,43 @@ pub fn capture_schema(config: &Config, declared: &Schema) -> Result<Schema> {
 }
 
 fn no_database() -> Error {
-    Error::Transport(
-        "backend `postgres` needs a database: set [database] url in fraiseql.toml or DATABASE_URL"
-            .into(),
+    Error::connect(
+        ConnectErrorKind::InvalidSettings,
+        "backend `postgres` needs a database: set [database] url in fraiseql.toml or DATABASE_URL",
     )
 }
 
 fn redis_url(config: &Config) -> Result<&str> {
     config.observers.redis_url.as_deref().ok_or_else(|| {
-        Error::Transport("redis backend requires observers.redis_url to be set".into())
+        Error::connect(
+            ConnectErrorKind::InvalidSettings,
+            "redis backend requires observers.redis_url to be set",
+        )
     })
+}
+
+/// A PostgreSQL failure to connect or to answer, with its kind: bad credentials and TLS
+/// problems are told apart from a server that does not answer. `shown` names the server
+/// without credentials.
+pub(crate) fn postgres_error(shown: &str, e: &sqlx::Error) -> Error {
+    let kind = match e {
+        sqlx::Error::Configuration(_) => ConnectErrorKind::InvalidSettings,
+        sqlx::Error::Tls(_) => ConnectErrorKind::Tls,
+        sqlx::Error::Database(d) => match d.code().as_deref() {
+            // invalid_authorization_specification, invalid_password
+            Some("28000" | "28P01") => ConnectErrorKind::Authentication,
+            // insufficient_privilege
+            Some("42501") => ConnectErrorKind::Permission,
+            // invalid_catalog_name: no such database
+            Some("3D000") => ConnectErrorKind::InvalidSettings,
+            _ => ConnectErrorKind::Unreachable,
+        },
+        _ => ConnectErrorKind::Unreachable,
+    };
+    Error::connect(
+        kind,
+        format!("cannot connect to PostgreSQL at {shown}: {e}"),
+    )
 }
 
 /// The one pool of a process: the dead-letter queue, the idempotency stores (on the hot path
@@ -425,7 +455,7 @@ pub async fn connect_pool(url: &str, max_concurrency: usize) -> Result<PgPool> {
         .acquire_timeout(Duration::from_secs(30))
         .connect(url)
         .await
-        .map_err(|e| Error::Transport(format!("cannot connect to PostgreSQL at {shown}: {e}")))
+        .map_err(|e| postgres_error(&shown, &e))
 }
 
 /// The durable dead-letter queue with a database (its size seeds the gauge), else one in

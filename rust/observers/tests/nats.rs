@@ -324,6 +324,107 @@ async fn a_pipelined_batch_reports_the_events_it_could_not_publish() {
     cleanup(&js, &cfg).await;
 }
 
+/// A core NATS subscriber on `{prefix}.>` (no stream captures it) that answers every publish
+/// with a JetStream error at once, and counts what it received.
+async fn refusing_responder(client: &async_nats::Client, prefix: &str) -> Arc<Mutex<usize>> {
+    let received = Arc::new(Mutex::new(0));
+    let mut sub = client.subscribe(format!("{prefix}.>")).await.unwrap();
+    let (count, answering) = (received.clone(), client.clone());
+    tokio::spawn(async move {
+        while let Some(msg) = futures::StreamExt::next(&mut sub).await {
+            *count.lock().unwrap() += 1;
+            if let Some(reply) = msg.reply {
+                let refusal = r#"{"error":{"code":503,"err_code":10077,"description":"refused"}}"#;
+                let _ = answering.publish(reply, refusal.into()).await;
+            }
+        }
+    });
+    client.flush().await.unwrap();
+    received
+}
+
+#[tokio::test]
+async fn a_change_the_bridge_cannot_publish_is_sent_bridge_attempts_times_in_all() {
+    let cfg = config("attempts");
+    let (client, _js) = setup(&cfg).await;
+    let sent = refusing_responder(&client, &cfg.subject_prefix).await;
+    let publisher = Arc::new(NatsPublisher::new(client, &cfg, NatsMetrics::new()));
+    let schema = Schema::new(vec![EntityDef {
+        name: "Order".into(),
+        table: "tb_order".into(),
+        fields: Vec::new(),
+    }])
+    .unwrap();
+    let dlq = Arc::new(MemoryDlq::new(None));
+    let engine = Engine::new(
+        bridge::bridge_observers(&schema, publisher.clone(), "pg_to_nats"),
+        dlq.clone(),
+        &MemoryIdempotencyStores::default(),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let event = order(EventKind::Insert, 1);
+    // What the bridge does with a batch: one pipelined attempt, then the engine for the rest.
+    assert_eq!(
+        bridge::Publisher::publish_batch(publisher.as_ref(), std::slice::from_ref(&event)).await,
+        Some(vec![0])
+    );
+    let report = engine.process_after(&event, 1).await;
+    assert_eq!(report.dead_lettered, 1);
+    assert_eq!(*sent.lock().unwrap(), bridge::BRIDGE_ATTEMPTS as usize);
+    let [entry] = dlq.list(10).await.unwrap().try_into().unwrap();
+    assert_eq!(entry.attempts, bridge::BRIDGE_ATTEMPTS);
+    assert!(entry.error.contains("refused"), "{}", entry.error);
+}
+
+/// An event whose row holds `bytes` of text.
+fn large_order(n: usize, bytes: usize) -> Event {
+    let mut event = order(EventKind::Insert, n);
+    event.new.as_mut().unwrap()["note"] = json!("x".repeat(bytes));
+    event
+}
+
+#[tokio::test]
+async fn a_change_larger_than_max_payload_fails_at_once_and_the_connection_stays_up() {
+    let cfg = config("toolarge");
+    let (client, js) = setup(&cfg).await;
+    ensure_stream(&js, &cfg).await.unwrap();
+    let limit = client.server_info().max_payload;
+    let publisher = NatsPublisher::new(client.clone(), &cfg, NatsMetrics::new());
+    let big = large_order(1, 2 * limit);
+    let started = std::time::Instant::now();
+    let err = publisher.publish(&big).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2), "not retried");
+    let fraiseql_observers::Error::Publish(p) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(
+        p.kind(),
+        fraiseql_observers::error::PublishErrorKind::TooLarge
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("max_payload of {limit} bytes")),
+        "{message}"
+    );
+    assert!(message.contains(&big.id), "{message}");
+    // Just under the limit goes through; in a batch only the big one is set aside.
+    let fits = large_order(2, limit - 1024);
+    publisher.publish_once(&fits).await.unwrap();
+    let batch = [
+        order(EventKind::Insert, 3),
+        big,
+        order(EventKind::Insert, 4),
+    ];
+    assert_eq!(publisher.publish_pipelined(&batch).await, vec![1]);
+    assert_eq!(stream_messages(&js, &cfg).await, 3);
+    assert_eq!(
+        client.connection_state(),
+        async_nats::connection::State::Connected
+    );
+    cleanup(&js, &cfg).await;
+}
+
 fn dead_letter(observer: &str, event: &Event) -> DlqEntry {
     let now = fraiseql_observers::event::now_rfc3339();
     DlqEntry {

@@ -710,7 +710,7 @@ impl PyEngine {
     /// without starting a source: what `fraiseql dlq list|show|retry|purge` works on.
     fn open_dead_letters(&self, py: Python<'_>) -> PyResult<()> {
         if self.dead_letters.get().is_some() {
-            return Err(PyFraiseError(Error::DeadLetter(
+            return Err(PyFraiseError(Error::Engine(
                 "open_dead_letters() is for an engine that was not started".into(),
             ))
             .into());

@@ -6,7 +6,7 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Row};
 
 use super::{DeadLetterQueue, DlqEntry, PushOutcome};
-use crate::error::{Error, Result};
+use crate::error::{DeadLetterErrorKind, Error, Result};
 use crate::event::Event;
 
 const CREATE_SQL: &str = "CREATE TABLE IF NOT EXISTS fraiseql_dead_letters (
@@ -176,12 +176,18 @@ impl Prepared {
     fn new(entry: &DlqEntry) -> Result<Self> {
         Ok(Prepared {
             action_index: i32::try_from(entry.action_index).map_err(|_| {
-                Error::DeadLetter(format!("action_index {} out of range", entry.action_index))
+                Error::dead_letter(
+                    DeadLetterErrorKind::Storage,
+                    format!("action_index {} out of range", entry.action_index),
+                )
             })?,
             action: without_nul(&entry.action),
             error: without_nul(&entry.error),
             attempts: i32::try_from(entry.attempts).map_err(|_| {
-                Error::DeadLetter(format!("attempts {} out of range", entry.attempts))
+                Error::dead_letter(
+                    DeadLetterErrorKind::Storage,
+                    format!("attempts {} out of range", entry.attempts),
+                )
             })?,
             first_failed_at: normalise_timestamp("first_failed_at", &entry.first_failed_at)?,
             last_failed_at: normalise_timestamp("last_failed_at", &entry.last_failed_at)?,
@@ -200,15 +206,28 @@ fn normalise_timestamp(field: &str, value: &str) -> Result<String> {
             t.with_timezone(&chrono::Utc)
                 .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
         })
-        .map_err(|e| Error::DeadLetter(format!("{field} {value:?} is not RFC 3339: {e}")))
+        .map_err(|e| {
+            Error::dead_letter(
+                DeadLetterErrorKind::Storage,
+                format!("{field} {value:?} is not RFC 3339: {e}"),
+            )
+        })
 }
 
 fn db_error(e: sqlx::Error) -> Error {
-    Error::DeadLetter(format!("table `fraiseql_dead_letters`: {e}"))
+    Error::dead_letter(
+        DeadLetterErrorKind::Storage,
+        format!("table `fraiseql_dead_letters`: {e}"),
+    )
 }
 
 fn stored_id(id: i64) -> Result<u64> {
-    u64::try_from(id).map_err(|_| Error::DeadLetter(format!("negative entry id {id}")))
+    u64::try_from(id).map_err(|_| {
+        Error::dead_letter(
+            DeadLetterErrorKind::Storage,
+            format!("negative entry id {id}"),
+        )
+    })
 }
 
 fn entry_from_row(row: &PgRow) -> Result<DlqEntry> {
@@ -220,12 +239,19 @@ fn entry_from_row(row: &PgRow) -> Result<DlqEntry> {
         event,
         observer: row.try_get("observer").map_err(db_error)?,
         action_index: usize::try_from(action_index).map_err(|_| {
-            Error::DeadLetter(format!("stored action_index {action_index} is negative"))
+            Error::dead_letter(
+                DeadLetterErrorKind::Storage,
+                format!("stored action_index {action_index} is negative"),
+            )
         })?,
         action: row.try_get("action").map_err(db_error)?,
         error: row.try_get("error").map_err(db_error)?,
-        attempts: u32::try_from(attempts)
-            .map_err(|_| Error::DeadLetter(format!("stored attempts {attempts} is negative")))?,
+        attempts: u32::try_from(attempts).map_err(|_| {
+            Error::dead_letter(
+                DeadLetterErrorKind::Storage,
+                format!("stored attempts {attempts} is negative"),
+            )
+        })?,
         first_failed_at: row.try_get("first_failed_at").map_err(db_error)?,
         last_failed_at: row.try_get("last_failed_at").map_err(db_error)?,
     })

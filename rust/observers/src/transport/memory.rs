@@ -113,7 +113,7 @@ async fn dispatch(
                 let Some(event) = event else { break };
                 let (engine, in_flight) = (&engine, &in_flight);
                 running.push(async move {
-                    process_guarded(engine, &event, "in-memory transport").await;
+                    process_guarded(engine, &event, 0, "in-memory transport").await;
                     in_flight.end();
                 });
             }

@@ -25,9 +25,11 @@ use crate::event::Event;
 /// reply, a PubAck, a Python caller thread), and a task per event cost more than the
 /// processing itself (a spawn was 2.7 µs of 8 µs per message on the NATS consumer, which
 /// polls each message once before it spawns; see benches/README.md).
-pub async fn process_guarded(engine: &Engine, event: &Event, source: &str) {
+pub async fn process_guarded(engine: &Engine, event: &Event, failed_attempts: u32, source: &str) {
     engine.metrics().events_in_flight.inc();
-    let outcome = AssertUnwindSafe(engine.process(event)).catch_unwind().await;
+    let outcome = AssertUnwindSafe(engine.process_after(event, failed_attempts))
+        .catch_unwind()
+        .await;
     engine.metrics().events_in_flight.dec();
     if outcome.is_err() {
         tracing::error!("{source}: processing event {} panicked", event.id);

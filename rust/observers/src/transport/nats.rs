@@ -38,8 +38,9 @@ use tokio::task::JoinSet;
 
 use crate::config::NatsConfig;
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::{ConnectErrorKind, Error, PublishErrorKind, Result};
 use crate::event::{Event, EventKind};
+use crate::retry::{Backoff, RetryPolicy, PUBLISH_RETRY};
 use crate::schema::default_table;
 use crate::status::HealthSource;
 
@@ -51,8 +52,16 @@ pub const DEFAULT_MAX_ACK_PENDING: i64 = 1024;
 pub const DEFAULT_PUBLISH_WINDOW: usize = 4096;
 /// PubAcks outstanding on a publisher's JetStream context (async-nats waits for room beyond).
 pub const MAX_ACKS_IN_FLIGHT: usize = 8192;
-/// Attempts for one publish (1 + retries), same `Nats-Msg-Id` each time.
-pub const PUBLISH_ATTEMPTS: u32 = 4;
+/// The initial connect, until the server answers.
+const CONNECT_RETRY: RetryPolicy =
+    RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(5));
+/// Re-subscribing to the consumer after a failed pull.
+const PULL_RETRY: RetryPolicy =
+    RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(5));
+/// `NATS/1.0\r\n` + `Nats-Msg-Id: ` + id + `\r\n\r\n`: what the one header adds to a message.
+const MSG_ID_HEADER_OVERHEAD: usize = 10 + 13 + 4;
+/// See [`NatsPublisher`]'s `check_above`.
+const SMALL_MESSAGE: usize = 32 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Metrics
@@ -176,10 +185,13 @@ fn parse_servers(urls: &str) -> Result<(Vec<ServerAddr>, ConnectOptions)> {
     let mut have_auth = false;
     for part in urls.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let addr: ServerAddr = part.parse().map_err(|e| {
-            Error::Transport(format!(
-                "invalid NATS server URL {} (observers.nats.url): {e}",
-                mask_url(part)
-            ))
+            Error::connect(
+                ConnectErrorKind::InvalidSettings,
+                format!(
+                    "invalid NATS server URL {} (observers.nats.url): {e}",
+                    mask_url(part)
+                ),
+            )
         })?;
         if !have_auth {
             if let Some(user) = addr.username() {
@@ -194,8 +206,9 @@ fn parse_servers(urls: &str) -> Result<(Vec<ServerAddr>, ConnectOptions)> {
         addrs.push(addr);
     }
     if addrs.is_empty() {
-        return Err(Error::Transport(
-            crate::config::NATS_URL_REQUIRED.to_string(),
+        return Err(Error::connect(
+            ConnectErrorKind::InvalidSettings,
+            crate::config::NATS_URL_REQUIRED,
         ));
     }
     Ok((addrs, options))
@@ -247,15 +260,20 @@ async fn with_auth(
 ) -> Result<(ConnectOptions, Option<String>)> {
     if let Some(path) = &config.credentials_file {
         let options = options.credentials_file(path).await.map_err(|e| {
-            Error::Transport(format!(
-                "observers.nats.credentials_file: cannot use {path:?}: {e}"
-            ))
+            Error::connect(
+                ConnectErrorKind::InvalidSettings,
+                format!("observers.nats.credentials_file: cannot use {path:?}: {e}"),
+            )
         })?;
         return Ok((options, Some(format!("credentials_file {path:?}"))));
     }
     if let Some(path) = &config.nkey_file {
-        let seed = super::nats_auth::read_nkey_seed(path)
-            .map_err(|e| Error::Transport(format!("observers.nats.nkey_file: {e}")))?;
+        let seed = super::nats_auth::read_nkey_seed(path).map_err(|e| {
+            Error::connect(
+                ConnectErrorKind::InvalidSettings,
+                format!("observers.nats.nkey_file: {e}"),
+            )
+        })?;
         let how = format!("nkey_file {path:?}, public key {}", seed.public_key());
         return Ok((options.nkey(seed.seed().to_string()), Some(how)));
     }
@@ -270,11 +288,26 @@ pub fn minimal_permissions(subject_prefix: &str) -> String {
 }
 
 fn permission_error(masked: &str, violation: &str, subject_prefix: &str) -> Error {
-    Error::Transport(format!(
-        "the NATS server at {masked} denied a permission fraiseql needs: {violation}. \
-         The user needs at least {} (see the README, NATS permissions)",
-        minimal_permissions(subject_prefix)
-    ))
+    Error::connect(
+        ConnectErrorKind::Permission,
+        format!(
+            "the NATS server at {masked} denied a permission fraiseql needs: {violation}. \
+             The user needs at least {} (see the README, NATS permissions)",
+            minimal_permissions(subject_prefix)
+        ),
+    )
+}
+
+/// The kind of a failed connect, and whether trying again can help (authentication and TLS
+/// setup problems will not fix themselves).
+fn connect_failure(e: &async_nats::ConnectError) -> (ConnectErrorKind, bool) {
+    use async_nats::ConnectErrorKind as K;
+    match e.kind() {
+        K::AuthorizationViolation | K::Authentication => (ConnectErrorKind::Authentication, false),
+        K::Tls => (ConnectErrorKind::Tls, false),
+        K::ServerParse => (ConnectErrorKind::InvalidSettings, false),
+        _ => (ConnectErrorKind::Unreachable, true),
+    }
 }
 
 /// Connects to NATS and checks that JetStream is enabled. The initial connect is retried
@@ -285,10 +318,15 @@ pub async fn connect(config: &NatsConfig) -> Result<Client> {
         .url
         .as_deref()
         .filter(|u| !u.trim().is_empty())
-        .ok_or_else(|| Error::Transport(crate::config::NATS_URL_REQUIRED.to_string()))?;
+        .ok_or_else(|| {
+            Error::connect(
+                ConnectErrorKind::InvalidSettings,
+                crate::config::NATS_URL_REQUIRED,
+            )
+        })?;
     let masked = mask_url(urls);
     let permissions = Arc::new(PermissionWatch::default());
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(CONNECT_RETRY);
     let client = loop {
         let (addrs, options) = parse_servers(urls)?;
         let options = with_tls(options, config);
@@ -321,25 +359,20 @@ pub async fn connect(config: &NatsConfig) -> Result<Client> {
         match options.connect(addrs).await {
             Ok(client) => break client,
             Err(e) => {
-                // Authentication and TLS setup problems will not fix themselves.
-                if matches!(
-                    e.kind(),
-                    async_nats::ConnectErrorKind::AuthorizationViolation
-                        | async_nats::ConnectErrorKind::Authentication
-                        | async_nats::ConnectErrorKind::ServerParse
-                        | async_nats::ConnectErrorKind::Tls
-                ) {
+                let (kind, retry) = connect_failure(&e);
+                if !retry {
                     let auth =
                         auth.map_or_else(String::new, |a| format!(" (authenticating with {a})"));
-                    return Err(Error::Transport(format!(
-                        "cannot connect to NATS at {masked}: {e}{auth}"
-                    )));
+                    return Err(Error::connect(
+                        kind,
+                        format!("cannot connect to NATS at {masked}: {e}{auth}"),
+                    ));
                 }
+                let delay = backoff.next_delay();
                 tracing::warn!(
                     "[observers] cannot connect to NATS at {masked}: {e}; retrying in {delay:?}"
                 );
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     };
@@ -359,10 +392,13 @@ pub async fn connect(config: &NatsConfig) -> Result<Client> {
         Ok(()) => tracing::info!("[observers] JetStream enabled: true"),
         Err(e) => {
             tracing::info!("[observers] JetStream enabled: false");
-            return Err(Error::Transport(format!(
-                "JetStream is not available on the NATS server at {masked} \
-                 (start nats-server with -js): {e}"
-            )));
+            return Err(Error::connect(
+                ConnectErrorKind::NoJetStream,
+                format!(
+                    "JetStream is not available on the NATS server at {masked} \
+                     (start nats-server with -js): {e}"
+                ),
+            ));
         }
     }
     tracing::info!("[observers] stream: {}", config.stream_name);
@@ -429,20 +465,26 @@ pub async fn ensure_stream(js: &jetstream::Context, config: &NatsConfig) -> Resu
                 .map_err(|e| js_err("read stream", &name, e))?;
             let current = info.config.clone();
             if current.storage != want.storage {
-                return Err(Error::Transport(format!(
-                    "JetStream stream `{name}` exists with storage {:?}, expected {:?}; storage \
-                     cannot be changed on an existing stream: delete the stream or use another \
-                     stream_name",
-                    current.storage, want.storage
-                )));
+                return Err(Error::connect(
+                    ConnectErrorKind::NotSetUp,
+                    format!(
+                        "JetStream stream `{name}` exists with storage {:?}, expected {:?}; \
+                         storage cannot be changed on an existing stream: delete the stream or \
+                         use another stream_name",
+                        current.storage, want.storage
+                    ),
+                ));
             }
             if current.retention != want.retention {
-                return Err(Error::Transport(format!(
-                    "JetStream stream `{name}` exists with retention {:?}, expected {:?}; \
-                     retention cannot be changed on an existing stream: delete the stream or use \
-                     another stream_name",
-                    current.retention, want.retention
-                )));
+                return Err(Error::connect(
+                    ConnectErrorKind::NotSetUp,
+                    format!(
+                        "JetStream stream `{name}` exists with retention {:?}, expected {:?}; \
+                         retention cannot be changed on an existing stream: delete the stream \
+                         or use another stream_name",
+                        current.retention, want.retention
+                    ),
+                ));
             }
             let mut updated = current.clone();
             for s in &want.subjects {
@@ -515,9 +557,12 @@ fn subject_token(s: &str, what: &str) -> Result<String> {
         || t.chars()
             .any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace())
     {
-        return Err(Error::Transport(format!(
-            "{what} {s:?} cannot be used in a NATS subject (no '.', '*', '>' or whitespace)"
-        )));
+        return Err(Error::publish(
+            PublishErrorKind::Invalid,
+            format!(
+                "{what} {s:?} cannot be used in a NATS subject (no '.', '*', '>' or whitespace)"
+            ),
+        ));
     }
     Ok(t)
 }
@@ -562,8 +607,12 @@ impl<'a> MessageBody<'a> {
 
 /// The JSON body published for `event` on `subject`, as bytes.
 pub fn encode_body(subject: &str, event: &Event) -> Result<Vec<u8>> {
-    serde_json::to_vec(&MessageBody::new(subject, event))
-        .map_err(|e| Error::Transport(format!("cannot encode event {}: {e}", event.id)))
+    serde_json::to_vec(&MessageBody::new(subject, event)).map_err(|e| {
+        Error::publish(
+            PublishErrorKind::Invalid,
+            format!("cannot encode event {}: {e}", event.id),
+        )
+    })
 }
 
 /// The JSON body published for `event` on `subject`.
@@ -632,6 +681,10 @@ pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event,
 #[derive(Clone)]
 pub struct NatsPublisher {
     js: jetstream::Context,
+    client: Client,
+    /// Messages up to this size are not checked against the server's `max_payload`
+    /// (reading the server info copies it; small messages cannot exceed any sane limit).
+    check_above: usize,
     prefix: String,
     metrics: NatsMetrics,
     window: usize,
@@ -645,9 +698,16 @@ impl NatsPublisher {
             .timeout(Duration::from_secs(10))
             .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
             .backpressure_on_inflight(true)
-            .build(client);
+            .build(client.clone());
+        let limit = client.server_info().max_payload;
         NatsPublisher {
             js,
+            check_above: if limit == 0 {
+                SMALL_MESSAGE
+            } else {
+                limit.min(SMALL_MESSAGE)
+            },
+            client,
             prefix: config.subject_prefix.clone(),
             metrics,
             window: DEFAULT_PUBLISH_WINDOW,
@@ -674,68 +734,76 @@ impl NatsPublisher {
         &self.metrics
     }
 
-    /// Publishes one event and waits for its PubAck, retrying with the same `Nats-Msg-Id`
-    /// (so a retry of a publish that was in fact stored is deduplicated by the server).
+    /// Publishes one event and waits for its PubAck, with [`PUBLISH_RETRY`] and the same
+    /// `Nats-Msg-Id` each time (so a retry of a publish that was in fact stored is
+    /// deduplicated by the server). A change too large for the server fails at once.
     pub async fn publish(&self, event: &Event) -> Result<()> {
-        let subject = subject_for(&self.prefix, event)?;
-        let payload = bytes::Bytes::from(encode_body(&subject, event)?);
-        let mut delay = Duration::from_millis(100);
-        let mut attempt = 1;
-        loop {
-            match self
-                .publish_once(&subject, &event.id, payload.clone())
-                .await
-            {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt >= PUBLISH_ATTEMPTS => {
-                    return Err(Error::Transport(format!(
-                        "cannot publish event {} to `{subject}` after {attempt} attempts: {e}",
-                        event.id
-                    )));
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "publish of event {} to `{subject}` failed (attempt {attempt}): {e}; \
-                         retrying in {delay:?}",
-                        event.id
-                    );
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    attempt += 1;
-                }
-            }
-        }
+        let retryable = |e: &Error| matches!(e, Error::Publish(p) if p.kind().is_retryable());
+        PUBLISH_RETRY
+            .run(|_| self.publish_once(event), retryable)
+            .await
+            .map_err(|(e, attempts)| match e {
+                Error::Publish(p) if attempts > 1 => Error::publish(
+                    p.kind(),
+                    format!("{} (after {attempts} attempts)", p.message()),
+                ),
+                other => other,
+            })
     }
 
-    async fn publish_once(
-        &self,
-        subject: &str,
-        id: &str,
-        payload: bytes::Bytes,
-    ) -> std::result::Result<(), String> {
+    /// One attempt: sends the event and waits for its PubAck.
+    pub async fn publish_once(&self, event: &Event) -> Result<()> {
         let started = Instant::now();
-        let ack = self.send_payload(subject.to_string(), id, payload).await?;
-        ack.await.map_err(|e| e.to_string())?;
+        let ack = self.send(event).await?;
+        ack.await.map_err(|e| ack_error(event, &e))?;
         self.record_published(started);
         Ok(())
     }
 
-    /// Sends one message with `Nats-Msg-Id = id`, without waiting for its PubAck.
-    async fn send_payload(
-        &self,
-        subject: String,
-        id: &str,
-        payload: bytes::Bytes,
-    ) -> std::result::Result<PublishAckFuture, String> {
+    /// Sends one event without waiting for its PubAck. A message larger than the server's
+    /// `max_payload` is refused here: sent, it would make the server close the connection
+    /// (and every publish in flight on it would fail with it).
+    async fn send(&self, event: &Event) -> Result<PublishAckFuture> {
+        let subject = subject_for(&self.prefix, event)?;
+        let payload = encode_body(&subject, event)?;
+        self.check_size(&subject, event, payload.len())?;
         let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
         self.js
             .send_publish(
                 subject,
-                PublishMessage::build().payload(payload).headers(headers),
+                PublishMessage::build()
+                    .payload(payload.into())
+                    .headers(headers),
             )
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| {
+                Error::publish(
+                    PublishErrorKind::Failed,
+                    format!("cannot publish event {}: {e}", event.id),
+                )
+            })
+    }
+
+    fn check_size(&self, subject: &str, event: &Event, payload: usize) -> Result<()> {
+        let size = payload + MSG_ID_HEADER_OVERHEAD + event.id.len();
+        if size <= self.check_above {
+            return Ok(());
+        }
+        // Read now: after a reconnect the server may be another one, with another limit.
+        let limit = self.client.server_info().max_payload;
+        if limit == 0 || size <= limit {
+            return Ok(());
+        }
+        Err(Error::publish(
+            PublishErrorKind::TooLarge,
+            format!(
+                "event {} is {size} bytes on `{subject}`, more than the NATS server's \
+                 max_payload of {limit} bytes; publish smaller rows or raise max_payload in the \
+                 server's configuration (see the README, Large changes)",
+                event.id
+            ),
+        ))
     }
 
     fn record_published(&self, started: Instant) {
@@ -759,10 +827,13 @@ impl NatsPublisher {
         }
         match first {
             None => Ok(()),
-            Some(e) => Err(Error::Transport(format!(
-                "{failed} of {} events were not published; first error: {e}",
-                events.len()
-            ))),
+            Some(e) => Err(Error::publish(
+                PublishErrorKind::Failed,
+                format!(
+                    "{failed} of {} events were not published; first error: {e}",
+                    events.len()
+                ),
+            )),
         }
     }
 
@@ -794,15 +865,6 @@ impl NatsPublisher {
         unconfirmed
     }
 
-    /// Sends one event without waiting for its PubAck.
-    async fn send(&self, event: &Event) -> Result<PublishAckFuture> {
-        let subject = subject_for(&self.prefix, event)?;
-        let payload = encode_body(&subject, event)?;
-        self.send_payload(subject, &event.id, payload.into())
-            .await
-            .map_err(Error::Transport)
-    }
-
     /// Awaits one PubAck of [`Self::publish_pipelined`]; a failed one is set aside.
     async fn settle(
         &self,
@@ -819,6 +881,19 @@ impl NatsPublisher {
             }
         }
     }
+}
+
+/// A PubAck that did not come: timed out, or the server refused the message.
+fn ack_error(event: &Event, e: &jetstream::context::PublishError) -> Error {
+    use jetstream::context::PublishErrorKind as K;
+    let kind = match e.kind() {
+        K::TimedOut => PublishErrorKind::TimedOut,
+        _ => PublishErrorKind::Failed,
+    };
+    Error::publish(
+        kind,
+        format!("event {} was not confirmed by JetStream: {e}", event.id),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -925,7 +1000,7 @@ impl NatsSource {
         let permits = Arc::new(Semaphore::new(self.max_concurrency));
         let mut tasks = JoinSet::new();
         self.metrics.subscriptions_active.inc();
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(PULL_RETRY);
         'outer: loop {
             if *shutdown.borrow() {
                 break;
@@ -941,19 +1016,19 @@ impl NatsSource {
             let mut messages = match messages {
                 Ok(m) => m,
                 Err(e) => {
+                    let delay = backoff.next_delay();
                     tracing::warn!(
-                        "nats source `{}`: cannot pull: {e}; retrying in {backoff:?}",
+                        "nats source `{}`: cannot pull: {e}; retrying in {delay:?}",
                         self.config.consumer_name
                     );
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                         _ = shutdown_signal(&mut shutdown) => break 'outer,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
-            backoff = Duration::from_millis(200);
+            backoff.reset();
             loop {
                 while tasks.try_join_next().is_some() {}
                 // Most messages finish inline, so a permit is usually free: no select then.
@@ -1008,7 +1083,7 @@ impl NatsSource {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = shutdown_signal(&mut shutdown) => break 'outer,
             }
         }

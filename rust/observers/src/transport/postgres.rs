@@ -66,9 +66,10 @@ use crate::bridge::Publisher;
 use crate::capture::{CHANGE_LOG_TABLE, CURSOR_TABLE};
 use crate::config::{validate_sql_identifier, Config, DEFAULT_NOTIFY_CHANNEL};
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::{ConnectErrorKind, Error, Result};
 use crate::event::{Event, EventKind};
 use crate::metrics::Metrics;
+use crate::retry::{Backoff, RetryPolicy};
 use crate::status::HealthSource;
 use crate::transport::process_guarded;
 
@@ -80,8 +81,9 @@ const LAG_EVERY: Duration = Duration::from_secs(1);
 /// `/health` turns 503 when the active reader's cursor has not moved for this long while
 /// changes are pending (a stuck batch, a transaction holding back `xmin`).
 const STALL_AFTER: Duration = Duration::from_secs(60);
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Reconnecting the reader and the LISTEN connection.
+const RECONNECT: RetryPolicy =
+    RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(10));
 
 /// How the source reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,10 +240,17 @@ impl PostgresSource {
     /// exist.
     pub async fn new(pool: PgPool, options: PostgresOptions) -> Result<PostgresSource> {
         let mut options = options;
-        validate_sql_identifier(&options.notify_channel)
-            .map_err(|e| Error::Transport(format!("observers.notify_channel: {e}")))?;
+        validate_sql_identifier(&options.notify_channel).map_err(|e| {
+            Error::connect(
+                ConnectErrorKind::InvalidSettings,
+                format!("observers.notify_channel: {e}"),
+            )
+        })?;
         if options.listener_id.is_empty() {
-            return Err(Error::Transport("listener id must not be empty".into()));
+            return Err(Error::connect(
+                ConnectErrorKind::InvalidSettings,
+                "listener id must not be empty",
+            ));
         }
         options.batch_size = options.batch_size.max(1);
         options.max_concurrency = options.max_concurrency.max(1);
@@ -259,13 +268,17 @@ impl PostgresSource {
                 .bind(CURSOR_TABLE)
                 .fetch_one(&pool)
                 .await
-                .map_err(|e| Error::Transport(format!("PostgreSQL at {shown}: {e}")))?;
+                .map_err(|e| crate::runtime::postgres_error(&shown, &e))?;
         if !(log && cursor) {
             let missing = if log { CURSOR_TABLE } else { CHANGE_LOG_TABLE };
-            return Err(Error::Transport(format!(
-                "the change-capture table `{missing}` does not exist in the database at {shown}: \
-                 run `fraiseql db install` (or enable [observers] auto_install) first"
-            )));
+            return Err(Error::connect(
+                ConnectErrorKind::NotSetUp,
+                format!(
+                    "the change-capture table `{missing}` does not exist in the database at \
+                     {shown}: run `fraiseql db install` (or enable [observers] auto_install) \
+                     first"
+                ),
+            ));
         }
         let health = Arc::new(SourceHealth {
             listener_id: options.listener_id.clone(),
@@ -343,7 +356,7 @@ impl PostgresSource {
         shutdown: &mut watch::Receiver<bool>,
         wake: &Notify,
     ) -> Result<()> {
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::new(RECONNECT);
         loop {
             if is_shutdown(shutdown) {
                 return Ok(());
@@ -498,19 +511,30 @@ impl PostgresSource {
     /// A forwarder's batch goes to its publisher first, many publishes in flight; only the
     /// events it could not confirm run through the engine (retries, dead-letter queue).
     async fn deliver(&self, engine: &Engine, events: Vec<Event>) {
-        let events = match &self.batch_publisher {
-            Some(publisher) => {
-                let unconfirmed = publisher.publish_batch(&events).await;
+        let batch = match &self.batch_publisher {
+            Some(publisher) => publisher.publish_batch(&events).await,
+            None => None,
+        };
+        let (events, failed_attempts) = match batch {
+            // The batch publish was their first attempt.
+            Some(unconfirmed) => (
                 events
                     .into_iter()
                     .enumerate()
                     .filter(|(i, _)| unconfirmed.binary_search(i).is_ok())
                     .map(|(_, event)| event)
-                    .collect()
-            }
-            None => events,
+                    .collect(),
+                1,
+            ),
+            None => (events, 0),
         };
-        process_batch(engine, events, self.options.max_concurrency).await;
+        process_batch(
+            engine,
+            events,
+            self.options.max_concurrency,
+            failed_attempts,
+        )
+        .await;
     }
 
     /// Rows after the cursor (counted up to a cap) and the age of the oldest of them, into
@@ -601,7 +625,7 @@ async fn listen_loop(
     wake: Arc<Notify>,
     health: Arc<SourceHealth>,
 ) {
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::new(RECONNECT);
     loop {
         match connect_listener(&options, &channel).await {
             Ok(mut listener) => {
@@ -645,10 +669,16 @@ async fn connect_listener(
 }
 
 /// Processes the events concurrently (bounded) and returns when every one has finished.
-async fn process_batch(engine: &Engine, events: Vec<Event>, max_concurrency: usize) {
+/// `failed_attempts`: attempts each event's actions already made elsewhere.
+async fn process_batch(
+    engine: &Engine,
+    events: Vec<Event>,
+    max_concurrency: usize,
+    failed_attempts: u32,
+) {
     futures::stream::iter(events)
         .for_each_concurrent(max_concurrency, |event| async move {
-            process_guarded(engine, &event, "postgres source").await;
+            process_guarded(engine, &event, failed_attempts, "postgres source").await;
         })
         .await;
 }
@@ -772,38 +802,9 @@ async fn sleep_or_shutdown(shutdown: &mut watch::Receiver<bool>, delay: Duration
     }
 }
 
-/// Exponential reconnect backoff, 100 ms doubling up to 10 s.
-#[derive(Debug, Default)]
-struct Backoff {
-    failures: u32,
-}
-
-impl Backoff {
-    fn next_delay(&mut self) -> Duration {
-        let delay = BACKOFF_MIN.saturating_mul(1 << self.failures.min(16));
-        self.failures = self.failures.saturating_add(1);
-        delay.min(BACKOFF_MAX)
-    }
-
-    fn reset(&mut self) {
-        self.failures = 0;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let mut b = Backoff::default();
-        let delays: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
-        assert_eq!(delays[0], Duration::from_millis(100));
-        assert_eq!(delays[1], Duration::from_millis(200));
-        assert_eq!(delays[9], BACKOFF_MAX);
-        b.reset();
-        assert_eq!(b.next_delay(), BACKOFF_MIN);
-    }
 
     #[test]
     fn batch_query_reads_only_below_the_snapshot_xmin() {

@@ -39,18 +39,21 @@ use crate::bridge::Publisher;
 use crate::config::RedisConfig;
 use crate::dlq::DlqEntry;
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::{ConnectErrorKind, Error, PublishErrorKind, Result};
 use crate::event::{now_rfc3339, Event, EventKind};
 use crate::metrics::RedisMetrics;
+use crate::retry::{Backoff, RetryPolicy, PUBLISH_RETRY};
 use crate::status::HealthSource;
 use crate::transport::nats::{decode_body, encode_body, mask_url};
 
-/// Attempts for one `XADD` (1 + retries).
-pub const PUBLISH_ATTEMPTS: u32 = 4;
 /// Time allowed for a reply, on top of `block_ms` for `XREADGROUP`.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The initial connect, and reads after a failure, until Redis answers.
+const CONNECT_RETRY: RetryPolicy =
+    RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(5));
+/// `XACK` of a processed entry; one not acked is redelivered (at least once).
+const ACK_RETRY: RetryPolicy =
+    RetryPolicy::exponential(4, Duration::from_millis(100), Duration::from_secs(1));
 
 // ---------------------------------------------------------------------------------------------
 // Connection
@@ -77,16 +80,17 @@ pub async fn connect(url: &str, response_timeout: Duration) -> Result<Connection
     let _ = rustls::crypto::ring::default_provider().install_default();
     let masked = mask_url(url);
     let client = Client::open(url).map_err(|e| {
-        Error::Transport(format!(
-            "invalid Redis URL {masked} (observers.redis_url): {e}"
-        ))
+        Error::connect(
+            ConnectErrorKind::InvalidSettings,
+            format!("invalid Redis URL {masked} (observers.redis_url): {e}"),
+        )
     })?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(response_timeout))
-        .set_max_delay(BACKOFF_MAX)
+        .set_max_delay(CONNECT_RETRY.max_delay)
         .set_number_of_retries(6);
-    let mut delay = BACKOFF_MIN;
+    let mut backoff = Backoff::new(CONNECT_RETRY);
     loop {
         let attempt = async {
             let mut conn =
@@ -97,16 +101,22 @@ pub async fn connect(url: &str, response_timeout: Duration) -> Result<Connection
         match attempt.await {
             Ok(conn) => return Ok(conn),
             Err(e) if is_fatal(&e) => {
-                return Err(Error::Transport(format!(
-                    "cannot connect to Redis at {masked}: {e}"
-                )))
+                let kind = match e.kind() {
+                    ErrorKind::InvalidClientConfig => ConnectErrorKind::InvalidSettings,
+                    _ if e.code() == Some("NOPERM") => ConnectErrorKind::Permission,
+                    _ => ConnectErrorKind::Authentication,
+                };
+                return Err(Error::connect(
+                    kind,
+                    format!("cannot connect to Redis at {masked}: {e}"),
+                ));
             }
             Err(e) => {
+                let delay = backoff.next_delay();
                 tracing::warn!(
                     "[observers] cannot connect to Redis at {masked}: {e}; retrying in {delay:?}"
                 );
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(BACKOFF_MAX);
             }
         }
     }
@@ -163,36 +173,38 @@ impl RedisPublisher {
         }
     }
 
-    /// `XADD` with the event's fields; retried a few times. Returns the entry id.
+    /// `XADD` with the event's fields, with [`PUBLISH_RETRY`]. Returns the entry id.
     pub async fn publish(&self, event: &Event) -> Result<String> {
-        let payload = String::from_utf8(encode_body(&self.stream, event)?)
-            .map_err(|e| Error::Transport(format!("cannot encode event {}: {e}", event.id)))?;
-        let mut delay = BACKOFF_MIN;
-        let mut attempt = 1;
-        loop {
-            match self.xadd(event, &payload).await {
-                Ok(id) => {
-                    self.metrics.forwarded.inc();
-                    return Ok(id);
-                }
-                Err(e) if attempt >= PUBLISH_ATTEMPTS => {
-                    return Err(Error::Transport(format!(
-                        "cannot append event {} to Redis stream `{}` after {attempt} attempts: {e}",
-                        event.id, self.stream
-                    )));
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "XADD of event {} to `{}` failed (attempt {attempt}): {e}; retrying in {delay:?}",
-                        event.id,
-                        self.stream
-                    );
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    attempt += 1;
-                }
-            }
-        }
+        PUBLISH_RETRY
+            .run(|_| self.publish_once(event), |_| true)
+            .await
+            .map_err(|(e, _)| e)
+    }
+
+    /// One `XADD`. Returns the entry id.
+    pub async fn publish_once(&self, event: &Event) -> Result<String> {
+        let payload = String::from_utf8(encode_body(&self.stream, event)?).map_err(|e| {
+            Error::publish(
+                PublishErrorKind::Invalid,
+                format!("cannot encode event {}: {e}", event.id),
+            )
+        })?;
+        let id = self.xadd(event, &payload).await.map_err(|e| {
+            let kind = if e.is_timeout() {
+                PublishErrorKind::TimedOut
+            } else {
+                PublishErrorKind::Failed
+            };
+            Error::publish(
+                kind,
+                format!(
+                    "cannot append event {} to Redis stream `{}`: {e}",
+                    event.id, self.stream
+                ),
+            )
+        })?;
+        self.metrics.forwarded.inc();
+        Ok(id)
     }
 
     async fn xadd(&self, event: &Event, payload: &str) -> redis::RedisResult<String> {
@@ -226,7 +238,7 @@ impl Publisher for RedisPublisher {
     }
 
     async fn publish(&self, event: &Event) -> Result<()> {
-        RedisPublisher::publish(self, event).await.map(|_| ())
+        self.publish_once(event).await.map(|_| ())
     }
 }
 
@@ -374,7 +386,7 @@ impl RedisSource {
         let mut tasks = JoinSet::new();
         let reclaimer = tokio::spawn(reclaim_loop(shared.clone(), shutdown.clone()));
         let mut reader = self.reader.clone();
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(CONNECT_RETRY);
         loop {
             while tasks.try_join_next().is_some() {}
             let first = tokio::select! {
@@ -389,17 +401,16 @@ impl RedisSource {
             match read {
                 Ok(entries) => {
                     self.connected.store(true, Ordering::Release);
-                    backoff = BACKOFF_MIN;
+                    backoff.reset();
                     spawn_all(&mut tasks, &shared, entries, first, |_| 1).await;
                 }
                 Err(e) => {
                     drop(first);
                     self.connected.store(false, Ordering::Release);
                     self.on_read_error(&e).await;
-                    if sleep_or_shutdown(&mut shutdown, backoff).await {
+                    if sleep_or_shutdown(&mut shutdown, backoff.next_delay()).await {
                         break;
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
@@ -601,26 +612,18 @@ async fn touch(shared: &Shared, id: &str) {
     }
 }
 
-/// `XACK`, retried a few times; an entry not acked is redelivered (at least once).
+/// `XACK`, with [`ACK_RETRY`]; an entry not acked is redelivered (at least once).
 async fn ack(shared: &Shared, id: &str) {
-    let mut delay = BACKOFF_MIN;
-    for attempt in 1..=PUBLISH_ATTEMPTS {
-        let r = redis::cmd("XACK")
+    let xack = |_| async {
+        redis::cmd("XACK")
             .arg(&shared.config.stream)
             .arg(&shared.config.group)
             .arg(id)
             .query_async::<i64>(&mut shared.ops.clone())
-            .await;
-        match r {
-            Ok(_) => return,
-            Err(e) if attempt == PUBLISH_ATTEMPTS => {
-                tracing::warn!("redis: cannot acknowledge entry {id}: {e}; it will be redelivered")
-            }
-            Err(_) => {
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-        }
+            .await
+    };
+    if let Err((e, _)) = ACK_RETRY.run(xack, |_| true).await {
+        tracing::warn!("redis: cannot acknowledge entry {id}: {e}; it will be redelivered");
     }
 }
 
