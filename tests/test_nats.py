@@ -112,6 +112,35 @@ def test_engine_consumes_spec_messages_once_each(registry: fraiseql.Registry, fr
         asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
 
 
+def test_events_being_processed_show_in_the_in_flight_gauge(
+    registry: fraiseql.Registry, fraiseql_nats_url: str
+) -> None:
+    @fraiseql.type
+    class Order:
+        id: str
+
+    release = threading.Event()
+    fraiseql.subscription(entity_type=Order, operation="create")(lambda o: release.wait(20))
+    suffix = uuid.uuid4().hex[:8]
+    prefix = f"fq{suffix}.mutation"
+
+    def in_flight(metrics: str) -> int:
+        line = next(x for x in metrics.splitlines() if x.startswith("fraiseql_observer_events_in_flight "))
+        return int(float(line.split()[1]))
+
+    try:
+        with fraiseql.Engine(nats_config(fraiseql_nats_url, suffix)) as engine:
+            for i in range(3):
+                body = {"event": "INSERT", "entity": "Order", "data": {"id": str(i)}, "id": f"e{i}"}
+                asyncio.run(publish(fraiseql_nats_url, f"{prefix}.order.insert", body, f"e{i}"))
+            wait_until(lambda: in_flight(engine.metrics()) == 3)
+            assert "fraiseql_nats_jetstream_pending 3" in engine.metrics()
+            release.set()
+            wait_until(lambda: in_flight(engine.metrics()) == 0)
+    finally:
+        asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
+
+
 def test_nats_backend_without_url_names_the_setting(registry: fraiseql.Registry) -> None:
     with pytest.raises(fraiseql.ConfigError, match=r"NATS transport requires nats\.url to be set"):
         fraiseql.Engine({"observers": {"backend": "nats"}})

@@ -295,6 +295,54 @@ def test_poll_only_listener_with_its_own_cursor_dead_letters_malformed_rows(
             conn.execute("DELETE FROM fraiseql_dead_letters WHERE event->>'id' = %s", (str(bad_id),))
 
 
+def test_change_log_rows_without_a_row_object_are_dead_lettered_not_delivered(
+    registry: fraiseql.Registry, fraiseql_database_url: str, table: tuple[str, str]
+) -> None:
+    """Hand-written change-log rows whose `new` is NULL, JSON null, an array or a string
+    never reach an observer as `data.new`: each is dead-lettered with what is wrong."""
+    entity, name = table
+    declare(entity, name)
+    seen: list[Any] = []
+    fraiseql.subscription(entity_type=entity, operation="create", name=f"shape_{name}")(
+        lambda o, event: seen.append(event.new)
+    )
+    listener = f"shape_{uuid.uuid4().hex[:8]}"
+    config = pg_config(fraiseql_database_url)
+    config["observers"]["postgres"] = {"listener_id": listener, "poll_interval_ms": 50}
+    bad = {
+        "NULL": "is NULL",
+        "'null'": "found null",
+        "'[1, 2]'": "found an array",
+        "'\"str\"'": "found a string",
+    }
+    ids: dict[int, str] = {}
+    with (
+        fraiseql.Engine(config) as engine,
+        psycopg.connect(fraiseql_database_url, autocommit=True) as conn,
+    ):
+        try:
+            for new, why in bad.items():
+                [row_id] = conn.execute(
+                    "INSERT INTO fraiseql_change_log (entity, event, table_name, new) "
+                    f"VALUES (%s, 'INSERT', %s, {new}) RETURNING id",
+                    (entity, name),
+                ).fetchone()  # type: ignore[misc]
+                ids[row_id] = why
+            conn.execute(f"INSERT INTO {name} (id, status, total) VALUES ('real', 'new', 1)")
+            wait_until(lambda: len(seen) == 1)
+            wait_until(lambda: len([e for e in engine.dlq() if int(e["event"]["id"]) in ids]) == len(ids))
+            for e in engine.dlq():
+                if int(e["event"]["id"]) in ids:
+                    assert e["action"] == "decode" and e["observer"] == f"postgres:{listener}"
+                    assert ids[int(e["event"]["id"])] in e["error"], e["error"]
+                    assert "column new" in e["error"]
+            assert seen == [{"id": "real", "status": "new", "total": 1, "email": None}]
+        finally:
+            for row_id in ids:
+                conn.execute("DELETE FROM fraiseql_change_log WHERE id = %s", (row_id,))
+                conn.execute("DELETE FROM fraiseql_dead_letters WHERE event->>'id' = %s", (str(row_id),))
+
+
 def test_sigkill_mid_stream_then_restart_loses_nothing(tmp_path: Path, fraiseql_database_url: str) -> None:
     """10,000 rows written while `fraiseql run` is down; the engine is SIGKILLed while it
     works through them and started again: every row reaches the handler (AtLeastOnce may

@@ -178,11 +178,44 @@ def test_malformed_entries_are_dead_lettered_and_acked(
         wait_until(lambda: len(engine.dlq()) >= 2 and fired == ["ok"])
         wait_until(lambda: pending(client, names) == 0)
         dlq = engine.dlq()
+        bad = next(e for e in dlq if "invalid JSON" in e["error"])
+        with pytest.raises(fraiseql.UndecodableEntryError, match="could not decode") as refused:
+            engine.retry_dead_letter(bad["id"])
+        assert "nothing to re-run" in str(refused.value) and refused.value.kind == "undecodable"
     assert len(dlq) == 2
     errors = sorted(e["error"] for e in dlq)
     assert "invalid JSON" in errors[0] or "invalid JSON" in errors[1]
     assert any('missing field "payload"' in e for e in errors)
     assert all(e["observer"] == f"redis:{names['stream']}" for e in dlq)
+    # One naming for undecodable input of every source: action `decode`.
+    assert all(e["action"] == "decode" for e in dlq)
+    assert bad["event"]["new"]["payload"] == "{not json"
+    assert bad["event"]["new"]["stream"] == names["stream"]
+
+
+def in_flight(metrics: str) -> int:
+    for line in metrics.splitlines():
+        if line.startswith("fraiseql_observer_events_in_flight "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no fraiseql_observer_events_in_flight in /metrics")
+
+
+def test_events_being_processed_show_in_the_in_flight_gauge(
+    registry: fraiseql.Registry, fraiseql_redis_url: str, names: dict[str, str]
+) -> None:
+    @fraiseql.type
+    class Order:
+        id: str
+
+    release = threading.Event()
+    fraiseql.subscription(entity_type=Order, operation="create")(lambda o: release.wait(20))
+    client = redis.Redis.from_url(fraiseql_redis_url, decode_responses=True)
+    with fraiseql.Engine(redis_config(fraiseql_redis_url, names)) as engine:
+        for i in range(3):
+            client.xadd(names["stream"], entry("Order", f"evt-{i}", {"id": str(i)}))
+        wait_until(lambda: in_flight(engine.metrics()) == 3)
+        release.set()
+        wait_until(lambda: in_flight(engine.metrics()) == 0 and pending(client, names) == 0)
 
 
 def test_an_entry_delivered_more_than_max_deliver_times_is_dead_lettered(

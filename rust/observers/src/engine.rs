@@ -24,6 +24,7 @@ use crate::event::{now_rfc3339, Event, EventKind};
 pub const UNDECODABLE_ACTION: &str = "decode";
 use crate::metrics::{ActionMetrics, Metrics, ObserverMetrics};
 use crate::retry::RetryPolicy;
+use crate::transport::delivery::Undecodable;
 
 /// One observer, ready to be compiled into the engine: who it is and how it checkpoints
 /// (its [`ListenerConfig`]), what it watches, when it fires and what it does.
@@ -126,6 +127,9 @@ pub struct ProcessReport {
     pub duplicates: usize,
     /// Actions that exhausted their retries and were dead-lettered (or dropped on overflow).
     pub dead_lettered: usize,
+    /// Dead letters that could not be stored: the event must be delivered again, not
+    /// acknowledged.
+    pub unstored: usize,
 }
 
 pub struct Engine {
@@ -250,15 +254,24 @@ impl Engine {
                     summary(observer, event)
                 );
             }
+            let mut unstored = 0;
             for (action_index, (action, metrics)) in observer.actions.iter().enumerate() {
                 if let Err(failure) =
                     run_with_retries(observer, action.as_ref(), metrics, event, failed_attempts)
                         .await
                 {
                     report.dead_lettered += 1;
-                    self.dead_letter(observer, action_index, action.as_ref(), event, failure)
-                        .await;
+                    if !self
+                        .dead_letter(observer, action_index, action.as_ref(), event, failure)
+                        .await
+                    {
+                        unstored += 1;
+                    }
                 }
+            }
+            if unstored > 0 {
+                report.unstored += unstored;
+                self.release(observer, event).await;
             }
             tracing::debug!(
                 "[observer] {} completed in {}ms",
@@ -270,13 +283,20 @@ impl Engine {
     }
 
     /// Dead-letters `event` for every action of every observer it matches, without running
-    /// them: for a transport that gives up on a delivery (e.g. Redis after `max_deliver`).
-    /// `fraiseql dlq retry` can run them later. Returns the entries written.
-    pub async fn dead_letter_event(&self, event: &Event, error: &str, attempts: u32) -> usize {
+    /// them: for a source that gives up on a delivery (after `max_deliver`, a panic on the
+    /// last delivery). `fraiseql dlq retry` can run them later. Returns the entries written;
+    /// an error when one could not be stored (the delivery must not be acknowledged).
+    pub async fn dead_letter_event(
+        &self,
+        event: &Event,
+        error: &str,
+        attempts: u32,
+    ) -> Result<usize> {
         let Some(slots) = self.index.get(event.entity.as_str()) else {
-            return 0;
+            return Ok(0);
         };
         let mut written = 0;
+        let mut unstored = 0;
         for &i in &slots[kind_slot(event.event)] {
             let observer = &self.observers[i];
             if let Some(condition) = &observer.condition {
@@ -290,12 +310,42 @@ impl Engine {
                 first_failed_at: now_rfc3339(),
             };
             for (a, (action, _)) in observer.actions.iter().enumerate() {
-                self.dead_letter(observer, a, action.as_ref(), event, failure.clone())
-                    .await;
-                written += 1;
+                if self
+                    .dead_letter(observer, a, action.as_ref(), event, failure.clone())
+                    .await
+                {
+                    written += 1;
+                } else {
+                    unstored += 1;
+                }
             }
         }
-        written
+        if unstored > 0 {
+            return Err(Error::dead_letter(
+                DeadLetterErrorKind::Storage,
+                format!(
+                    "{unstored} dead letter(s) of event {} could not be stored",
+                    event.id
+                ),
+            ));
+        }
+        Ok(written)
+    }
+
+    /// Forgets an EffectivelyOnce key recorded for an event that is delivered again because
+    /// its dead letters could not be stored: the redelivery must run the actions, not skip.
+    async fn release(&self, observer: &CompiledObserver, event: &Event) {
+        let Some(store) = &observer.idempotency else {
+            return;
+        };
+        if let Err(e) = store.forget(&observer.name, &event.id).await {
+            tracing::error!(
+                "[observer] {}: could not forget the idempotency key of event {} ({e}); its \
+                 redelivery will be skipped as a duplicate",
+                observer.name,
+                event.id
+            );
+        }
     }
 
     /// EffectivelyOnce: records the key before the actions run. Returns false when the event
@@ -338,14 +388,19 @@ impl Engine {
                     first_failed_at: now_rfc3339(),
                 };
                 for (i, (action, _)) in observer.actions.iter().enumerate() {
-                    self.dead_letter(observer, i, action.as_ref(), event, failure.clone())
-                        .await;
+                    if !self
+                        .dead_letter(observer, i, action.as_ref(), event, failure.clone())
+                        .await
+                    {
+                        report.unstored += 1;
+                    }
                 }
                 false
             }
         }
     }
 
+    /// True when the entry was stored (or dropped at the `max_dlq_size` cap, by design).
     async fn dead_letter(
         &self,
         observer: &CompiledObserver,
@@ -353,7 +408,7 @@ impl Engine {
         action: &dyn Action,
         event: &Event,
         failure: Failure,
-    ) {
+    ) -> bool {
         let entry = DlqEntry {
             id: 0,
             event: event.clone(),
@@ -366,56 +421,67 @@ impl Engine {
             last_failed_at: now_rfc3339(),
         };
         let what = format!("[observer] {} event {}", observer.name, event.id);
-        self.store_dead_letter(entry, &what).await;
+        self.store_dead_letter(entry, &what).await
     }
 
     /// Keeps input that could not become an event (a malformed change-log row or message)
     /// in the dead-letter queue, so nothing is dropped silently. The entry's observer is
-    /// `source` (e.g. `postgres:fraiseql`), its action `decode`, and its event carries the
-    /// raw input as `new`; it cannot be retried, only inspected and purged.
-    pub async fn dead_letter_undecodable(
-        &self,
-        source: &str,
-        id: String,
-        raw: Value,
-        reason: &str,
-    ) {
+    /// `source` (e.g. `postgres:fraiseql`), its action `decode`, and its event carries what
+    /// could be read of the input as `new`; it cannot be retried, only inspected and purged.
+    /// False when it could not be stored (the input must not be acknowledged).
+    pub async fn dead_letter_undecodable(&self, source: &str, input: &Undecodable) -> bool {
+        // What could be read of it, and the payload (as JSON if it is JSON).
+        let mut described = match &input.context {
+            Value::Object(fields) => fields.clone(),
+            other => serde_json::Map::from_iter([("context".to_owned(), other.clone())]),
+        };
+        if let Some(raw) = &input.raw {
+            let payload = serde_json::from_slice(raw)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(raw).into_owned()));
+            described.insert("payload".to_owned(), payload);
+        }
         let entry = DlqEntry {
             id: 0,
             event: Event {
-                id: id.clone(),
+                id: input.id.clone(),
                 entity: String::new(),
                 event: EventKind::Insert,
                 table: String::new(),
                 timestamp: now_rfc3339(),
-                new: Some(raw),
+                new: Some(Value::Object(described)),
                 old: None,
             },
             observer: source.to_owned(),
             action_index: 0,
             action: UNDECODABLE_ACTION.to_owned(),
-            error: format!("undecodable input: {reason}"),
+            error: format!("undecodable input: {}", input.reason),
             attempts: 1,
             first_failed_at: now_rfc3339(),
             last_failed_at: now_rfc3339(),
         };
         self.metrics.source_undecodable.inc();
-        let what = format!("{source}: undecodable input {id} ({reason})");
-        self.store_dead_letter(entry, &what).await;
+        let what = format!("{source}: undecodable input {}", input.id);
+        self.store_dead_letter(entry, &what).await
     }
 
-    /// Pushes one entry and keeps the DLQ gauges true; `what` names it in the log line.
-    async fn store_dead_letter(&self, entry: DlqEntry, what: &str) {
+    /// Pushes one entry and keeps the DLQ gauges true; `what` names it in the log line. True
+    /// when it was stored or dropped at the cap; false when the queue failed.
+    async fn store_dead_letter(&self, entry: DlqEntry, what: &str) -> bool {
         match self.dlq.push(entry).await {
             Ok(PushOutcome::Stored(id)) => {
                 self.metrics.dlq_size.inc();
                 tracing::warn!("{what}: moved event to the dead-letter queue (entry {id})");
+                true
             }
             Ok(PushOutcome::Overflow) => {
                 self.metrics.dlq_overflow.inc();
                 tracing::error!("{what}: dead-letter queue full (max_dlq_size reached): dropped");
+                true
             }
-            Err(e) => tracing::error!("{what}: could not write to the dead-letter queue: {e}"),
+            Err(e) => {
+                tracing::error!("{what}: could not write to the dead-letter queue: {e}");
+                false
+            }
         }
     }
 

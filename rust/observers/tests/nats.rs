@@ -632,6 +632,76 @@ async fn a_malformed_message_is_terminated_and_processing_goes_on() {
     cleanup(&js, &cfg).await;
 }
 
+/// Panics on every event it is given.
+struct Panicking(Mutex<usize>);
+
+#[async_trait]
+impl Action for Panicking {
+    fn kind(&self) -> &'static str {
+        "panicking"
+    }
+    async fn execute(&self, _event: &Event) -> Result<(), ActionError> {
+        *self.0.lock().unwrap() += 1;
+        panic!("the handler exploded");
+    }
+}
+
+#[tokio::test]
+async fn an_event_that_panics_on_its_last_delivery_is_dead_lettered_and_terminated() {
+    let mut cfg = config("panic");
+    cfg.jetstream.max_deliver = 2;
+    let (client, js) = setup(&cfg).await;
+    let source = NatsSource::new(client.clone(), &cfg, NatsMetrics::new(), 8)
+        .await
+        .unwrap();
+    let event = order(EventKind::Insert, 1);
+    NatsPublisher::new(client, &cfg, NatsMetrics::new())
+        .publish(&event)
+        .await
+        .unwrap();
+    let action = Arc::new(Panicking(Mutex::new(0)));
+    let dlq = Arc::new(MemoryDlq::new(None));
+    let engine = Engine::new(
+        vec![ObserverSpec::new(
+            ListenerConfig::new("explodes", CheckpointStrategy::AtLeastOnce),
+            "Order",
+            EventKind::Insert,
+        )
+        .action(action.clone())],
+        dlq.clone(),
+        &MemoryIdempotencyStores::default(),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let (stop, stop_rx) = watch::channel(false);
+    let runner = tokio::spawn(source.run(Arc::new(engine), stop_rx));
+    let dead_letters = dlq.clone();
+    eventually("the dead letter", Duration::from_secs(20), || {
+        let dlq = dead_letters.clone();
+        async move { dlq.len().await.unwrap() == 1 }
+    })
+    .await;
+    wait_ack_floor(&js, &cfg, 1).await;
+    let [entry] = dlq.list(10).await.unwrap().try_into().unwrap();
+    assert_eq!(entry.observer, "explodes");
+    assert_eq!(entry.event.id, event.id);
+    assert!(
+        entry
+            .error
+            .contains("panicked on delivery 2 (max_deliver = 2): the handler exploded"),
+        "{}",
+        entry.error
+    );
+    assert_eq!(
+        *action.0.lock().unwrap(),
+        2,
+        "run on both deliveries, not more"
+    );
+    stop.send(true).unwrap();
+    runner.await.unwrap().unwrap();
+    cleanup(&js, &cfg).await;
+}
+
 #[tokio::test]
 async fn long_processing_signals_progress_and_is_not_redelivered() {
     let mut cfg = config("progress");

@@ -1,13 +1,15 @@
-//! The `in_memory` transport: a bounded queue in front of the engine. `emit` waits for room
-//! when the queue is full (backpressure), so memory stays bounded.
+//! The `in_memory` transport: a bounded queue in front of the engine, drained by the one
+//! delivery loop. `emit` waits for room when the queue is full (backpressure), so memory
+//! stays bounded.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::mpsc;
+use async_trait::async_trait;
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::{process_guarded, InFlight};
+use super::delivery::{self, Committer, Delivery, Fetch, NoCheckpoints, Payload, Settled, Source};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -15,20 +17,24 @@ use crate::event::Event;
 pub struct MemoryTransport {
     tx: Mutex<Option<mpsc::Sender<Event>>>,
     in_flight: Arc<InFlight>,
-    runner: Mutex<Option<JoinHandle<()>>>,
+    runner: Mutex<Option<JoinHandle<Result<()>>>>,
 }
 
 impl MemoryTransport {
-    /// Starts the dispatcher on the current tokio runtime.
+    /// Starts the delivery loop on the current tokio runtime.
     pub fn start(engine: Arc<Engine>, queue_capacity: usize, max_concurrency: usize) -> Self {
         let (tx, rx) = mpsc::channel(queue_capacity.max(1));
         let in_flight = Arc::new(InFlight::default());
-        let runner = tokio::spawn(dispatch(
-            engine,
+        let source = MemorySource {
             rx,
-            in_flight.clone(),
-            max_concurrency.max(1),
-        ));
+            in_flight: in_flight.clone(),
+        };
+        // The queue closing ends the loop, once every accepted event is done: no shutdown.
+        let (_never, shutdown) = watch::channel(false);
+        let runner = tokio::spawn(async move {
+            let _keep_open = _never;
+            delivery::run(source, engine, max_concurrency, shutdown).await
+        });
         MemoryTransport {
             tx: Mutex::new(Some(tx)),
             in_flight,
@@ -87,37 +93,128 @@ impl MemoryTransport {
         drop(self.tx.lock().expect("sender lock").take());
         let runner = self.runner.lock().expect("runner lock").take();
         if let Some(runner) = runner {
-            let _ = runner.await;
+            match runner.await {
+                Ok(Err(e)) => tracing::error!("in-memory transport stopped: {e}"),
+                Err(e) => tracing::error!("in-memory transport failed: {e}"),
+                Ok(Ok(())) => {}
+            }
         }
         self.drain().await;
     }
 }
 
-/// Runs up to `max_concurrency` events at once as futures of this task.
-async fn dispatch(
-    engine: Arc<Engine>,
-    mut rx: mpsc::Receiver<Event>,
+/// The queue as a [`Source`].
+struct MemorySource {
+    rx: mpsc::Receiver<Event>,
     in_flight: Arc<InFlight>,
-    max_concurrency: usize,
-) {
-    let mut running = FuturesUnordered::new();
-    loop {
-        if running.len() >= max_concurrency {
-            running.next().await;
-            continue;
-        }
-        tokio::select! {
-            biased;
-            Some(()) = running.next(), if !running.is_empty() => {}
-            event = rx.recv() => {
-                let Some(event) = event else { break };
-                let (engine, in_flight) = (&engine, &in_flight);
-                running.push(async move {
-                    process_guarded(engine, &event, 0, "in-memory transport").await;
-                    in_flight.end();
-                });
+}
+
+#[async_trait]
+impl Source for MemorySource {
+    type Delivery = MemoryDelivery;
+    type Checkpoint = ();
+
+    fn name(&self) -> String {
+        "in_memory".to_owned()
+    }
+
+    /// An event is never handed out twice: a panic dead-letters it at once.
+    fn max_deliver(&self) -> u64 {
+        1
+    }
+
+    fn committer(&self) -> Arc<dyn Committer<()>> {
+        Arc::new(NoCheckpoints)
+    }
+
+    async fn fetch(
+        &mut self,
+        max: usize,
+        _shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Fetch<MemoryDelivery, ()>> {
+        let Some(first) = self.rx.recv().await else {
+            return Ok(Fetch::Closed);
+        };
+        let mut events = vec![first];
+        while events.len() < max {
+            match self.rx.try_recv() {
+                Ok(event) => events.push(event),
+                Err(_) => break,
             }
         }
+        let deliveries = events
+            .into_iter()
+            .map(|event| MemoryDelivery {
+                payload: Payload::Event(event),
+                in_flight: self.in_flight.clone(),
+            })
+            .collect();
+        Ok(Fetch::Batch(deliveries, ()))
     }
-    while running.next().await.is_some() {}
+}
+
+/// An accepted event; dropping it (once settled) counts it as done for `drain`.
+struct MemoryDelivery {
+    payload: Payload,
+    in_flight: Arc<InFlight>,
+}
+
+impl Drop for MemoryDelivery {
+    fn drop(&mut self) {
+        self.in_flight.end();
+    }
+}
+
+#[async_trait]
+impl Delivery for MemoryDelivery {
+    fn payload(&self) -> &Payload {
+        &self.payload
+    }
+
+    async fn ack(self, _how: Settled) {}
+
+    /// Only when the dead-letter queue failed (the in-memory one does not): there is no
+    /// queue to hand it back to.
+    async fn redeliver(self) {
+        if let Payload::Event(event) = &self.payload {
+            tracing::error!(
+                "in-memory transport: event {} could not be settled",
+                event.id
+            );
+        }
+    }
+}
+
+/// Counts events accepted and not yet processed, and wakes `wait_idle` when it reaches 0.
+#[derive(Debug, Default)]
+struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl InFlight {
+    fn begin(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn end(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    fn get(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            // Created before the check: notify_waiters wakes it even if not yet polled.
+            let notified = self.idle.notified();
+            if self.get() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
 }

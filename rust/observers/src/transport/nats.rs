@@ -15,7 +15,6 @@
 //! `"id"` (stable event id), `"old"` (previous row for UPDATE/DELETE, else null) and `"table"`.
 
 use std::collections::VecDeque;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,13 +27,16 @@ use async_nats::jetstream::{
 };
 use async_nats::{Client, ConnectOptions, HeaderMap, ServerAddr};
 use futures::{FutureExt, StreamExt};
+
+use super::delivery::{
+    self, Committer, Delivery, Fetch, NoCheckpoints, Payload, Settled, Source, Undecodable,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
 use crate::config::NatsConfig;
 use crate::engine::Engine;
@@ -55,9 +57,6 @@ pub const MAX_ACKS_IN_FLIGHT: usize = 8192;
 /// The initial connect, until the server answers.
 const CONNECT_RETRY: RetryPolicy =
     RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(5));
-/// Re-subscribing to the consumer after a failed pull.
-const PULL_RETRY: RetryPolicy =
-    RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(5));
 /// `NATS/1.0\r\n` + `Nats-Msg-Id: ` + id + `\r\n\r\n`: what the one header adds to a message.
 const MSG_ID_HEADER_OVERHEAD: usize = 10 + 13 + 4;
 /// See [`NatsPublisher`]'s `check_above`.
@@ -935,7 +934,9 @@ impl HealthSource for NatsHealth {
 // ---------------------------------------------------------------------------------------------
 // Consumer
 
-/// Runs the engine on the messages of the durable pull consumer.
+/// The durable pull consumer as a [`Source`] of the one delivery loop: each message is acked
+/// only after its observers finished or were dead-lettered, kept alive with a progress ack
+/// every `ack_wait / 2` while they run, and terminated once dead-lettered.
 pub struct NatsSource {
     client: Client,
     config: NatsConfig,
@@ -943,6 +944,7 @@ pub struct NatsSource {
     metrics: NatsMetrics,
     max_concurrency: usize,
     batch_size: usize,
+    messages: Option<pull::Stream>,
 }
 
 impl NatsSource {
@@ -965,6 +967,7 @@ impl NatsSource {
             metrics,
             max_concurrency,
             batch_size: max_concurrency.clamp(1, 256),
+            messages: None,
         })
     }
 
@@ -987,24 +990,74 @@ impl NatsSource {
     }
 
     /// Pulls and processes until `shutdown` turns true (or its sender is dropped), then waits
-    /// for the events being processed and returns. Messages pulled but not started are left
-    /// unacknowledged and are redelivered after `ack_wait`.
-    pub async fn run(self, engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-        let ack_wait = Duration::from_secs(self.config.jetstream.ack_wait_secs.max(1));
-        let shared = Arc::new(Shared {
-            engine,
-            metrics: self.metrics.clone(),
-            max_deliver: self.config.jetstream.max_deliver,
-            progress_every: (ack_wait / 2).max(Duration::from_millis(100)),
-        });
-        let permits = Arc::new(Semaphore::new(self.max_concurrency));
-        let mut tasks = JoinSet::new();
+    /// for the events being processed and returns. Messages pulled but not started are
+    /// handed back (nak) for redelivery.
+    pub async fn run(self, engine: Arc<Engine>, shutdown: watch::Receiver<bool>) -> Result<()> {
         self.metrics.subscriptions_active.inc();
-        let mut backoff = Backoff::new(PULL_RETRY);
-        'outer: loop {
-            if *shutdown.borrow() {
-                break;
+        let max_concurrency = self.max_concurrency;
+        delivery::run(self, engine, max_concurrency, shutdown).await
+    }
+
+    /// The pull stream ended or failed: make sure the stream and consumer exist again.
+    async fn resubscribe(&mut self) {
+        self.messages = None;
+        let js = jetstream::new(self.client.clone());
+        if let Ok(stream) = ensure_stream(&js, &self.config).await {
+            match ensure_consumer(&stream, &self.config).await {
+                Ok(consumer) => self.consumer = consumer,
+                Err(e) => tracing::warn!("{e}"),
             }
+        }
+    }
+
+    fn delivery(&self, message: jetstream::Message) -> NatsDelivery {
+        self.metrics.received.inc();
+        self.metrics.jetstream_pending.inc();
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let payload = match decode_body(&message.payload, fallback_id(&message)) {
+            Ok(event) => Payload::Event(event),
+            Err(reason) => Payload::Undecodable(undecodable(&message, reason)),
+        };
+        NatsDelivery {
+            message,
+            payload,
+            delivered: u64::try_from(delivered).unwrap_or(1),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for NatsSource {
+    type Delivery = NatsDelivery;
+    type Checkpoint = ();
+
+    fn name(&self) -> String {
+        format!("nats:{}", self.config.stream_name)
+    }
+
+    fn max_deliver(&self) -> u64 {
+        u64::try_from(self.config.jetstream.max_deliver)
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or(u64::MAX)
+    }
+
+    fn progress_every(&self) -> Option<Duration> {
+        let ack_wait = Duration::from_secs(self.config.jetstream.ack_wait_secs.max(1));
+        Some((ack_wait / 2).max(Duration::from_millis(100)))
+    }
+
+    fn committer(&self) -> Arc<dyn Committer<()>> {
+        Arc::new(NoCheckpoints)
+    }
+
+    async fn fetch(
+        &mut self,
+        max: usize,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Fetch<NatsDelivery, ()>> {
+        if self.messages.is_none() {
             let messages = self
                 .consumer
                 .stream()
@@ -1012,103 +1065,117 @@ impl NatsSource {
                 .expires(Duration::from_secs(5))
                 .heartbeat(Duration::from_secs(2))
                 .messages()
-                .await;
-            let mut messages = match messages {
-                Ok(m) => m,
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        "nats source `{}`: cannot pull: {e}; retrying in {delay:?}",
+                .await
+                .map_err(|e| {
+                    Error::Transport(format!(
+                        "cannot pull from consumer `{}`: {e}",
                         self.config.consumer_name
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown_signal(&mut shutdown) => break 'outer,
-                    }
-                    continue;
-                }
-            };
-            backoff.reset();
-            loop {
-                while tasks.try_join_next().is_some() {}
-                // Most messages finish inline, so a permit is usually free: no select then.
-                let permit = match permits.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => tokio::select! {
-                        p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-                        _ = shutdown_signal(&mut shutdown) => break 'outer,
-                    },
-                };
-                let next = tokio::select! {
-                    biased;
-                    _ = shutdown_signal(&mut shutdown) => break 'outer,
-                    m = messages.next() => m,
-                };
-                match next {
-                    None => break,
-                    Some(Ok(message)) => {
-                        // Polled once here first: most messages are done on that poll (no
-                        // observer matched, in-process actions), and a task of their own
-                        // would cost more than their processing. The rest become tasks.
-                        let mut handling = Box::pin(handle(message, shared.clone()));
-                        if futures::poll!(&mut handling).is_pending() {
-                            tasks.spawn(async move {
-                                handling.await;
-                                drop(permit);
-                            });
-                        }
-                    }
-                    Some(Err(e)) => {
-                        use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
-                        match e.kind() {
-                            K::MissingHeartbeat | K::Pull | K::Other => {
-                                tracing::debug!("nats source `{}`: {e}", self.config.consumer_name)
-                            }
-                            _ => {
-                                tracing::warn!(
-                                    "nats source `{}`: {e}; re-subscribing",
-                                    self.config.consumer_name
-                                );
-                                break;
-                            }
-                        }
-                    }
-                }
+                    ))
+                })?;
+            self.messages = Some(messages);
+        }
+        let messages = self.messages.as_mut().expect("just opened");
+        let first = tokio::select! {
+            m = messages.next() => m,
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(Fetch::Idle),
+        };
+        let first = match first {
+            Some(Ok(message)) => message,
+            None => {
+                self.resubscribe().await;
+                return Err(Error::Transport(format!(
+                    "the pull from consumer `{}` ended; subscribing again",
+                    self.config.consumer_name
+                )));
             }
-            // The pull stream ended (consumer deleted, …): make sure the consumer exists again.
-            let js = jetstream::new(self.client.clone());
-            if let Ok(stream) = ensure_stream(&js, &self.config).await {
-                if let Err(e) = ensure_consumer(&stream, &self.config).await {
-                    tracing::warn!("{e}");
+            Some(Err(e)) => {
+                use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
+                if matches!(e.kind(), K::MissingHeartbeat | K::Pull | K::Other) {
+                    tracing::debug!("nats source `{}`: {e}", self.config.consumer_name);
+                    return Ok(Fetch::Idle);
                 }
+                self.resubscribe().await;
+                return Err(Error::Transport(format!(
+                    "consumer `{}`: {e}; subscribing again",
+                    self.config.consumer_name
+                )));
             }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
-                _ = shutdown_signal(&mut shutdown) => break 'outer,
+        };
+        let mut ready = vec![first];
+        // Whatever has arrived already joins the batch; nothing more is waited for.
+        while ready.len() < max {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(message))) => ready.push(message),
+                _ => break,
             }
         }
-        while let Some(r) = tasks.join_next().await {
-            if let Err(e) = r {
-                tracing::error!("nats source: a message task failed: {e}");
-            }
-        }
+        let deliveries = ready.into_iter().map(|m| self.delivery(m)).collect();
+        Ok(Fetch::Batch(deliveries, ()))
+    }
+
+    async fn close(&mut self) {
+        self.messages = None;
         self.metrics.subscriptions_active.dec();
-        Ok(())
     }
 }
 
-/// Resolves when shutdown is requested or the sender is gone.
-async fn shutdown_signal(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
-struct Shared {
-    engine: Arc<Engine>,
+/// One message of the consumer.
+pub struct NatsDelivery {
+    message: jetstream::Message,
+    payload: Payload,
+    delivered: u64,
     metrics: NatsMetrics,
-    max_deliver: i64,
-    progress_every: Duration,
 }
 
+impl NatsDelivery {
+    async fn reply(&self, kind: AckKind) {
+        if let Err(e) = self.message.ack_with(kind).await {
+            tracing::warn!(
+                "nats: cannot acknowledge a message on `{}` ({kind:?}): {e}; it will be \
+                 redelivered",
+                self.message.subject
+            );
+        }
+    }
+}
+
+impl Drop for NatsDelivery {
+    fn drop(&mut self) {
+        self.metrics.jetstream_pending.dec();
+    }
+}
+
+#[async_trait::async_trait]
+impl Delivery for NatsDelivery {
+    fn payload(&self) -> &Payload {
+        &self.payload
+    }
+
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    async fn ack(self, how: Settled) {
+        // A dead-lettered message is terminated: the server never hands it out again.
+        let kind = match how {
+            Settled::Processed => AckKind::Ack,
+            Settled::DeadLettered => AckKind::Term,
+        };
+        self.reply(kind).await;
+    }
+
+    async fn redeliver(self) {
+        self.reply(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+    }
+
+    async fn progress(&self) {
+        if let Err(e) = self.message.ack_with(AckKind::Progress).await {
+            tracing::debug!("nats: cannot signal progress: {e}");
+        }
+    }
+}
+
+/// The message id for an entry of a message: `Nats-Msg-Id`, else `stream:sequence`.
 fn fallback_id(message: &jetstream::Message) -> Option<String> {
     if let Some(v) = message
         .headers
@@ -1125,83 +1192,12 @@ fn fallback_id(message: &jetstream::Message) -> Option<String> {
         .map(|i| format!("{}:{}", i.stream, i.stream_sequence))
 }
 
-async fn handle(message: jetstream::Message, shared: Arc<Shared>) {
-    shared.metrics.received.inc();
-    shared.metrics.jetstream_pending.inc();
-    let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-    let last_delivery = shared.max_deliver > 0 && delivered >= shared.max_deliver;
-    let event = match decode_body(&message.payload, fallback_id(&message)) {
-        Ok(event) => event,
-        Err(reason) => {
-            tracing::error!(
-                "nats: terminating malformed message on `{}`: {reason}",
-                message.subject
-            );
-            // Dead-lettered before the Term, so the input is kept even if we die in between
-            // (it is then redelivered and dead-lettered again, never lost).
-            let raw = serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
-                Value::String(String::from_utf8_lossy(&message.payload).into_owned())
-            });
-            let id = fallback_id(&message).unwrap_or_else(|| message.subject.to_string());
-            let raw = serde_json::json!({"subject": message.subject.as_str(), "payload": raw});
-            shared
-                .engine
-                .dead_letter_undecodable("nats", id, raw, &reason)
-                .await;
-            if let Err(e) = message.ack_with(AckKind::Term).await {
-                tracing::warn!("nats: cannot terminate a malformed message: {e}");
-            }
-            shared.metrics.jetstream_pending.dec();
-            return;
-        }
-    };
-    let processing = AssertUnwindSafe(shared.engine.process(&event)).catch_unwind();
-    tokio::pin!(processing);
-    // Events that finish on their first poll arm no progress timer.
-    let outcome = match futures::poll!(&mut processing) {
-        std::task::Poll::Ready(r) => r,
-        std::task::Poll::Pending => {
-            let mut ticker = tokio::time::interval_at(
-                tokio::time::Instant::now() + shared.progress_every,
-                shared.progress_every,
-            );
-            loop {
-                tokio::select! {
-                    r = &mut processing => break r,
-                    _ = ticker.tick() => {
-                        if let Err(e) = message.ack_with(AckKind::Progress).await {
-                            tracing::debug!(
-                                "nats: cannot signal progress for event {}: {e}", event.id
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    };
-    let kind = match outcome {
-        Ok(_report) => AckKind::Ack,
-        Err(_) if last_delivery => {
-            tracing::error!(
-                "nats: processing event {} panicked on its last delivery ({delivered}); \
-                 acknowledging so that it is not redelivered forever",
-                event.id
-            );
-            AckKind::Ack
-        }
-        Err(_) => {
-            tracing::error!(
-                "nats: processing event {} panicked (delivery {delivered}); it will be redelivered",
-                event.id
-            );
-            AckKind::Nak(Some(Duration::from_secs(1)))
-        }
-    };
-    if let Err(e) = message.ack_with(kind).await {
-        tracing::warn!(
-            "nats: cannot acknowledge event {}: {e}; it will be redelivered",
-            event.id
-        );
+fn undecodable(message: &jetstream::Message, reason: String) -> Undecodable {
+    let sequence = message.info().ok().map(|i| i.stream_sequence);
+    Undecodable {
+        id: fallback_id(message).unwrap_or_else(|| message.subject.to_string()),
+        context: json!({"subject": message.subject.as_str(), "stream_sequence": sequence}),
+        raw: Some(message.payload.to_vec()),
+        reason,
     }
-    shared.metrics.jetstream_pending.dec();
 }

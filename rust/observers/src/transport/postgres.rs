@@ -56,7 +56,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use async_trait::async_trait;
 use serde_json::{json, Value};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
@@ -71,7 +71,9 @@ use crate::event::{Event, EventKind};
 use crate::metrics::Metrics;
 use crate::retry::{Backoff, RetryPolicy};
 use crate::status::HealthSource;
-use crate::transport::process_guarded;
+use crate::transport::delivery::{
+    self, sleep_or_stop, Committer, Delivery, Fetch, Payload, Settled, Source, Undecodable,
+};
 
 /// Counting more than this many pending rows for `/health` is not worth the scan.
 const LAG_COUNT_CAP: i64 = 100_000;
@@ -225,6 +227,27 @@ pub struct PostgresSource {
     options: PostgresOptions,
     health: Arc<SourceHealth>,
     batch_publisher: Option<Arc<dyn Publisher>>,
+    /// The cursor stored last, shared with the committer: where a rewind reads again from.
+    committed: Arc<std::sync::Mutex<Cursor>>,
+    reader: Reader,
+}
+
+/// The reading side's state.
+#[derive(Default)]
+struct Reader {
+    /// The reader's session; it holds the advisory lock while active.
+    conn: Option<PgConnection>,
+    active: bool,
+    announced_standby: bool,
+    /// Where the next batch starts (ahead of the committed cursor while batches are read
+    /// ahead).
+    read_after: Cursor,
+    /// The last batch was not full: wait for a wake-up before reading again.
+    caught_up: bool,
+    lag_checked: Option<Instant>,
+    wake: Arc<Notify>,
+    listener: Option<tokio::task::JoinHandle<()>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl PostgresSource {
@@ -298,6 +321,8 @@ impl PostgresSource {
             options,
             health,
             batch_publisher: None,
+            committed: Arc::default(),
+            reader: Reader::default(),
         })
     }
 
@@ -324,227 +349,180 @@ impl PostgresSource {
         self.health.clone()
     }
 
-    /// Runs until `shutdown` becomes true (or its sender is dropped); finishes the batch in
-    /// flight and acknowledges it, then returns. Connection failures are retried with backoff;
-    /// they never end the run.
+    /// Runs until `shutdown` becomes true (or its sender is dropped); finishes the events in
+    /// flight and stores the cursor after them, then returns. Connection failures are retried
+    /// with backoff; they never end the run.
     pub async fn run(self, engine: Arc<Engine>, shutdown: watch::Receiver<bool>) -> Result<()> {
-        let mut shutdown = shutdown;
-        let wake = Arc::new(Notify::new());
-        let listener = self.options.listen.then(|| {
-            tokio::spawn(listen_loop(
-                self.connect_options.clone(),
-                self.options.notify_channel.clone(),
-                wake.clone(),
-                self.health.clone(),
-            ))
-        });
-        let result = self.read_loop(&engine, &mut shutdown, &wake).await;
-        if let Some(listener) = listener {
-            listener.abort();
-            let _ = listener.await;
+        let mut source = self;
+        source.reader.metrics = Some(engine.metrics().clone());
+        if source.options.listen {
+            source.reader.listener = Some(tokio::spawn(listen_loop(
+                source.connect_options.clone(),
+                source.options.notify_channel.clone(),
+                source.reader.wake.clone(),
+                source.health.clone(),
+            )));
         }
-        self.health
-            .listener_connected
-            .store(false, Ordering::Relaxed);
-        self.health.role.store(ROLE_STOPPED, Ordering::Relaxed);
-        result
+        let max_concurrency = source.options.max_concurrency;
+        delivery::run(source, engine, max_concurrency, shutdown).await
     }
 
-    async fn read_loop(
-        &self,
-        engine: &Arc<Engine>,
-        shutdown: &mut watch::Receiver<bool>,
-        wake: &Notify,
-    ) -> Result<()> {
-        let mut backoff = Backoff::new(RECONNECT);
-        loop {
-            if is_shutdown(shutdown) {
-                return Ok(());
-            }
-            // The reader's session writes only its cursor, and a cursor update lost in a crash
-            // just redelivers a batch (at-least-once; EffectivelyOnce keys are committed
-            // durably elsewhere). So its commits need not wait for the WAL flush, which
-            // would otherwise add a disk sync to every batch's latency.
+    fn metrics(&self) -> &Metrics {
+        self.reader
+            .metrics
+            .as_deref()
+            .expect("set before the source runs")
+    }
+
+    /// The reader session, connected (and the cursor loaded) if it was not.
+    async fn session(&mut self) -> std::result::Result<&mut PgConnection, sqlx::Error> {
+        if self.reader.conn.is_none() {
+            // The reader's session writes nothing that needs the WAL flush (the cursor is
+            // stored by the committer), so its commits need not wait for one.
             let reader_options = self
                 .connect_options
                 .clone()
                 .options([("synchronous_commit", "off")]);
-            let mut conn = match PgConnection::connect_with(&reader_options).await {
-                Ok(conn) => conn,
+            match PgConnection::connect_with(&reader_options).await {
+                Ok(conn) => self.reader.conn = Some(conn),
                 Err(e) => {
-                    self.health.database_ok.store(false, Ordering::Relaxed);
-                    self.health.role.store(ROLE_RECONNECTING, Ordering::Relaxed);
-                    tracing::warn!("postgres source: cannot connect: {e}; retrying");
-                    if sleep_or_shutdown(shutdown, backoff.next_delay()).await {
-                        return Ok(());
-                    }
-                    continue;
-                }
-            };
-            self.health.database_ok.store(true, Ordering::Relaxed);
-            match self
-                .serve(&mut conn, engine, shutdown, wake, &mut backoff)
-                .await
-            {
-                Ok(()) => {
-                    // Closing the session releases the advisory lock at once.
-                    let _ = conn.close().await;
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.health.database_ok.store(false, Ordering::Relaxed);
-                    self.health.role.store(ROLE_RECONNECTING, Ordering::Relaxed);
-                    tracing::warn!(
-                        "postgres source `{}`: {e}; reconnecting",
-                        self.options.listener_id
-                    );
-                    drop(conn);
-                    if sleep_or_shutdown(shutdown, backoff.next_delay()).await {
-                        return Ok(());
-                    }
+                    self.lost();
+                    return Err(e);
                 }
             }
+            self.health.database_ok.store(true, Ordering::Relaxed);
+            self.reader.active = false;
         }
+        Ok(self.reader.conn.as_mut().expect("just connected"))
     }
 
-    /// One session: become the active reader, then read, process and acknowledge until
-    /// shutdown (Ok) or a database error (Err: the caller reconnects).
-    async fn serve(
-        &self,
-        conn: &mut PgConnection,
-        engine: &Arc<Engine>,
-        shutdown: &mut watch::Receiver<bool>,
-        wake: &Notify,
-        backoff: &mut Backoff,
-    ) -> std::result::Result<(), sqlx::Error> {
-        let o = &self.options;
-        let mut announced = false;
-        loop {
-            let locked: bool = sqlx::query_scalar(
-                "SELECT pg_try_advisory_lock(hashtext('fraiseql.listener'), hashtext($1))",
-            )
-            .bind(&o.listener_id)
-            .fetch_one(&mut *conn)
-            .await?;
-            self.health.database_ok.store(true, Ordering::Relaxed);
-            backoff.reset();
-            if locked {
-                break;
-            }
-            if !announced {
+    /// The reader session failed: reconnect (and take the lock again) on the next fetch.
+    fn lost(&mut self) {
+        self.reader.conn = None;
+        self.reader.active = false;
+        self.health.database_ok.store(false, Ordering::Relaxed);
+        self.health.role.store(ROLE_RECONNECTING, Ordering::Relaxed);
+    }
+
+    /// Tries to become the active reader. False: another instance reads; this one stands by.
+    async fn take_lock(&mut self) -> std::result::Result<bool, sqlx::Error> {
+        let listener_id = self.options.listener_id.clone();
+        let conn = self.session().await?;
+        let locked: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_lock(hashtext('fraiseql.listener'), hashtext($1))",
+        )
+        .bind(&listener_id)
+        .fetch_one(&mut *conn)
+        .await?;
+        let cursor = load_cursor(conn, &listener_id).await?;
+        *self.committed.lock().expect("cursor lock") = cursor;
+        if locked {
+            self.reader.active = true;
+            self.reader.read_after = cursor;
+            self.reader.caught_up = false;
+            self.health.role.store(ROLE_ACTIVE, Ordering::Relaxed);
+            tracing::info!(
+                "postgres source `{listener_id}`: reading the change log after ({}, {})",
+                cursor.txid,
+                cursor.id
+            );
+        } else {
+            if !self.reader.announced_standby {
                 tracing::info!(
-                    "postgres source `{}`: another instance is reading; standing by",
-                    o.listener_id
+                    "postgres source `{listener_id}`: another instance is reading; standing by"
                 );
-                announced = true;
+                self.reader.announced_standby = true;
             }
             self.health.role.store(ROLE_STANDBY, Ordering::Relaxed);
-            let cursor = load_cursor(conn, &o.listener_id).await?;
-            self.store_lag(conn, cursor, engine.metrics()).await?;
-            if sleep_or_shutdown(shutdown, o.poll_interval).await {
-                return Ok(());
-            }
         }
-        self.health.role.store(ROLE_ACTIVE, Ordering::Relaxed);
-        let mut cursor = load_cursor(conn, &o.listener_id).await?;
-        tracing::info!(
-            "postgres source `{}`: reading the change log after ({}, {})",
-            o.listener_id,
-            cursor.txid,
-            cursor.id
-        );
-        let mut lag_checked: Option<Instant> = None;
-        let mut prefetched: Option<Vec<PgRow>> = None;
-        loop {
-            if is_shutdown(shutdown) {
-                return Ok(());
-            }
-            let rows = match prefetched.take() {
-                Some(rows) => rows,
-                None => fetch_batch(conn, cursor, o.batch_size).await?,
-            };
-            let full = rows.len() == o.batch_size;
-            if let Some(last) = rows.last() {
-                let last = row_cursor(last)?;
-                let events = self.decode_batch(engine, &rows).await;
-                drop(rows);
-                let n = events.len() as u64;
-                if full {
-                    // A backlog: the next batch is read while this one is processed (the
-                    // engine does not use this connection). The cursor still moves only
-                    // after this batch is done; a prefetched batch dropped on shutdown or
-                    // error is simply read again.
-                    let (_, next) = tokio::join!(
-                        self.deliver(engine, events),
-                        fetch_batch(conn, last, o.batch_size)
-                    );
-                    save_cursor(conn, &o.listener_id, last).await?;
-                    prefetched = Some(next?);
-                } else {
-                    self.deliver(engine, events).await;
-                    save_cursor(conn, &o.listener_id, last).await?;
-                }
-                cursor = last;
-                self.health.delivered.fetch_add(n, Ordering::Relaxed);
-                self.health.progressed();
-                engine.metrics().source_batches.inc();
-            }
-            if lag_checked.is_none_or(|t| t.elapsed() >= o.poll_interval.max(LAG_EVERY)) {
-                self.store_lag(conn, cursor, engine.metrics()).await?;
-                lag_checked = Some(Instant::now());
-            }
-            if full {
-                continue;
-            }
-            tokio::select! {
-                changed = shutdown.changed() => {
-                    if changed.is_err() || *shutdown.borrow() {
-                        return Ok(());
-                    }
-                }
-                () = wake.notified() => {}
-                () = tokio::time::sleep(o.poll_interval) => {}
-            }
+        Ok(locked)
+    }
+
+    /// One fetch: see [`Source::fetch`].
+    async fn read(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> std::result::Result<Fetch<PgDelivery, BatchEnd>, sqlx::Error> {
+        if !self.reader.active && !self.take_lock().await? {
+            self.store_lag().await?;
+            sleep_or_stop(shutdown, self.options.poll_interval).await;
+            return Ok(Fetch::Idle);
+        }
+        if self.reader.caught_up && self.wait_for_changes(shutdown).await {
+            return Ok(Fetch::Idle);
+        }
+        let (after, limit) = (self.reader.read_after, self.options.batch_size);
+        let rows = fetch_batch(self.session().await?, after, limit).await?;
+        self.reader.caught_up = rows.len() < limit;
+        let due = self
+            .reader
+            .lag_checked
+            .is_none_or(|t| t.elapsed() >= self.options.poll_interval.max(LAG_EVERY));
+        if due {
+            self.store_lag().await?;
+            self.reader.lag_checked = Some(Instant::now());
+        }
+        let Some(last) = rows.last() else {
+            return Ok(Fetch::Idle);
+        };
+        let end = row_cursor(last)?;
+        self.reader.read_after = end;
+        let deliveries = self.decode_batch(&rows);
+        drop(rows);
+        let events = deliveries.len();
+        let deliveries = self.publish_first(deliveries).await;
+        Ok(Fetch::Batch(
+            deliveries,
+            BatchEnd {
+                cursor: end,
+                events: events as u64,
+            },
+        ))
+    }
+
+    /// Waits for a NOTIFY (or the poll interval). True on shutdown.
+    async fn wait_for_changes(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        tokio::select! {
+            () = self.reader.wake.notified() => false,
+            stop = sleep_or_stop(shutdown, self.options.poll_interval) => stop,
         }
     }
 
     /// A forwarder's batch goes to its publisher first, many publishes in flight; only the
-    /// events it could not confirm run through the engine (retries, dead-letter queue).
-    async fn deliver(&self, engine: &Engine, events: Vec<Event>) {
-        let batch = match &self.batch_publisher {
-            Some(publisher) => publisher.publish_batch(&events).await,
-            None => None,
+    /// events it could not confirm are delivered to the engine, their first attempt made.
+    async fn publish_first(&self, deliveries: Vec<PgDelivery>) -> Vec<PgDelivery> {
+        let Some(publisher) = &self.batch_publisher else {
+            return deliveries;
         };
-        let (events, failed_attempts) = match batch {
-            // The batch publish was their first attempt.
-            Some(unconfirmed) => (
-                events
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(i, _)| unconfirmed.binary_search(i).is_ok())
-                    .map(|(_, event)| event)
-                    .collect(),
-                1,
-            ),
-            None => (events, 0),
+        let (events, undecodable): (Vec<PgDelivery>, Vec<PgDelivery>) = deliveries
+            .into_iter()
+            .partition(|d| matches!(d.payload, Payload::Event(_)));
+        let batch: Vec<Event> = events
+            .iter()
+            .filter_map(|d| match &d.payload {
+                Payload::Event(e) => Some(e.clone()),
+                Payload::Undecodable(_) => None,
+            })
+            .collect();
+        let Some(unconfirmed) = publisher.publish_batch(&batch).await else {
+            return events.into_iter().chain(undecodable).collect();
         };
-        process_batch(
-            engine,
-            events,
-            self.options.max_concurrency,
-            failed_attempts,
-        )
-        .await;
+        events
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| unconfirmed.binary_search(i).is_ok())
+            .map(|(_, mut d)| {
+                d.attempts_made = 1;
+                d
+            })
+            .chain(undecodable)
+            .collect()
     }
 
-    /// Rows after the cursor (counted up to a cap) and the age of the oldest of them, into
-    /// `/health` and the lag metrics.
-    async fn store_lag(
-        &self,
-        conn: &mut PgConnection,
-        cursor: Cursor,
-        metrics: &Metrics,
-    ) -> std::result::Result<(), sqlx::Error> {
+    /// Rows after the committed cursor (counted up to a cap) and the age of the oldest of
+    /// them, into `/health` and the lag metrics.
+    async fn store_lag(&mut self) -> std::result::Result<(), sqlx::Error> {
+        let cursor = *self.committed.lock().expect("cursor lock");
         let (rows, age): (i64, Option<f64>) = sqlx::query_as(&format!(
             "SELECT count(*), EXTRACT(EPOCH FROM clock_timestamp() - min(committed_at))::float8 \
              FROM (SELECT committed_at FROM {CHANGE_LOG_TABLE} \
@@ -553,13 +531,14 @@ impl PostgresSource {
         ))
         .bind(cursor.txid.to_string())
         .bind(cursor.id)
-        .fetch_one(&mut *conn)
+        .fetch_one(self.session().await?)
         .await?;
         let rows = rows.max(0);
         self.health.lag_rows.store(rows as u64, Ordering::Relaxed);
         if rows == 0 {
             self.health.progressed();
         }
+        let metrics = self.metrics();
         metrics.changelog_lag_rows.set(rows);
         metrics
             .changelog_lag_seconds
@@ -567,25 +546,183 @@ impl PostgresSource {
         Ok(())
     }
 
-    /// Rows that cannot become an event are dead-lettered with the reason and counted (the
-    /// cursor still moves past them): one bad row never stalls the listener, and none is
-    /// dropped silently.
-    async fn decode_batch(&self, engine: &Engine, rows: &[PgRow]) -> Vec<Event> {
-        let mut events = Vec::with_capacity(rows.len());
-        for row in rows {
-            match decode_event(row) {
-                Ok(event) => events.push(event),
-                Err(reason) => {
-                    self.health.skipped_rows.fetch_add(1, Ordering::Relaxed);
-                    let id = row.try_get::<i64, _>("id").unwrap_or_default();
-                    let source = format!("postgres:{}", self.options.listener_id);
-                    engine
-                        .dead_letter_undecodable(&source, id.to_string(), raw_row(row), &reason)
-                        .await;
+    /// Rows that cannot become an event are delivered as undecodable (the loop dead-letters
+    /// them with the reason, and the cursor moves past them): one bad row never stalls the
+    /// listener, and none is dropped silently.
+    fn decode_batch(&self, rows: &[PgRow]) -> Vec<PgDelivery> {
+        rows.iter()
+            .map(|row| {
+                let payload = match decode_event(row) {
+                    Ok(event) => Payload::Event(event),
+                    Err(reason) => {
+                        self.health.skipped_rows.fetch_add(1, Ordering::Relaxed);
+                        let id = row.try_get::<i64, _>("id").unwrap_or_default();
+                        Payload::Undecodable(Undecodable {
+                            id: id.to_string(),
+                            context: raw_row(row),
+                            raw: None,
+                            reason,
+                        })
+                    }
+                };
+                PgDelivery {
+                    payload,
+                    attempts_made: 0,
                 }
+            })
+            .collect()
+    }
+}
+
+/// Where a batch ends, and how many events it held: the checkpoint of this source.
+pub struct BatchEnd {
+    cursor: Cursor,
+    events: u64,
+}
+
+#[async_trait]
+impl Source for PostgresSource {
+    type Delivery = PgDelivery;
+    type Checkpoint = BatchEnd;
+
+    fn name(&self) -> String {
+        format!("postgres:{}", self.options.listener_id)
+    }
+
+    /// A change-log row is read again only after a rewind: a panic dead-letters it at once.
+    fn max_deliver(&self) -> u64 {
+        1
+    }
+
+    /// One batch is read while the one before it is processed.
+    fn read_ahead(&self) -> usize {
+        1
+    }
+
+    fn committer(&self) -> Arc<dyn Committer<BatchEnd>> {
+        Arc::new(CursorStore {
+            options: self
+                .connect_options
+                .clone()
+                .options([("synchronous_commit", "off")]),
+            listener_id: self.options.listener_id.clone(),
+            conn: tokio::sync::Mutex::new(None),
+            committed: self.committed.clone(),
+            health: self.health.clone(),
+            metrics: self
+                .reader
+                .metrics
+                .clone()
+                .expect("set before the source runs"),
+        })
+    }
+
+    async fn fetch(
+        &mut self,
+        _max: usize,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Fetch<PgDelivery, BatchEnd>> {
+        match self.read(shutdown).await {
+            Ok(fetched) => Ok(fetched),
+            Err(e) => {
+                self.lost();
+                Err(Error::Transport(format!(
+                    "postgres source `{}`: {e}; reconnecting",
+                    self.options.listener_id
+                )))
             }
         }
-        events
+    }
+
+    async fn rewind(&mut self) {
+        self.reader.read_after = *self.committed.lock().expect("cursor lock");
+        self.reader.caught_up = false;
+    }
+
+    async fn close(&mut self) {
+        if let Some(conn) = self.reader.conn.take() {
+            // Closing the session releases the advisory lock at once.
+            let _ = conn.close().await;
+        }
+        if let Some(listener) = self.reader.listener.take() {
+            listener.abort();
+            let _ = listener.await;
+        }
+        self.health
+            .listener_connected
+            .store(false, Ordering::Relaxed);
+        self.health.role.store(ROLE_STOPPED, Ordering::Relaxed);
+    }
+}
+
+/// A change-log row, as an event or as undecodable input.
+pub struct PgDelivery {
+    payload: Payload,
+    attempts_made: u32,
+}
+
+#[async_trait]
+impl Delivery for PgDelivery {
+    fn payload(&self) -> &Payload {
+        &self.payload
+    }
+
+    fn attempts_made(&self) -> u32 {
+        self.attempts_made
+    }
+
+    /// Acknowledged with its batch: the cursor moves once the batch is done.
+    async fn ack(self, _how: Settled) {}
+
+    /// The loop rewinds the source: the row is read again.
+    async fn redeliver(self) {}
+}
+
+/// Stores the cursor on a connection of its own (`synchronous_commit = off`: a cursor update
+/// lost in a crash only redelivers a batch, and EffectivelyOnce keys are committed durably
+/// elsewhere), so it can move while the reader waits for changes. Storing from outside the
+/// reader's locked session is safe: the cursor never moves backwards, and only over rows this
+/// instance has finished.
+struct CursorStore {
+    options: PgConnectOptions,
+    listener_id: String,
+    conn: tokio::sync::Mutex<Option<PgConnection>>,
+    committed: Arc<std::sync::Mutex<Cursor>>,
+    health: Arc<SourceHealth>,
+    metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl Committer<BatchEnd> for CursorStore {
+    async fn commit(&self, end: BatchEnd) -> Result<()> {
+        let mut conn = self.conn.lock().await;
+        if conn.is_none() {
+            *conn = Some(
+                PgConnection::connect_with(&self.options)
+                    .await
+                    .map_err(|e| Error::Transport(format!("cannot store the cursor: {e}")))?,
+            );
+        }
+        let stored = save_cursor(
+            conn.as_mut().expect("connected"),
+            &self.listener_id,
+            end.cursor,
+        )
+        .await;
+        if let Err(e) = stored {
+            *conn = None;
+            return Err(Error::Transport(format!("cannot store the cursor: {e}")));
+        }
+        {
+            let mut committed = self.committed.lock().expect("cursor lock");
+            *committed = (*committed).max(end.cursor);
+        }
+        self.health
+            .delivered
+            .fetch_add(end.events, Ordering::Relaxed);
+        self.health.progressed();
+        self.metrics.source_batches.inc();
+        Ok(())
     }
 }
 
@@ -668,21 +805,6 @@ async fn connect_listener(
     Ok(listener)
 }
 
-/// Processes the events concurrently (bounded) and returns when every one has finished.
-/// `failed_attempts`: attempts each event's actions already made elsewhere.
-async fn process_batch(
-    engine: &Engine,
-    events: Vec<Event>,
-    max_concurrency: usize,
-    failed_attempts: u32,
-) {
-    futures::stream::iter(events)
-        .for_each_concurrent(max_concurrency, |event| async move {
-            process_guarded(engine, &event, failed_attempts, "postgres source").await;
-        })
-        .await;
-}
-
 fn batch_sql() -> String {
     format!(
         // `txid_text`, not `txid`: ORDER BY resolves a name to an output column first, and
@@ -733,15 +855,59 @@ fn decode_event(row: &PgRow) -> std::result::Result<Event, String> {
     };
     let id: i64 = row.try_get("id").map_err(|e| format!("column id: {e}"))?;
     let kind: EventKind = text("event")?.parse()?;
+    let (new, old) = (json("new")?, json("old")?);
+    check_rows(kind, new.as_ref(), old.as_ref())?;
     Ok(Event {
         id: id.to_string(),
         entity: text("entity")?,
         event: kind,
         table: text("table_name")?,
         timestamp: text("committed_at")?,
-        new: json("new")?,
-        old: json("old")?,
+        new,
+        old,
     })
+}
+
+/// The rows a change must carry, as the capture triggers write them: an INSERT a `new` row,
+/// an UPDATE a `new` row (and an `old` one, or none), a DELETE an `old` row; each a JSON
+/// object. A hand-written row with anything else is not a change an observer can use.
+fn check_rows(kind: EventKind, new: Option<&Value>, old: Option<&Value>) -> Result<(), String> {
+    let shape = |column: &str, v: Option<&Value>, required: bool| match v {
+        Some(Value::Object(_)) => Ok(()),
+        None if !required => Ok(()),
+        None => Err(format!(
+            "column {column} is NULL, but {} needs a row there",
+            match kind {
+                EventKind::Insert => "an INSERT",
+                EventKind::Update => "an UPDATE",
+                EventKind::Delete => "a DELETE",
+            }
+        )),
+        Some(other) => Err(format!(
+            "column {column} must be a JSON object (a row), found {}",
+            json_kind(other)
+        )),
+    };
+    match kind {
+        EventKind::Insert => shape("new", new, true)?,
+        EventKind::Update => {
+            shape("new", new, true)?;
+            shape("old", old, false)?;
+        }
+        EventKind::Delete => shape("old", old, true)?,
+    }
+    Ok(())
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 async fn load_cursor(
@@ -787,24 +953,32 @@ async fn save_cursor(
     Ok(())
 }
 
-fn is_shutdown(shutdown: &watch::Receiver<bool>) -> bool {
-    *shutdown.borrow() || shutdown.has_changed().is_err()
-}
-
-/// Sleeps `delay` unless shutdown comes first; returns true on shutdown.
-async fn sleep_or_shutdown(shutdown: &mut watch::Receiver<bool>, delay: Duration) -> bool {
-    if is_shutdown(shutdown) {
-        return true;
-    }
-    tokio::select! {
-        () = tokio::time::sleep(delay) => false,
-        changed = shutdown.changed() => changed.is_err() || *shutdown.borrow(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_must_carry_rows_as_objects() {
+        let row = json!({"id": "o1"});
+        assert!(check_rows(EventKind::Insert, Some(&row), None).is_ok());
+        assert!(check_rows(EventKind::Update, Some(&row), Some(&row)).is_ok());
+        assert!(check_rows(EventKind::Update, Some(&row), None).is_ok());
+        assert!(check_rows(EventKind::Delete, None, Some(&row)).is_ok());
+        let err = check_rows(EventKind::Insert, None, None).unwrap_err();
+        assert_eq!(err, "column new is NULL, but an INSERT needs a row there");
+        let err = check_rows(EventKind::Insert, Some(&json!([1, 2])), None).unwrap_err();
+        assert_eq!(
+            err,
+            "column new must be a JSON object (a row), found an array"
+        );
+        let err = check_rows(EventKind::Update, Some(&json!("str")), None).unwrap_err();
+        assert!(err.ends_with("found a string"), "{err}");
+        let err = check_rows(EventKind::Update, Some(&row), Some(&json!(7))).unwrap_err();
+        assert!(err.starts_with("column old must be"), "{err}");
+        assert!(check_rows(EventKind::Delete, Some(&row), None).is_err());
+        // A JSON null in the column is a row that is not one.
+        assert!(check_rows(EventKind::Insert, Some(&Value::Null), None).is_err());
+    }
 
     #[test]
     fn batch_query_reads_only_below_the_snapshot_xmin() {

@@ -18,13 +18,11 @@
 //! Entry fields: `id` (stable event id), `entity`, `event` (`INSERT|UPDATE|DELETE`) and
 //! `payload`: the JSON body the NATS publisher sends (`"subject"` holds the stream name).
 
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::FutureExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{
     StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamPendingCountReply,
@@ -32,15 +30,16 @@ use redis::streams::{
 };
 use redis::{Client, ErrorKind, RedisError, Value};
 use serde_json::{json, Map};
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
+use super::delivery::{
+    self, Committer, Delivery, Fetch, NoCheckpoints, Payload, Settled, Source, Undecodable,
+};
 use crate::bridge::Publisher;
 use crate::config::RedisConfig;
-use crate::dlq::DlqEntry;
 use crate::engine::Engine;
 use crate::error::{ConnectErrorKind, Error, PublishErrorKind, Result};
-use crate::event::{now_rfc3339, Event, EventKind};
+use crate::event::Event;
 use crate::metrics::RedisMetrics;
 use crate::retry::{Backoff, RetryPolicy, PUBLISH_RETRY};
 use crate::status::HealthSource;
@@ -286,30 +285,33 @@ pub fn decode_entry(entry: &StreamId) -> std::result::Result<Event, String> {
     decode_body(payload.as_bytes(), Some(id))
 }
 
-/// What a malformed entry leaves in the DLQ: its raw fields under `new`.
-fn malformed_event(entry: &StreamId, stream: &str) -> Event {
+/// What can be kept of an entry that does not decode: its fields, where it was, and the
+/// payload's bytes as they are.
+fn undecodable(entry: &StreamId, stream: &str, reason: String) -> Undecodable {
     let fields: Map<String, serde_json::Value> = entry
         .map
         .keys()
         .map(|k| (k.clone(), json!(field(entry, k))))
         .collect();
-    Event {
+    let raw = entry.map.get("payload").and_then(|v| match v {
+        Value::BulkString(bytes) => Some(bytes.clone()),
+        _ => None,
+    });
+    Undecodable {
         id: field(entry, "id").unwrap_or_else(|| entry.id.clone()),
-        entity: field(entry, "entity").unwrap_or_default(),
-        event: field(entry, "event")
-            .and_then(|e| e.parse().ok())
-            .unwrap_or(EventKind::Insert),
-        table: String::new(),
-        timestamp: now_rfc3339(),
-        new: Some(json!({"stream": stream, "entry_id": entry.id, "fields": fields})),
-        old: None,
+        context: json!({"stream": stream, "entry_id": entry.id, "fields": fields}),
+        raw,
+        reason: format!("malformed entry {}: {reason}", entry.id),
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Consumer
 
-/// Runs the engine on the entries of the consumer group.
+/// The consumer group as a [`Source`] of the one delivery loop: new entries are read with
+/// `XREADGROUP`, and every `claim_idle_secs / 2` a fetch first takes over entries idle for
+/// `claim_idle_secs` (`XAUTOCLAIM`, a page at a time), so entries a dead instance left
+/// pending go through the same loop.
 pub struct RedisSource {
     /// Blocking `XREADGROUP` only: a blocked read must not delay acks on a shared pipeline.
     reader: ConnectionManager,
@@ -320,6 +322,9 @@ pub struct RedisSource {
     metrics: RedisMetrics,
     max_concurrency: usize,
     connected: Arc<AtomicBool>,
+    /// When the next reclaiming pass starts, and where the current one has got to.
+    next_reclaim: tokio::time::Instant,
+    reclaim_from: Option<String>,
 }
 
 impl RedisSource {
@@ -341,7 +346,7 @@ impl RedisSource {
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        Ok(RedisSource {
+        let source = RedisSource {
             reader,
             ops,
             config: config.clone(),
@@ -349,6 +354,12 @@ impl RedisSource {
             metrics,
             max_concurrency: max_concurrency.max(1),
             connected: Arc::new(AtomicBool::new(true)),
+            next_reclaim: tokio::time::Instant::now(),
+            reclaim_from: None,
+        };
+        Ok(RedisSource {
+            next_reclaim: tokio::time::Instant::now() + source.reclaim_every(),
+            ..source
         })
     }
 
@@ -368,63 +379,96 @@ impl RedisSource {
     /// Reads, reclaims and processes until `shutdown` turns true (or its sender is dropped),
     /// then waits for the events being processed. Entries read but not started stay pending
     /// and are reclaimed by another instance after `claim_idle_secs`.
-    pub async fn run(self, engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-        let shared = Arc::new(Shared {
-            engine,
-            ops: self.ops.clone(),
-            config: self.config.clone(),
-            consumer: self.consumer.clone(),
-            metrics: self.metrics.clone(),
-            permits: Arc::new(Semaphore::new(self.max_concurrency)),
-        });
+    pub async fn run(self, engine: Arc<Engine>, shutdown: watch::Receiver<bool>) -> Result<()> {
         tracing::info!(
             "[observers] redis: reading `{}` as `{}` in group `{}`",
             self.config.stream,
             self.consumer,
             self.config.group
         );
-        let mut tasks = JoinSet::new();
-        let reclaimer = tokio::spawn(reclaim_loop(shared.clone(), shutdown.clone()));
-        let mut reader = self.reader.clone();
-        let mut backoff = Backoff::new(CONNECT_RETRY);
-        loop {
-            while tasks.try_join_next().is_some() {}
-            let first = tokio::select! {
-                p = shared.permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-                _ = shutdown_signal(&mut shutdown) => break,
-            };
-            let count = (shared.permits.available_permits() + 1).min(self.config.batch_size);
-            let read = tokio::select! {
-                r = read_new(&mut reader, &shared, count) => r,
-                _ = shutdown_signal(&mut shutdown) => break,
-            };
-            match read {
-                Ok(entries) => {
-                    self.connected.store(true, Ordering::Release);
-                    backoff.reset();
-                    spawn_all(&mut tasks, &shared, entries, first, |_| 1).await;
-                }
-                Err(e) => {
-                    drop(first);
-                    self.connected.store(false, Ordering::Release);
-                    self.on_read_error(&e).await;
-                    if sleep_or_shutdown(&mut shutdown, backoff.next_delay()).await {
-                        break;
-                    }
-                }
+        let max_concurrency = self.max_concurrency;
+        delivery::run(self, engine, max_concurrency, shutdown).await
+    }
+
+    fn reclaim_every(&self) -> Duration {
+        Duration::from_millis(self.config.claim_idle_secs * 500).max(Duration::from_millis(100))
+    }
+
+    /// One page of the reclaiming pass that is due, if one is.
+    async fn reclaim(&mut self, max: usize) -> redis::RedisResult<Vec<(StreamId, u64)>> {
+        if self.reclaim_from.is_none() {
+            if tokio::time::Instant::now() < self.next_reclaim {
+                return Ok(Vec::new());
+            }
+            self.reclaim_from = Some("0-0".to_owned());
+            if let Err(e) = self.forget_dead_consumers().await {
+                tracing::debug!("redis: cannot list the group's consumers: {e}");
             }
         }
-        // The reclaimer sees the same shutdown and finishes the entries it took over.
-        if let Err(e) = reclaimer.await {
-            tracing::error!("redis source: the reclaimer failed: {e}");
-        }
-        while let Some(r) = tasks.join_next().await {
-            if let Err(e) = r {
-                tracing::error!("redis source: an entry task failed: {e}");
+        let start = self
+            .reclaim_from
+            .clone()
+            .unwrap_or_else(|| "0-0".to_owned());
+        let count = self.config.batch_size.min(max).max(1);
+        let reply = match self.autoclaim(&start, count).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.reclaim_from = None;
+                self.next_reclaim = tokio::time::Instant::now() + self.reclaim_every();
+                return Err(e);
             }
+        };
+        for id in &reply.deleted_ids {
+            tracing::error!(
+                "redis: pending entry {id} of `{}` was trimmed from the stream before it was \
+                 acknowledged (raise [observers.redis] maxlen)",
+                self.config.stream
+            );
         }
-        leave_group(&shared).await;
-        Ok(())
+        if reply.next_stream_id == "0-0" {
+            self.reclaim_from = None;
+            self.next_reclaim = tokio::time::Instant::now() + self.reclaim_every();
+        } else {
+            self.reclaim_from = Some(reply.next_stream_id.clone());
+        }
+        if reply.claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.metrics.reclaimed.inc_by(reply.claimed.len() as u64);
+        tracing::info!(
+            "redis: reclaimed {} idle entries of `{}`",
+            reply.claimed.len(),
+            self.config.stream
+        );
+        let counts = self.delivery_counts(&reply.claimed).await;
+        Ok(reply
+            .claimed
+            .into_iter()
+            .map(|e| {
+                let n = counts.iter().find(|(id, _)| *id == e.id).map_or(1, |c| c.1);
+                (e, n)
+            })
+            .collect())
+    }
+
+    /// `XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS stream >`: new entries for this consumer.
+    async fn read_new(&mut self, count: usize) -> redis::RedisResult<Vec<StreamId>> {
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(self.config.block_ms)
+            .arg("STREAMS")
+            .arg(&self.config.stream)
+            .arg(">")
+            .query_async(&mut self.reader)
+            .await?;
+        Ok(reply
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+            .unwrap_or_default())
     }
 
     async fn on_read_error(&self, e: &RedisError) {
@@ -437,348 +481,263 @@ impl RedisSource {
             if let Err(e) = ensure_group(&mut self.ops.clone(), &self.config).await {
                 tracing::warn!("{e}");
             }
-        } else {
-            tracing::warn!(
-                "redis source `{}`: cannot read: {e}; retrying",
-                self.config.stream
-            );
         }
     }
-}
 
-struct Shared {
-    engine: Arc<Engine>,
-    ops: ConnectionManager,
-    config: RedisConfig,
-    consumer: String,
-    metrics: RedisMetrics,
-    permits: Arc<Semaphore>,
-}
-
-type Permit = tokio::sync::OwnedSemaphorePermit;
-
-/// `XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS stream >`: new entries for this consumer.
-async fn read_new(
-    reader: &mut ConnectionManager,
-    shared: &Shared,
-    count: usize,
-) -> redis::RedisResult<Vec<StreamId>> {
-    let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(&shared.config.group)
-        .arg(&shared.consumer)
-        .arg("COUNT")
-        .arg(count)
-        .arg("BLOCK")
-        .arg(shared.config.block_ms)
-        .arg("STREAMS")
-        .arg(&shared.config.stream)
-        .arg(">")
-        .query_async(reader)
-        .await?;
-    Ok(reply
-        .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-        .unwrap_or_default())
-}
-
-/// Spawns one task per entry; `first` is the permit already held for the first one.
-async fn spawn_all(
-    tasks: &mut JoinSet<()>,
-    shared: &Arc<Shared>,
-    entries: Vec<StreamId>,
-    first: Permit,
-    delivered: impl Fn(&StreamId) -> u64,
-) {
-    let mut first = Some(first);
-    for entry in entries {
-        let permit = match first.take() {
-            Some(p) => p,
-            None => shared
-                .permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closed"),
+    fn delivery(&self, entry: StreamId, delivered: u64) -> RedisDelivery {
+        self.metrics.received.inc();
+        self.metrics.pending.inc();
+        let payload = match decode_entry(&entry) {
+            Ok(event) => Payload::Event(event),
+            Err(reason) => Payload::Undecodable(undecodable(&entry, &self.config.stream, reason)),
         };
-        let count = delivered(&entry);
-        let shared = shared.clone();
-        tasks.spawn(async move {
-            handle(entry, count, &shared).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn handle(entry: StreamId, delivered: u64, shared: &Shared) {
-    shared.metrics.received.inc();
-    shared.metrics.pending.inc();
-    let acked = match decode_entry(&entry) {
-        Err(reason) => malformed(&entry, &reason, delivered, shared).await,
-        Ok(event) if delivered > shared.config.max_deliver => {
-            over_max_deliver(&event, delivered, shared).await;
-            true
-        }
-        Ok(event) => process(&entry, &event, delivered, shared).await,
-    };
-    if acked {
-        ack(shared, &entry.id).await;
-    }
-    shared.metrics.pending.dec();
-}
-
-/// Dead-letters a malformed entry with the reason. True: ack it.
-async fn malformed(entry: &StreamId, reason: &str, delivered: u64, shared: &Shared) -> bool {
-    let stream = &shared.config.stream;
-    tracing::error!(
-        "redis: dead-lettering malformed entry {} of `{stream}`: {reason}",
-        entry.id
-    );
-    let dlq_entry = DlqEntry {
-        id: 0,
-        event: malformed_event(entry, stream),
-        observer: format!("redis:{stream}"),
-        action_index: 0,
-        action: "redis decode".to_owned(),
-        error: format!("malformed entry {}: {reason}", entry.id),
-        attempts: u32::try_from(delivered).unwrap_or(u32::MAX),
-        first_failed_at: now_rfc3339(),
-        last_failed_at: now_rfc3339(),
-    };
-    match shared.engine.dlq().push(dlq_entry).await {
-        Ok(_) => {
-            shared.engine.metrics().dlq_size.inc();
-            shared.metrics.dead_lettered.inc();
-            true
-        }
-        Err(e) => {
-            // Not acked: it stays pending and is tried again after claim_idle_secs.
-            tracing::error!("redis: cannot dead-letter entry {}: {e}", entry.id);
-            false
+        RedisDelivery {
+            entry_id: entry.id,
+            payload,
+            delivered,
+            group: Arc::new(GroupHandle {
+                ops: self.ops.clone(),
+                stream: self.config.stream.clone(),
+                group: self.config.group.clone(),
+                consumer: self.consumer.clone(),
+            }),
+            metrics: self.metrics.clone(),
         }
     }
-}
 
-async fn over_max_deliver(event: &Event, delivered: u64, shared: &Shared) {
-    let reason = format!(
-        "delivered {delivered} times (max_deliver = {}) without being acknowledged",
-        shared.config.max_deliver
-    );
-    tracing::error!("redis: event {}: {reason}; dead-lettering it", event.id);
-    let attempts = u32::try_from(delivered).unwrap_or(u32::MAX);
-    shared
-        .engine
-        .dead_letter_event(event, &reason, attempts)
-        .await;
-    shared.metrics.dead_lettered.inc();
-}
-
-/// Runs the engine, re-claiming the entry now and then so that it does not look idle. True:
-/// ack it (processing returned); false after a panic (it stays pending, to be redelivered).
-async fn process(entry: &StreamId, event: &Event, delivered: u64, shared: &Shared) -> bool {
-    let processing = AssertUnwindSafe(shared.engine.process(event)).catch_unwind();
-    tokio::pin!(processing);
-    let every =
-        Duration::from_millis(shared.config.claim_idle_secs * 500).max(Duration::from_millis(100));
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    loop {
-        tokio::select! {
-            r = &mut processing => {
-                if r.is_err() {
-                    tracing::error!(
-                        "redis: processing event {} panicked (delivery {delivered}); it will be redelivered",
-                        event.id
-                    );
-                }
-                return r.is_ok();
+    /// Deletes consumers that hold nothing and have not read for `10 × claim_idle_secs` (at
+    /// least 5 minutes): instances that were killed, once their entries were reclaimed. A
+    /// live instance reads every `block_ms`, and would be recreated by its next read anyway.
+    async fn forget_dead_consumers(&self) -> redis::RedisResult<()> {
+        let idle_ms = (self.config.claim_idle_secs * 10_000).max(300_000);
+        let mut conn = self.ops.clone();
+        let info: StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .query_async(&mut conn)
+            .await?;
+        for c in info.consumers {
+            if c.pending == 0 && c.idle as u64 > idle_ms && c.name != self.consumer {
+                redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(&self.config.stream)
+                    .arg(&self.config.group)
+                    .arg(&c.name)
+                    .query_async::<i64>(&mut conn)
+                    .await?;
+                tracing::info!("redis: removed idle consumer `{}` from the group", c.name);
             }
-            _ = ticker.tick() => touch(shared, &entry.id).await,
         }
+        Ok(())
     }
-}
 
-/// `XCLAIM … 0 id JUSTID`: resets the idle time of an entry this consumer is working on.
-async fn touch(shared: &Shared, id: &str) {
-    let r = redis::cmd("XCLAIM")
-        .arg(&shared.config.stream)
-        .arg(&shared.config.group)
-        .arg(&shared.consumer)
-        .arg(0)
-        .arg(id)
-        .arg("JUSTID")
-        .query_async::<Value>(&mut shared.ops.clone())
-        .await;
-    if let Err(e) = r {
-        tracing::debug!("redis: cannot refresh entry {id}: {e}");
-    }
-}
-
-/// `XACK`, with [`ACK_RETRY`]; an entry not acked is redelivered (at least once).
-async fn ack(shared: &Shared, id: &str) {
-    let xack = |_| async {
-        redis::cmd("XACK")
-            .arg(&shared.config.stream)
-            .arg(&shared.config.group)
-            .arg(id)
-            .query_async::<i64>(&mut shared.ops.clone())
+    async fn autoclaim(
+        &self,
+        start: &str,
+        count: usize,
+    ) -> redis::RedisResult<StreamAutoClaimReply> {
+        redis::cmd("XAUTOCLAIM")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .arg(self.config.claim_idle_secs * 1000)
+            .arg(start)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.ops.clone())
             .await
-    };
-    if let Err((e, _)) = ACK_RETRY.run(xack, |_| true).await {
-        tracing::warn!("redis: cannot acknowledge entry {id}: {e}; it will be redelivered");
     }
-}
 
-/// On a clean stop, removes this instance's consumer from the group if it holds no pending
-/// entry (each start has a consumer name of its own, so they would pile up). Entries it still
-/// holds keep it in the group until another instance reclaims them.
-async fn leave_group(shared: &Shared) {
-    let mut conn = shared.ops.clone();
-    let held: redis::RedisResult<StreamPendingCountReply> = redis::cmd("XPENDING")
-        .arg(&shared.config.stream)
-        .arg(&shared.config.group)
-        .arg("-")
-        .arg("+")
-        .arg(1)
-        .arg(&shared.consumer)
-        .query_async(&mut conn)
-        .await;
-    if !matches!(held, Ok(ref r) if r.ids.is_empty()) {
-        return;
+    /// Delivery counts of just-claimed entries (`XPENDING` per entry, pipelined).
+    async fn delivery_counts(&self, claimed: &[StreamId]) -> Vec<(String, u64)> {
+        let queries = claimed.iter().map(|e| async move {
+            let reply: redis::RedisResult<StreamPendingCountReply> = redis::cmd("XPENDING")
+                .arg(&self.config.stream)
+                .arg(&self.config.group)
+                .arg(&e.id)
+                .arg(&e.id)
+                .arg(1)
+                .query_async(&mut self.ops.clone())
+                .await;
+            let count = reply
+                .ok()
+                .and_then(|r| r.ids.first().map(|p| p.times_delivered as u64))
+                .unwrap_or(1);
+            (e.id.clone(), count)
+        });
+        futures::future::join_all(queries).await
     }
-    let removed = redis::cmd("XGROUP")
-        .arg("DELCONSUMER")
-        .arg(&shared.config.stream)
-        .arg(&shared.config.group)
-        .arg(&shared.consumer)
-        .query_async::<i64>(&mut conn)
-        .await;
-    if let Err(e) = removed {
-        tracing::debug!("redis: cannot remove consumer {}: {e}", shared.consumer);
-    }
-}
 
-// ---------------------------------------------------------------------------------------------
-// Reclaiming
-
-/// Every `claim_idle_secs / 2`: takes over entries idle for `claim_idle_secs`.
-async fn reclaim_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let every = Duration::from_millis(shared.config.claim_idle_secs * 500);
-    let mut tasks = JoinSet::new();
-    loop {
-        if sleep_or_shutdown(&mut shutdown, every).await {
-            break;
-        }
-        while tasks.try_join_next().is_some() {}
-        if let Err(e) = reclaim_once(&shared, &mut tasks).await {
-            tracing::warn!("redis: cannot reclaim idle entries: {e}");
-        }
-        if let Err(e) = forget_dead_consumers(&shared).await {
-            tracing::debug!("redis: cannot list the group's consumers: {e}");
-        }
-    }
-    while tasks.join_next().await.is_some() {}
-}
-
-/// One pass of `XAUTOCLAIM` over the whole pending list, a batch at a time.
-async fn reclaim_once(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) -> redis::RedisResult<()> {
-    let mut start = "0-0".to_owned();
-    loop {
-        let first = shared
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
-        let reply = autoclaim(shared, &start).await?;
-        for id in &reply.deleted_ids {
-            tracing::error!(
-                "redis: pending entry {id} of `{}` was trimmed from the stream before it was \
-                 acknowledged (raise [observers.redis] maxlen)",
-                shared.config.stream
-            );
-        }
-        if !reply.claimed.is_empty() {
-            shared.metrics.reclaimed.inc_by(reply.claimed.len() as u64);
-            tracing::info!(
-                "redis: reclaimed {} idle entries of `{}`",
-                reply.claimed.len(),
-                shared.config.stream
-            );
-            let counts = delivery_counts(shared, &reply.claimed).await;
-            spawn_all(tasks, shared, reply.claimed, first, |e| {
-                counts.iter().find(|(id, _)| *id == e.id).map_or(1, |c| c.1)
-            })
-            .await;
-        }
-        if reply.next_stream_id == "0-0" {
-            return Ok(());
-        }
-        start = reply.next_stream_id;
-    }
-}
-
-/// Deletes consumers that hold nothing and have not read for `10 × claim_idle_secs` (at least
-/// 5 minutes): instances that were killed, once their entries were reclaimed. A live
-/// instance reads every `block_ms`, and would be recreated by its next read anyway.
-async fn forget_dead_consumers(shared: &Shared) -> redis::RedisResult<()> {
-    let idle_ms = (shared.config.claim_idle_secs * 10_000).max(300_000);
-    let mut conn = shared.ops.clone();
-    let info: StreamInfoConsumersReply = redis::cmd("XINFO")
-        .arg("CONSUMERS")
-        .arg(&shared.config.stream)
-        .arg(&shared.config.group)
-        .query_async(&mut conn)
-        .await?;
-    for c in info.consumers {
-        if c.pending == 0 && c.idle as u64 > idle_ms && c.name != shared.consumer {
-            redis::cmd("XGROUP")
-                .arg("DELCONSUMER")
-                .arg(&shared.config.stream)
-                .arg(&shared.config.group)
-                .arg(&c.name)
-                .query_async::<i64>(&mut conn)
-                .await?;
-            tracing::info!("redis: removed idle consumer `{}` from the group", c.name);
-        }
-    }
-    Ok(())
-}
-
-async fn autoclaim(shared: &Shared, start: &str) -> redis::RedisResult<StreamAutoClaimReply> {
-    redis::cmd("XAUTOCLAIM")
-        .arg(&shared.config.stream)
-        .arg(&shared.config.group)
-        .arg(&shared.consumer)
-        .arg(shared.config.claim_idle_secs * 1000)
-        .arg(start)
-        .arg("COUNT")
-        .arg(
-            shared
-                .config
-                .batch_size
-                .min(shared.permits.available_permits() + 1),
-        )
-        .query_async(&mut shared.ops.clone())
-        .await
-}
-
-/// Delivery counts of just-claimed entries (`XPENDING` per entry, pipelined).
-async fn delivery_counts(shared: &Shared, claimed: &[StreamId]) -> Vec<(String, u64)> {
-    let queries = claimed.iter().map(|e| async move {
-        let reply: redis::RedisResult<StreamPendingCountReply> = redis::cmd("XPENDING")
-            .arg(&shared.config.stream)
-            .arg(&shared.config.group)
-            .arg(&e.id)
-            .arg(&e.id)
+    /// On a clean stop, removes this instance's consumer from the group if it holds no
+    /// pending entry (each start has a consumer name of its own, so they would pile up).
+    /// Entries it still holds keep it in the group until another instance reclaims them.
+    async fn leave_group(&self) {
+        let mut conn = self.ops.clone();
+        let held: redis::RedisResult<StreamPendingCountReply> = redis::cmd("XPENDING")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg("-")
+            .arg("+")
             .arg(1)
-            .query_async(&mut shared.ops.clone())
+            .arg(&self.consumer)
+            .query_async(&mut conn)
             .await;
-        let count = reply
-            .ok()
-            .and_then(|r| r.ids.first().map(|p| p.times_delivered as u64))
-            .unwrap_or(1);
-        (e.id.clone(), count)
-    });
-    futures::future::join_all(queries).await
+        if !matches!(held, Ok(ref r) if r.ids.is_empty()) {
+            return;
+        }
+        let removed = redis::cmd("XGROUP")
+            .arg("DELCONSUMER")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .query_async::<i64>(&mut conn)
+            .await;
+        if let Err(e) = removed {
+            tracing::debug!("redis: cannot remove consumer {}: {e}", self.consumer);
+        }
+    }
+}
+
+#[async_trait]
+impl Source for RedisSource {
+    type Delivery = RedisDelivery;
+    type Checkpoint = ();
+
+    fn name(&self) -> String {
+        format!("redis:{}", self.config.stream)
+    }
+
+    fn max_deliver(&self) -> u64 {
+        self.config.max_deliver
+    }
+
+    /// While an event is processed its entry is re-claimed by its own consumer, so a slow
+    /// action is not mistaken for a dead instance.
+    fn progress_every(&self) -> Option<Duration> {
+        Some(self.reclaim_every())
+    }
+
+    fn committer(&self) -> Arc<dyn Committer<()>> {
+        Arc::new(NoCheckpoints)
+    }
+
+    async fn fetch(
+        &mut self,
+        max: usize,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Fetch<RedisDelivery, ()>> {
+        match self.reclaim(max).await {
+            Ok(claimed) if !claimed.is_empty() => {
+                let deliveries = claimed
+                    .into_iter()
+                    .map(|(entry, n)| self.delivery(entry, n))
+                    .collect();
+                return Ok(Fetch::Batch(deliveries, ()));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("redis: cannot reclaim idle entries: {e}"),
+        }
+        let count = max.min(self.config.batch_size).max(1);
+        let read = tokio::select! {
+            r = self.read_new(count) => r,
+            // An entry read by the abandoned XREADGROUP stays pending: it is reclaimed.
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(Fetch::Idle),
+        };
+        match read {
+            Ok(entries) => {
+                self.connected.store(true, Ordering::Release);
+                if entries.is_empty() {
+                    return Ok(Fetch::Idle);
+                }
+                let deliveries = entries.into_iter().map(|e| self.delivery(e, 1)).collect();
+                Ok(Fetch::Batch(deliveries, ()))
+            }
+            Err(e) => {
+                self.connected.store(false, Ordering::Release);
+                self.on_read_error(&e).await;
+                Err(redis_err(&format!("read `{}`", self.config.stream), &e))
+            }
+        }
+    }
+
+    async fn close(&mut self) {
+        self.leave_group().await;
+    }
+}
+
+/// What a delivery needs to acknowledge or keep its entry.
+struct GroupHandle {
+    ops: ConnectionManager,
+    stream: String,
+    group: String,
+    consumer: String,
+}
+
+/// One entry of the group.
+pub struct RedisDelivery {
+    entry_id: String,
+    payload: Payload,
+    delivered: u64,
+    group: Arc<GroupHandle>,
+    metrics: RedisMetrics,
+}
+
+impl Drop for RedisDelivery {
+    fn drop(&mut self) {
+        self.metrics.pending.dec();
+    }
+}
+
+#[async_trait]
+impl Delivery for RedisDelivery {
+    fn payload(&self) -> &Payload {
+        &self.payload
+    }
+
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// `XACK`, with [`ACK_RETRY`]; an entry not acked is redelivered (at least once).
+    async fn ack(self, how: Settled) {
+        if how == Settled::DeadLettered {
+            self.metrics.dead_lettered.inc();
+        }
+        let g = &self.group;
+        let id = &self.entry_id;
+        let xack = |_| async {
+            redis::cmd("XACK")
+                .arg(&g.stream)
+                .arg(&g.group)
+                .arg(id)
+                .query_async::<i64>(&mut g.ops.clone())
+                .await
+        };
+        if let Err((e, _)) = ACK_RETRY.run(xack, |_| true).await {
+            tracing::warn!("redis: cannot acknowledge entry {id}: {e}; it will be redelivered");
+        }
+    }
+
+    /// Left pending: reclaimed after `claim_idle_secs`, by this instance or another.
+    async fn redeliver(self) {}
+
+    /// `XCLAIM … 0 id JUSTID`: resets the idle time of the entry without counting a delivery.
+    async fn progress(&self) {
+        let g = &self.group;
+        let r = redis::cmd("XCLAIM")
+            .arg(&g.stream)
+            .arg(&g.group)
+            .arg(&g.consumer)
+            .arg(0)
+            .arg(&self.entry_id)
+            .arg("JUSTID")
+            .query_async::<Value>(&mut g.ops.clone())
+            .await;
+        if let Err(e) = r {
+            tracing::debug!("redis: cannot refresh entry {}: {e}", self.entry_id);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -793,22 +752,10 @@ fn hostname() -> String {
         .unwrap_or_else(|| "fraiseql".to_owned())
 }
 
-/// Resolves when shutdown is requested or the sender is gone.
-async fn shutdown_signal(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
-/// Sleeps `delay`; true if shutdown was requested meanwhile.
-async fn sleep_or_shutdown(rx: &mut watch::Receiver<bool>, delay: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => *rx.borrow(),
-        _ = shutdown_signal(rx) => true,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventKind;
 
     fn entry(fields: &[(&str, &str)]) -> StreamId {
         StreamId {
@@ -846,13 +793,16 @@ mod tests {
     }
 
     #[test]
-    fn malformed_entries_say_why_and_keep_their_fields() {
+    fn malformed_entries_say_why_and_keep_their_fields_and_bytes() {
         let e = entry(&[("payload", "{nope"), ("entity", "Order")]);
-        assert!(decode_entry(&e).unwrap_err().starts_with("invalid JSON"));
+        let reason = decode_entry(&e).unwrap_err();
+        assert!(reason.starts_with("invalid JSON"));
         let err = decode_entry(&entry(&[("x", "y")])).unwrap_err();
         assert_eq!(err, "missing field \"payload\"");
-        let dead = malformed_event(&e, "s");
-        assert_eq!(dead.entity, "Order");
-        assert_eq!(dead.new.unwrap()["fields"]["payload"], "{nope");
+        let dead = undecodable(&e, "s", reason);
+        assert_eq!(dead.context["fields"]["payload"], "{nope");
+        assert_eq!(dead.context["fields"]["entity"], "Order");
+        assert_eq!(dead.raw.as_deref(), Some(&b"{nope"[..]));
+        assert!(dead.reason.starts_with("malformed entry 1-0: invalid JSON"));
     }
 }

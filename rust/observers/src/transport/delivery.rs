@@ -1,0 +1,557 @@
+//! The one delivery loop: every source — in-memory, PostgreSQL, NATS, Redis — is driven by
+//! [`run`], so what a source must get right is written once:
+//!
+//! - the concurrency limit (`max_concurrency` deliveries processed at once; fetched ones wait
+//!   for a permit in a queue bounded by one fetch);
+//! - panic catching: a panicking event is redelivered, and dead-lettered on its last delivery;
+//! - the progress timer (a source's keep-alive while a slow event runs);
+//! - `max_deliver`: a delivery beyond it is dead-lettered without running;
+//! - undecodable input: dead-lettered under the source's name, action `decode`;
+//! - nothing is acknowledged that was neither processed nor dead-lettered: when the
+//!   dead-letter queue cannot store an entry, the delivery is handed out again;
+//! - the `fraiseql_observer_events_in_flight` gauge;
+//! - shutdown: fetching stops, the deliveries being processed finish and are acknowledged,
+//!   those not started are handed back.
+//!
+//! What differs per source sits behind [`Source`] and [`Delivery`]: how to fetch, acknowledge,
+//! redeliver and keep a delivery alive, how often it was delivered, and how a cursor moves.
+//! Sources that acknowledge each delivery (NATS, Redis, in-memory) use `()` checkpoints; the
+//! PostgreSQL source's checkpoint is its cursor, which [`Committer::commit`] stores once every
+//! delivery fetched with it, and before it, is done — in fetch order.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::event::Event;
+use crate::retry::{Backoff, RetryPolicy};
+
+/// Fetching again after a source failed (a lost connection, a failed pull).
+const FETCH_RETRY: RetryPolicy =
+    RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(10));
+
+/// What a source hands the loop: an event, or input that could not become one.
+#[derive(Debug)]
+pub enum Payload {
+    Event(Event),
+    Undecodable(Undecodable),
+}
+
+/// Input a source could not decode. It is kept whole in the dead-letter queue.
+#[derive(Debug, Clone)]
+pub struct Undecodable {
+    /// An id for the entry: the message id, the stream entry id, the change-log id.
+    pub id: String,
+    /// Where it was found and what could be read of it (subject, entry id, columns), as JSON.
+    pub context: Value,
+    /// The bytes as they arrived, when the input was a message.
+    pub raw: Option<Vec<u8>>,
+    /// Why it could not be decoded.
+    pub reason: String,
+}
+
+/// How a delivery was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Every matching observer finished.
+    Processed,
+    /// It went to the dead-letter queue instead (undecodable, over `max_deliver`, a panic on
+    /// its last delivery): the source must not hand it out again.
+    DeadLettered,
+}
+
+/// One delivery of a source.
+#[async_trait]
+pub trait Delivery: Send + Sync + 'static {
+    fn payload(&self) -> &Payload;
+
+    /// How many times the source has handed this out, 1 the first time.
+    fn delivered(&self) -> u64 {
+        1
+    }
+
+    /// Attempts its actions already made elsewhere (a forwarder's pipelined batch publish).
+    fn attempts_made(&self) -> u32 {
+        0
+    }
+
+    /// Done: processed or dead-lettered.
+    async fn ack(self, how: Settled);
+
+    /// Not done: to be handed out again.
+    async fn redeliver(self);
+
+    /// Still being worked on (a keep-alive, every [`Source::progress_every`]).
+    async fn progress(&self) {}
+}
+
+/// What one fetch got.
+pub enum Fetch<D, C> {
+    /// Deliveries, and the checkpoint to commit once they (and every earlier batch) are done.
+    /// May be empty with a checkpoint: input that needed no processing (a forwarder's batch
+    /// that was published at once).
+    Batch(Vec<D>, C),
+    /// Nothing arrived while waiting; fetch again.
+    Idle,
+    /// The source is exhausted (the in-memory queue was closed): stop once all is done.
+    Closed,
+}
+
+/// Stores a source's checkpoints. Separate from the source so that a checkpoint can be stored
+/// while a fetch is waiting.
+#[async_trait]
+pub trait Committer<C>: Send + Sync {
+    async fn commit(&self, checkpoint: C) -> Result<()>;
+}
+
+/// The committer of sources that acknowledge each delivery.
+pub struct NoCheckpoints;
+
+#[async_trait]
+impl Committer<()> for NoCheckpoints {
+    async fn commit(&self, _checkpoint: ()) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Where deliveries come from.
+#[async_trait]
+pub trait Source: Send + Sized + 'static {
+    type Delivery: Delivery;
+    type Checkpoint: Send + 'static;
+
+    /// The name in logs and dead letters: `postgres:<listener_id>`, `nats:<stream>`,
+    /// `redis:<stream>`, `in_memory`.
+    fn name(&self) -> String;
+
+    /// Deliveries of one event before it is given up on: a delivery beyond this is
+    /// dead-lettered without running, and one that panics on this delivery is dead-lettered.
+    /// 1 for sources that cannot redeliver on their own.
+    fn max_deliver(&self) -> u64;
+
+    /// How often a delivery being processed is kept alive ([`Delivery::progress`]).
+    fn progress_every(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Batches fetched while earlier ones are still being processed.
+    fn read_ahead(&self) -> usize {
+        usize::MAX
+    }
+
+    fn committer(&self) -> Arc<dyn Committer<Self::Checkpoint>>;
+
+    /// Up to `max` deliveries (a source that reads in batches of its own may return more).
+    /// Waits for input up to an interval of the source's own, or until `shutdown` turns true.
+    /// An error is logged and the fetch tried again after a backoff.
+    async fn fetch(
+        &mut self,
+        max: usize,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Fetch<Self::Delivery, Self::Checkpoint>>;
+
+    /// A delivery fetched after the last commit must be handed out again: the next fetch
+    /// starts after the last checkpoint stored. Called before the next fetch.
+    async fn rewind(&mut self) {}
+
+    /// The loop is done.
+    async fn close(&mut self) {}
+}
+
+/// Drives `source` into `engine` with up to `max_concurrency` deliveries at once until
+/// `shutdown` turns true (or its sender is dropped) or the source is closed. See the module
+/// documentation.
+pub async fn run<S: Source>(
+    source: S,
+    engine: Arc<Engine>,
+    max_concurrency: usize,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let ctx = Arc::new(Context {
+        engine,
+        name: source.name(),
+        max_deliver: source.max_deliver().max(1),
+        progress_every: source.progress_every(),
+    });
+    let max_concurrency = max_concurrency.max(1);
+    let read_ahead = source.read_ahead();
+    let committer = source.committer();
+    let mut batches = Batches::default();
+    let mut waiting: VecDeque<(u64, S::Delivery)> = VecDeque::new();
+    let mut running = FuturesUnordered::new();
+    let mut backoff = Backoff::new(FETCH_RETRY);
+    let mut idle = Some(source);
+    let mut fetching = None;
+    let mut rewind = false;
+    let mut closed = false;
+    let mut stopping = false;
+    loop {
+        while running.len() < max_concurrency {
+            let Some((batch, delivery)) = waiting.pop_front() else {
+                break;
+            };
+            running.push(settle(ctx.clone(), batch, delivery));
+        }
+        batches.commit_done(committer.as_ref(), &ctx.name).await;
+        if stopping && running.is_empty() {
+            break;
+        }
+        if closed && running.is_empty() && waiting.is_empty() {
+            break;
+        }
+        let room = max_concurrency.saturating_sub(running.len() + waiting.len());
+        if fetching.is_none() && !closed && !stopping && room > 0 && batches.len() <= read_ahead {
+            let mut source = idle.take().expect("the source is idle when not fetching");
+            let mut stop = shutdown.clone();
+            let rewind_first = std::mem::take(&mut rewind);
+            fetching = Some(Box::pin(async move {
+                if rewind_first {
+                    source.rewind().await;
+                }
+                let fetched = source.fetch(room, &mut stop).await;
+                (source, fetched)
+            }));
+        }
+        tokio::select! {
+            biased;
+            changed = shutdown.changed(), if !stopping => {
+                if changed.is_err() || *shutdown.borrow() {
+                    stopping = true;
+                }
+            }
+            Some((batch, outcome)) = running.next(), if !running.is_empty() => {
+                if batches.settled(batch, outcome) {
+                    rewind = true;
+                }
+            }
+            (source, fetched) = async { fetching.as_mut().expect("checked").await },
+                if fetching.is_some() =>
+            {
+                fetching = None;
+                idle = Some(source);
+                match fetched {
+                    Ok(Fetch::Batch(deliveries, checkpoint)) => {
+                        backoff.reset();
+                        let batch = batches.push(deliveries.len(), checkpoint);
+                        waiting.extend(deliveries.into_iter().map(|d| (batch, d)));
+                    }
+                    Ok(Fetch::Idle) => backoff.reset(),
+                    Ok(Fetch::Closed) => closed = true,
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!("{}: {e}; retrying in {delay:?}", ctx.name);
+                        if sleep_or_stop(&mut shutdown, delay).await {
+                            stopping = true;
+                        }
+                    }
+                }
+            }
+        }
+        if stopping {
+            // Not started: handed back to the source, for this instance or another.
+            for (_, delivery) in waiting.drain(..) {
+                delivery.redeliver().await;
+            }
+        }
+    }
+    // A fetch still waiting sees the shutdown and returns at once.
+    if let Some(fetch) = fetching.take() {
+        let (source, _) = fetch.await;
+        idle = Some(source);
+    }
+    batches.commit_done(committer.as_ref(), &ctx.name).await;
+    if let Some(mut source) = idle {
+        source.close().await;
+    }
+    Ok(())
+}
+
+/// Sleeps `delay`; true if shutdown was requested meanwhile.
+pub(crate) async fn sleep_or_stop(shutdown: &mut watch::Receiver<bool>, delay: Duration) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        changed = shutdown.changed() => changed.is_err() || *shutdown.borrow(),
+    }
+}
+
+/// What every delivery's processing shares.
+struct Context {
+    engine: Arc<Engine>,
+    name: String,
+    max_deliver: u64,
+    progress_every: Option<Duration>,
+}
+
+/// Whether a delivery was settled for good or handed out again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Acked,
+    Redelivered,
+}
+
+/// Processes one delivery to the end and settles it with the source.
+async fn settle<D: Delivery>(ctx: Arc<Context>, batch: u64, delivery: D) -> (u64, Outcome) {
+    let metrics = ctx.engine.metrics().clone();
+    metrics.events_in_flight.inc();
+    let verdict = decide(&ctx, &delivery).await;
+    let outcome = match verdict {
+        Some(how) => {
+            delivery.ack(how).await;
+            Outcome::Acked
+        }
+        None => {
+            delivery.redeliver().await;
+            Outcome::Redelivered
+        }
+    };
+    metrics.events_in_flight.dec();
+    (batch, outcome)
+}
+
+/// How to settle a delivery; `None`: hand it out again.
+async fn decide<D: Delivery>(ctx: &Context, delivery: &D) -> Option<Settled> {
+    let engine = &ctx.engine;
+    let delivered = delivery.delivered();
+    let event = match delivery.payload() {
+        Payload::Undecodable(input) => {
+            tracing::error!(
+                "{}: undecodable input {}: {}",
+                ctx.name,
+                input.id,
+                input.reason
+            );
+            let stored = engine.dead_letter_undecodable(&ctx.name, input).await;
+            return stored.then_some(Settled::DeadLettered);
+        }
+        Payload::Event(event) => event,
+    };
+    if delivered > ctx.max_deliver {
+        let reason = format!(
+            "delivered {delivered} times (max_deliver = {}) without being acknowledged",
+            ctx.max_deliver
+        );
+        tracing::error!(
+            "{}: event {}: {reason}; dead-lettering it",
+            ctx.name,
+            event.id
+        );
+        return give_up(engine, event, &reason, delivered).await;
+    }
+    let processing =
+        AssertUnwindSafe(engine.process_after(event, delivery.attempts_made())).catch_unwind();
+    let outcome = with_progress(delivery, ctx.progress_every, processing).await;
+    match outcome {
+        Ok(report) if report.unstored == 0 => Some(Settled::Processed),
+        Ok(report) => {
+            tracing::error!(
+                "{}: event {}: {} dead letter(s) could not be stored; it will be redelivered",
+                ctx.name,
+                event.id,
+                report.unstored
+            );
+            None
+        }
+        Err(panic) if delivered >= ctx.max_deliver => {
+            let reason = format!(
+                "processing panicked on delivery {delivered} (max_deliver = {}): {}",
+                ctx.max_deliver,
+                panic_message(&panic)
+            );
+            tracing::error!(
+                "{}: event {}: {reason}; dead-lettering it",
+                ctx.name,
+                event.id
+            );
+            give_up(engine, event, &reason, delivered).await
+        }
+        Err(panic) => {
+            tracing::error!(
+                "{}: processing event {} panicked (delivery {delivered}): {}; it will be \
+                 redelivered",
+                ctx.name,
+                event.id,
+                panic_message(&panic)
+            );
+            None
+        }
+    }
+}
+
+/// Dead-letters `event` for every observer it matches, without running them.
+async fn give_up(engine: &Engine, event: &Event, reason: &str, delivered: u64) -> Option<Settled> {
+    let attempts = u32::try_from(delivered).unwrap_or(u32::MAX);
+    let stored = engine.dead_letter_event(event, reason, attempts).await;
+    stored.ok().map(|_| Settled::DeadLettered)
+}
+
+/// Runs `work`, keeping `delivery` alive every `every` while it is pending. Work that is done
+/// on its first poll (no observer matched, an in-process action) arms no timer.
+async fn with_progress<D: Delivery, T>(
+    delivery: &D,
+    every: Option<Duration>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    let Some(every) = every else {
+        return work.await;
+    };
+    if let std::task::Poll::Ready(done) = futures::poll!(&mut work) {
+        return done;
+    }
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = ticker.tick() => delivery.progress().await,
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// The batches fetched and not yet committed, in fetch order.
+struct Batches<C> {
+    queue: VecDeque<Batch<C>>,
+    next: u64,
+}
+
+impl<C> Default for Batches<C> {
+    fn default() -> Self {
+        Batches {
+            queue: VecDeque::new(),
+            next: 0,
+        }
+    }
+}
+
+struct Batch<C> {
+    seq: u64,
+    remaining: usize,
+    checkpoint: Option<C>,
+    /// A delivery of it (or of a batch before it) was handed out again: it is read again,
+    /// so its checkpoint must not be stored.
+    spoiled: bool,
+}
+
+impl<C> Batches<C> {
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn push(&mut self, deliveries: usize, checkpoint: C) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        self.queue.push_back(Batch {
+            seq,
+            remaining: deliveries,
+            checkpoint: Some(checkpoint),
+            spoiled: false,
+        });
+        seq
+    }
+
+    /// Records a settled delivery. True when the source must rewind: a delivery was handed
+    /// out again, so its batch and every later one are read again.
+    fn settled(&mut self, seq: u64, outcome: Outcome) -> bool {
+        let Some(at) = self.queue.iter().position(|b| b.seq == seq) else {
+            return false;
+        };
+        self.queue[at].remaining -= 1;
+        if outcome == Outcome::Acked || self.queue[at].spoiled {
+            return false;
+        }
+        for batch in self.queue.iter_mut().skip(at) {
+            batch.spoiled = true;
+        }
+        true
+    }
+
+    /// Stores the checkpoints of the leading batches that are done; drops spoiled ones.
+    async fn commit_done<K: Committer<C> + ?Sized>(&mut self, committer: &K, name: &str) {
+        while self.queue.front().is_some_and(|b| b.remaining == 0) {
+            let mut batch = self.queue.pop_front().expect("checked");
+            if batch.spoiled {
+                continue;
+            }
+            if let Some(checkpoint) = batch.checkpoint.take() {
+                if let Err(e) = committer.commit(checkpoint).await {
+                    // Not stored: a restart reads the batch again (at least once).
+                    tracing::warn!("{name}: cannot store the position: {e}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redelivery_spoils_its_batch_and_every_later_one() {
+        let mut b = Batches::default();
+        let first = b.push(3, 1);
+        let second = b.push(1, 2);
+        assert!(!b.settled(first, Outcome::Acked));
+        assert!(b.settled(second, Outcome::Redelivered));
+        assert!(!b.queue[0].spoiled && b.queue[1].spoiled);
+        assert!(
+            b.settled(first, Outcome::Redelivered),
+            "the first batch is read again too"
+        );
+        assert!(b.queue.iter().all(|x| x.spoiled));
+        assert!(
+            !b.settled(first, Outcome::Redelivered),
+            "already to be read again"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_leading_finished_unspoiled_batches_are_committed() {
+        struct Record(std::sync::Mutex<Vec<u32>>);
+        #[async_trait]
+        impl Committer<u32> for Record {
+            async fn commit(&self, c: u32) -> Result<()> {
+                self.0.lock().unwrap().push(c);
+                Ok(())
+            }
+        }
+        let record = Record(Default::default());
+        let mut b = Batches::default();
+        let one = b.push(1, 1);
+        let two = b.push(1, 2);
+        let three = b.push(0, 3);
+        b.settled(two, Outcome::Acked);
+        b.commit_done(&record, "t").await;
+        assert!(record.0.lock().unwrap().is_empty(), "the first is not done");
+        b.settled(one, Outcome::Acked);
+        b.commit_done(&record, "t").await;
+        assert_eq!(*record.0.lock().unwrap(), [1, 2, 3]);
+        let four = b.push(1, 4);
+        let five = b.push(1, 5);
+        b.settled(four, Outcome::Redelivered);
+        b.settled(five, Outcome::Acked);
+        b.commit_done(&record, "t").await;
+        assert_eq!(*record.0.lock().unwrap(), [1, 2, 3], "spoiled: read again");
+        assert_eq!(b.len(), 0);
+        let _ = three;
+    }
+}
