@@ -51,4 +51,4 @@ def test_rust_nats_transport_against_the_harness_server(fraiseql_nats_url: str) 
         timeout=1700,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "test result: ok. 15 passed" in out.stdout, out.stdout[-2000:]
+    assert "test result: ok. 14 passed" in out.stdout, out.stdout[-2000:]

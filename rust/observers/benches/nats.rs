@@ -317,10 +317,13 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let body = {
         let event = &events(1)[0];
-        let subject = nats::subject_for("fraiseql.mutation", event).unwrap();
-        serde_json::to_vec(&nats::message_body(&subject, event))
-            .unwrap()
-            .len()
+        let subject =
+            fraiseql_observers::transport::codec::subject_for("fraiseql.mutation", event).unwrap();
+        serde_json::to_vec(&fraiseql_observers::transport::codec::message_body(
+            &subject, event,
+        ))
+        .unwrap()
+        .len()
     };
     println!(
         "NATS JetStream, {n} messages per phase, file storage, {cores} cores \

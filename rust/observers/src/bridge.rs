@@ -20,10 +20,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::action::{Action, ActionError, FailureReason};
+use crate::checkpoint::MemoryIdempotencyStores;
 use crate::checkpoint::{CheckpointStrategy, ListenerConfig};
 use crate::config::{Backend, Config};
 use crate::dlq::DeadLetterQueue;
-use crate::engine::{Engine, MemoryIdempotencyStores, ObserverSpec};
+use crate::engine::{Engine, ObserverSpec};
 use crate::error::{ConnectErrorKind, Error, PublishErrorKind, Result};
 use crate::event::{Event, EventKind};
 use crate::metrics::{Metrics, RedisMetrics};
@@ -32,45 +33,7 @@ use crate::schema::Schema;
 use crate::transport::nats::{NatsMetrics, NatsPublisher};
 use crate::transport::postgres::PostgresOptions;
 use crate::transport::redis::RedisPublisher;
-
-/// A transport the change log can be forwarded to.
-#[async_trait]
-pub trait Publisher: Send + Sync {
-    /// Action kind for metrics and the DLQ, e.g. `nats_publish`.
-    fn kind(&self) -> &'static str;
-    /// Safe description (no credentials).
-    fn describe(&self) -> String;
-    /// One attempt: returns once the transport confirmed the write. Retries are the
-    /// caller's (the forwarder's engine).
-    async fn publish(&self, event: &Event) -> Result<()>;
-
-    /// Publishes a whole batch with many publishes in flight, one attempt each, and returns
-    /// the indices (ascending) of the events that were not confirmed: the forwarder runs those
-    /// through its engine for their remaining attempts. `None` (the default): this transport
-    /// does not publish batches, and every event goes through the engine.
-    async fn publish_batch(&self, _events: &[Event]) -> Option<Vec<usize>> {
-        None
-    }
-}
-
-#[async_trait]
-impl Publisher for NatsPublisher {
-    fn kind(&self) -> &'static str {
-        "nats_publish"
-    }
-
-    fn describe(&self) -> String {
-        "JetStream publish".to_owned()
-    }
-
-    async fn publish(&self, event: &Event) -> Result<()> {
-        self.publish_once(event).await
-    }
-
-    async fn publish_batch(&self, events: &[Event]) -> Option<Vec<usize>> {
-        Some(self.publish_pipelined(events).await)
-    }
-}
+use crate::transport::Publisher;
 
 /// Publishes the event and waits for the transport's confirmation.
 pub struct PublishAction {

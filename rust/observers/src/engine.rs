@@ -10,21 +10,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::action::{Action, ActionError};
-use crate::checkpoint::{
-    CheckpointStrategy, IdempotencyStore, ListenerConfig, MemoryIdempotencyStore,
-};
+use crate::checkpoint::{CheckpointStrategy, IdempotencyStore, IdempotencyStores, ListenerConfig};
 use crate::condition::Condition;
+use crate::config::HandlerConfig;
 use crate::dlq::{DeadLetterQueue, DlqEntry, PushOutcome};
 use crate::error::{DeadLetterErrorKind, Error, Result};
+use crate::schema::Schema;
 use serde_json::Value;
 
-use crate::event::{now_rfc3339, Event, EventKind};
+use crate::event::{now_rfc3339, Event, EventKind, Undecodable};
 
 /// The action name of dead-letter entries that hold undecodable input.
 pub const UNDECODABLE_ACTION: &str = "decode";
 use crate::metrics::{ActionMetrics, Metrics, ObserverMetrics};
 use crate::retry::RetryPolicy;
-use crate::transport::delivery::Undecodable;
 
 /// One observer, ready to be compiled into the engine: who it is and how it checkpoints
 /// (its [`ListenerConfig`]), what it watches, when it fires and what it does.
@@ -66,6 +65,40 @@ impl ObserverSpec {
         }
     }
 
+    /// Turns a validated handler declaration into an engine observer: resolves the entity
+    /// against `schema` and compiles the condition against its declared fields.
+    pub fn from_handler(
+        schema: &Schema,
+        handler: &HandlerConfig,
+        actions: Vec<Arc<dyn Action>>,
+    ) -> Result<ObserverSpec> {
+        let entity = schema.resolve(&handler.name, &handler.entity)?;
+        let condition = match &handler.condition {
+            Some(expr) => {
+                let fields = entity.map(|e| e.fields.as_slice());
+                Some(
+                    Condition::compile(expr, fields).map_err(|source| Error::Condition {
+                        observer: handler.name.clone(),
+                        origin: handler.origin.clone(),
+                        source: Box::new(source),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Ok(ObserverSpec {
+            listener: ListenerConfig::new(
+                handler.name.clone(),
+                CheckpointStrategy::from(&handler.checkpoint),
+            ),
+            entity: handler.entity.clone(),
+            event: handler.event.parse().map_err(Error::Schema)?,
+            condition,
+            retry: RetryPolicy::from(&handler.retry),
+            actions,
+        })
+    }
+
     pub fn condition(mut self, condition: Condition) -> Self {
         self.condition = Some(condition);
         self
@@ -88,24 +121,6 @@ impl ObserverSpec {
 
     pub fn checkpoint(&self) -> &CheckpointStrategy {
         &self.listener.checkpoint
-    }
-}
-
-/// Resolves the idempotency store that serves one idempotency table.
-pub trait IdempotencyStores: Send + Sync {
-    fn store_for(&self, table: &str) -> Arc<dyn IdempotencyStore>;
-}
-
-/// One in-memory store per table, shared by the observers naming the same table.
-#[derive(Default)]
-pub struct MemoryIdempotencyStores {
-    stores: std::sync::Mutex<HashMap<String, Arc<MemoryIdempotencyStore>>>,
-}
-
-impl IdempotencyStores for MemoryIdempotencyStores {
-    fn store_for(&self, table: &str) -> Arc<dyn IdempotencyStore> {
-        let mut stores = self.stores.lock().expect("stores lock");
-        stores.entry(table.to_owned()).or_default().clone()
     }
 }
 

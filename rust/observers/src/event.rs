@@ -105,3 +105,16 @@ impl Event {
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
+
+/// Input a source could not decode. It is kept whole in the dead-letter queue.
+#[derive(Debug, Clone)]
+pub struct Undecodable {
+    /// An id for the entry: the message id, the stream entry id, the change-log id.
+    pub id: String,
+    /// Where it was found and what could be read of it (subject, entry id, columns), as JSON.
+    pub context: Value,
+    /// The bytes as they arrived, when the input was a message.
+    pub raw: Option<Vec<u8>>,
+    /// Why it could not be decoded.
+    pub reason: String,
+}

@@ -9,11 +9,13 @@ pub mod capture;
 pub mod checkpoint;
 pub mod condition;
 pub mod config;
+pub mod database;
 pub mod dlq;
 pub mod engine;
 pub mod error;
 pub mod event;
 pub mod metrics;
+pub mod redact;
 pub mod retry;
 pub mod runtime;
 pub mod schema;
@@ -23,14 +25,14 @@ pub mod transport;
 pub use action::{Action, ActionError, FailureReason, NoopAction};
 pub use capture::CaptureOptions;
 pub use checkpoint::{
-    is_duplicate, record_idempotency_key, CheckpointStrategy, IdempotencyStore, ListenerConfig,
-    MemoryIdempotencyStore,
+    is_duplicate, record_idempotency_key, CheckpointStrategy, IdempotencyStore, IdempotencyStores,
+    ListenerConfig, MemoryIdempotencyStore, MemoryIdempotencyStores,
 };
 pub use checkpoint::{PgIdempotencyStore, PgIdempotencyStores};
 pub use condition::{Condition, ConditionError};
 pub use config::{Backend, Config, ConfigError, ConfigErrors};
 pub use dlq::{DeadLetterQueue, DlqEntry, MemoryDlq, PgDeadLetterQueue};
-pub use engine::{Engine, IdempotencyStores, MemoryIdempotencyStores, ObserverSpec, ProcessReport};
+pub use engine::{Engine, ObserverSpec, ProcessReport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};
 pub use metrics::Metrics;

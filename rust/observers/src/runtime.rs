@@ -15,16 +15,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::bridge::{self, Publisher};
+use crate::bridge;
 use crate::capture::{self, CaptureOptions};
-use crate::checkpoint::{CheckpointStrategy, PgIdempotencyStore, PgIdempotencyStores};
+use crate::checkpoint::{
+    CheckpointStrategy, IdempotencyStores, MemoryIdempotencyStores, PgIdempotencyStore,
+    PgIdempotencyStores,
+};
 use crate::config::{Backend, Config};
+pub use crate::database::connect_pool;
 use crate::dlq::{DeadLetterQueue, DlqEntry, MemoryDlq, PgDeadLetterQueue};
-use crate::engine::{Engine, IdempotencyStores, MemoryIdempotencyStores, ObserverSpec};
+use crate::engine::{Engine, ObserverSpec};
 use crate::error::{ConnectErrorKind, DeadLetterErrorKind, Error, Result};
 use crate::metrics::{Metrics, RedisMetrics};
 use crate::schema::{EntityDef, Schema};
@@ -33,6 +37,7 @@ use crate::transport::memory::MemoryTransport;
 use crate::transport::nats::{self, NatsMetrics, NatsPublisher, NatsSource};
 use crate::transport::postgres::{PostgresOptions, PostgresSource};
 use crate::transport::redis::{self as redis_transport, RedisPublisher, RedisSource};
+use crate::transport::Publisher;
 
 /// The metrics of one engine process, registered in one registry: the observers' and those
 /// of the configured backend. Made before [`start`] so that `/metrics` has something to
@@ -224,7 +229,7 @@ pub async fn start(
             .await?;
             tracing::info!(
                 "[observers] transport: redis ({}, stream {}, group {})",
-                nats::mask_url(url),
+                crate::redact::redact_url(url),
                 rc.stream,
                 rc.group
             );
@@ -419,43 +424,6 @@ fn redis_url(config: &Config) -> Result<&str> {
             "redis backend requires observers.redis_url to be set",
         )
     })
-}
-
-/// A PostgreSQL failure to connect or to answer, with its kind: bad credentials and TLS
-/// problems are told apart from a server that does not answer. `shown` names the server
-/// without credentials.
-pub(crate) fn postgres_error(shown: &str, e: &sqlx::Error) -> Error {
-    let kind = match e {
-        sqlx::Error::Configuration(_) => ConnectErrorKind::InvalidSettings,
-        sqlx::Error::Tls(_) => ConnectErrorKind::Tls,
-        sqlx::Error::Database(d) => match d.code().as_deref() {
-            // invalid_authorization_specification, invalid_password
-            Some("28000" | "28P01") => ConnectErrorKind::Authentication,
-            // insufficient_privilege
-            Some("42501") => ConnectErrorKind::Permission,
-            // invalid_catalog_name: no such database
-            Some("3D000") => ConnectErrorKind::InvalidSettings,
-            _ => ConnectErrorKind::Unreachable,
-        },
-        _ => ConnectErrorKind::Unreachable,
-    };
-    Error::connect(
-        kind,
-        format!("cannot connect to PostgreSQL at {shown}: {e}"),
-    )
-}
-
-/// The one pool of a process: the dead-letter queue, the idempotency stores (on the hot path
-/// of every EffectivelyOnce event), change capture. Sources take dedicated connections of
-/// their own from its options.
-pub async fn connect_pool(url: &str, max_concurrency: usize) -> Result<PgPool> {
-    let shown = crate::config::redact_url(url);
-    PgPoolOptions::new()
-        .max_connections(max_concurrency.clamp(4, 16) as u32)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect(url)
-        .await
-        .map_err(|e| postgres_error(&shown, &e))
 }
 
 /// The durable dead-letter queue with a database (its size seeds the gauge), else one in

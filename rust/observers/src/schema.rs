@@ -1,14 +1,6 @@
 //! The declared entity types and how observers are checked against them.
 
-use std::sync::Arc;
-
-use crate::action::Action;
-use crate::checkpoint::{CheckpointStrategy, ListenerConfig};
-use crate::condition::Condition;
-use crate::config::HandlerConfig;
-use crate::engine::ObserverSpec;
 use crate::error::{Error, Result};
-use crate::retry::RetryPolicy;
 
 /// One `@fraiseql.type`: entity name, table, declared fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,40 +75,6 @@ impl Schema {
         Err(Error::Schema(format!(
             "observer `{observer}` watches entity `{entity}`, which no @fraiseql.type declares{hint}"
         )))
-    }
-
-    /// Turns a validated handler declaration into an engine observer: resolves the entity and
-    /// compiles the condition against its declared fields.
-    pub fn observer_spec(
-        &self,
-        handler: &HandlerConfig,
-        actions: Vec<Arc<dyn Action>>,
-    ) -> Result<ObserverSpec> {
-        let entity = self.resolve(&handler.name, &handler.entity)?;
-        let condition = match &handler.condition {
-            Some(expr) => {
-                let fields = entity.map(|e| e.fields.as_slice());
-                Some(
-                    Condition::compile(expr, fields).map_err(|source| Error::Condition {
-                        observer: handler.name.clone(),
-                        origin: handler.origin.clone(),
-                        source: Box::new(source),
-                    })?,
-                )
-            }
-            None => None,
-        };
-        Ok(ObserverSpec {
-            listener: ListenerConfig::new(
-                handler.name.clone(),
-                CheckpointStrategy::from(&handler.checkpoint),
-            ),
-            entity: handler.entity.clone(),
-            event: handler.event.parse().map_err(Error::Schema)?,
-            condition,
-            retry: RetryPolicy::from(&handler.retry),
-            actions,
-        })
     }
 }
 

@@ -195,7 +195,7 @@ fn prepare(
                 }
             }
         }
-        match schema.observer_spec(&o.handler, actions) {
+        match ObserverSpec::from_handler(&schema, &o.handler, actions) {
             Ok(spec) => specs.push(spec),
             Err(e) => errors.push(at_origin(&o.handler.origin, e)),
         }

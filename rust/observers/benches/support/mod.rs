@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use fraiseql_observers::bridge::{self, Publisher};
+use fraiseql_observers::bridge;
 use fraiseql_observers::capture::{self, CaptureOptions};
 use fraiseql_observers::config::NatsConfig;
+use fraiseql_observers::transport::Publisher;
 use fraiseql_observers::{
     Backend, Config, Engine, EntityDef, MemoryDlq, MemoryIdempotencyStores, Metrics,
     PostgresSource, Schema,

@@ -22,12 +22,13 @@ use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::transport::smtp::AsyncSmtpTransportBuilder;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
+use super::http::{build_error, env_value, warn_missing};
 use super::template::{Escape, Syntax, Template};
-use super::webhook::{build_error, env_value, scrub, warn_missing};
 use super::{Action, ActionError, FailureReason};
 use crate::config::{EmailConfig, EmailTls};
 use crate::error::Result;
 use crate::event::Event;
+use crate::redact::scrub;
 use crate::schema::EntityDef;
 
 /// Per-command SMTP timeout.

@@ -2,6 +2,7 @@
 //! and host-language handlers (the Python binding's) all implement [`Action`].
 
 pub mod email;
+pub(crate) mod http;
 pub mod slack;
 pub(crate) mod template;
 pub mod webhook;

@@ -15,12 +15,13 @@ use async_trait::async_trait;
 use reqwest::Url;
 use serde::Serialize;
 
+use super::http::{build_error, http_client, resolve_url, send, warn_missing};
 use super::template::{Escape, Syntax, Template};
-use super::webhook::{build_error, http_client, resolve_url, send, shown_url, url_secrets};
 use super::{Action, ActionError};
 use crate::config::{SlackConfig, DEFAULT_WEBHOOK_TIMEOUT_MS};
 use crate::error::Result;
 use crate::event::Event;
+use crate::redact::{shown_url, url_secrets};
 use crate::schema::EntityDef;
 
 #[derive(Serialize)]
@@ -79,7 +80,7 @@ impl SlackAction {
         let mut missing = None;
         let text = self.message.render(event, &mut missing);
         if let Some(field) = missing {
-            super::webhook::warn_missing(
+            warn_missing(
                 &self.warned,
                 &self.observer,
                 &self.describe(),

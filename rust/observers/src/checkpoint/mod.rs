@@ -6,6 +6,9 @@
 mod memory;
 mod postgres;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 pub use memory::MemoryIdempotencyStore;
@@ -85,4 +88,22 @@ pub async fn record_idempotency_key(
     key: &str,
 ) -> Result<bool> {
     store.record_idempotency_key(listener_id, key).await
+}
+
+/// Resolves the idempotency store that serves one idempotency table.
+pub trait IdempotencyStores: Send + Sync {
+    fn store_for(&self, table: &str) -> Arc<dyn IdempotencyStore>;
+}
+
+/// One in-memory store per table, shared by the observers naming the same table.
+#[derive(Default)]
+pub struct MemoryIdempotencyStores {
+    stores: std::sync::Mutex<HashMap<String, Arc<MemoryIdempotencyStore>>>,
+}
+
+impl IdempotencyStores for MemoryIdempotencyStores {
+    fn store_for(&self, table: &str) -> Arc<dyn IdempotencyStore> {
+        let mut stores = self.stores.lock().expect("stores lock");
+        stores.entry(table.to_owned()).or_default().clone()
+    }
 }

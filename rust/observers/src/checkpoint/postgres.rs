@@ -20,8 +20,8 @@ use sqlx::PgPool;
 use tokio::sync::OnceCell;
 
 use super::IdempotencyStore;
+use super::IdempotencyStores;
 use crate::capture::quote_identifier;
-use crate::engine::IdempotencyStores;
 use crate::error::{Error, Result};
 
 /// One idempotency table.

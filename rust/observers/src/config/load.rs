@@ -3,9 +3,9 @@
 
 use super::error::ConfigError;
 use super::handler;
+use super::nats_auth;
 use super::node::{self, quote_short, Node, SyntaxError};
 use super::reader::{parse_int, url_shape, Ctx, Range};
-use crate::transport::nats_auth;
 
 use super::{
     validate_sql_identifier, Backend, Config, ConfigErrors, NatsConfig, RedisConfig,

@@ -15,13 +15,14 @@
 //! names the file, the dotted key, the line and what was expected. An unknown key anywhere is
 //! an error with a did-you-mean.
 //!
-//! This module is self-contained (`std`, `toml`, `strsim`), except that NATS authentication
-//! files are checked with [`crate::transport::nats_auth`], the parser the connection uses.
+//! This module is self-contained (`std`, `toml`, `strsim`, `nkeys`): NATS authentication files
+//! are checked with [`nats_auth`], the parser the connection uses too.
 
 mod error;
 mod handler;
 mod interp;
 mod load;
+pub mod nats_auth;
 mod node;
 mod reader;
 #[cfg(test)]
@@ -696,30 +697,7 @@ pub fn validate_sql_identifier(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Keeps the scheme and host of URL(s), hiding credentials, paths and query strings.
-pub(crate) fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|part| {
-            let part = part.trim();
-            match part.find("://") {
-                Some(i) => {
-                    let (scheme, rest) = (&part[..i], &part[i + 3..]);
-                    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-                    let authority = &rest[..end];
-                    let host = match authority.rfind('@') {
-                        Some(at) => format!("***@{}", &authority[at + 1..]),
-                        None => authority.to_string(),
-                    };
-                    let tail = if end < rest.len() { "/…" } else { "" };
-                    format!("{scheme}://{host}{tail}")
-                }
-                None if part.is_empty() => String::new(),
-                None => "<redacted>".to_string(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
+pub(crate) use crate::redact::redact_url;
 
 struct Redacted<'a>(Option<&'a str>);
 

@@ -27,12 +27,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::event::Event;
+pub use crate::event::Undecodable;
 use crate::retry::{Backoff, RetryPolicy};
 
 /// Fetching again after a source failed (a lost connection, a failed pull).
@@ -44,19 +44,6 @@ const FETCH_RETRY: RetryPolicy =
 pub enum Payload {
     Event(Event),
     Undecodable(Undecodable),
-}
-
-/// Input a source could not decode. It is kept whole in the dead-letter queue.
-#[derive(Debug, Clone)]
-pub struct Undecodable {
-    /// An id for the entry: the message id, the stream entry id, the change-log id.
-    pub id: String,
-    /// Where it was found and what could be read of it (subject, entry id, columns), as JSON.
-    pub context: Value,
-    /// The bytes as they arrived, when the input was a message.
-    pub raw: Option<Vec<u8>>,
-    /// Why it could not be decoded.
-    pub reason: String,
 }
 
 /// How a delivery was settled.
@@ -201,7 +188,9 @@ pub async fn run<S: Source>(
             };
             running.push(settle(ctx.clone(), batch, delivery));
         }
-        batches.commit_done(committer.as_ref(), &ctx.name).await;
+        if batches.front_done() {
+            batches.commit_done(committer.as_ref(), &ctx.name).await;
+        }
         if stopping && running.is_empty() {
             break;
         }
@@ -229,8 +218,10 @@ pub async fn run<S: Source>(
                 }
             }
             Some((batch, outcome)) = running.next(), if !running.is_empty() => {
-                if batches.settled(batch, outcome) {
-                    rewind = true;
+                rewind |= batches.settled(batch, outcome);
+                // Whatever else has finished too, without another turn of the loop.
+                while let Some(Some((batch, outcome))) = running.next().now_or_never() {
+                    rewind |= batches.settled(batch, outcome);
                 }
             }
             (source, fetched) = async { fetching.as_mut().expect("checked").await },
@@ -454,6 +445,11 @@ struct Batch<C> {
 impl<C> Batches<C> {
     fn len(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Whether the oldest batch is done (something to commit or drop).
+    fn front_done(&self) -> bool {
+        self.queue.front().is_some_and(|b| b.remaining == 0)
     }
 
     fn push(&mut self, deliveries: usize, checkpoint: C) -> u64 {

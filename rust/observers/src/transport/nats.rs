@@ -11,8 +11,7 @@
 //! - [`NatsSource`] pulls from the durable consumer, runs [`Engine::process`] with bounded
 //!   concurrency and acknowledges each message only after processing returned.
 //!
-//! Wire format (body): the spec's `{"event","entity","subject","timestamp","data"}` plus
-//! `"id"` (stable event id), `"old"` (previous row for UPDATE/DELETE, else null) and `"table"`.
+//! The message body is [`super::codec`]'s.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -28,9 +27,12 @@ use async_nats::jetstream::{
 use async_nats::{Client, ConnectOptions, HeaderMap, ServerAddr};
 use futures::{FutureExt, StreamExt};
 
+use super::codec::{decode_body, encode_body, subject_for};
 use super::delivery::{
     self, Committer, Delivery, Fetch, NoCheckpoints, Payload, Settled, Source, Undecodable,
 };
+use super::Publisher;
+use crate::redact::redact_url;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -41,13 +43,10 @@ use tokio::sync::watch;
 use crate::config::NatsConfig;
 use crate::engine::Engine;
 use crate::error::{ConnectErrorKind, Error, PublishErrorKind, Result};
-use crate::event::{Event, EventKind};
+use crate::event::Event;
 use crate::retry::{Backoff, RetryPolicy, PUBLISH_RETRY};
-use crate::schema::default_table;
 use crate::status::HealthSource;
 
-/// Header carrying the stable event id; JetStream deduplicates on it.
-pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// Unacknowledged messages a consumer may hand out at once (across all instances).
 pub const DEFAULT_MAX_ACK_PENDING: i64 = 1024;
 /// Publishes kept in flight by [`NatsPublisher::publish_all`].
@@ -131,33 +130,6 @@ impl NatsMetrics {
 // ---------------------------------------------------------------------------------------------
 // Connection
 
-/// The URL(s) with any password (or token) replaced by `***`, for logs and errors.
-pub fn mask_url(urls: &str) -> String {
-    urls.split(',')
-        .map(|part| {
-            let part = part.trim();
-            let Some(i) = part.find("://") else {
-                return part.to_string();
-            };
-            let (scheme, rest) = (&part[..i], &part[i + 3..]);
-            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-            let (authority, tail) = rest.split_at(end);
-            match authority.rfind('@') {
-                Some(at) => {
-                    let userinfo = &authority[..at];
-                    let host = &authority[at + 1..];
-                    match userinfo.find(':') {
-                        Some(c) => format!("{scheme}://{}:***@{host}{tail}", &userinfo[..c]),
-                        None => format!("{scheme}://***@{host}{tail}"),
-                    }
-                }
-                None => part.to_string(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -188,7 +160,7 @@ fn parse_servers(urls: &str) -> Result<(Vec<ServerAddr>, ConnectOptions)> {
                 ConnectErrorKind::InvalidSettings,
                 format!(
                     "invalid NATS server URL {} (observers.nats.url): {e}",
-                    mask_url(part)
+                    redact_url(part)
                 ),
             )
         })?;
@@ -267,7 +239,7 @@ async fn with_auth(
         return Ok((options, Some(format!("credentials_file {path:?}"))));
     }
     if let Some(path) = &config.nkey_file {
-        let seed = super::nats_auth::read_nkey_seed(path).map_err(|e| {
+        let seed = crate::config::nats_auth::read_nkey_seed(path).map_err(|e| {
             Error::connect(
                 ConnectErrorKind::InvalidSettings,
                 format!("observers.nats.nkey_file: {e}"),
@@ -323,7 +295,7 @@ pub async fn connect(config: &NatsConfig) -> Result<Client> {
                 crate::config::NATS_URL_REQUIRED,
             )
         })?;
-    let masked = mask_url(urls);
+    let masked = redact_url(urls);
     let permissions = Arc::new(PermissionWatch::default());
     let mut backoff = Backoff::new(CONNECT_RETRY);
     let client = loop {
@@ -548,132 +520,6 @@ pub async fn ensure_consumer(stream: &Stream, config: &NatsConfig) -> Result<Pul
 }
 
 // ---------------------------------------------------------------------------------------------
-// Wire format
-
-fn subject_token(s: &str, what: &str) -> Result<String> {
-    let t = s.to_lowercase();
-    if t.is_empty()
-        || t.chars()
-            .any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace())
-    {
-        return Err(Error::publish(
-            PublishErrorKind::Invalid,
-            format!(
-                "{what} {s:?} cannot be used in a NATS subject (no '.', '*', '>' or whitespace)"
-            ),
-        ));
-    }
-    Ok(t)
-}
-
-/// `{prefix}.{entity_lowercase}.{event_lowercase}`
-pub fn subject_for(prefix: &str, event: &Event) -> Result<String> {
-    Ok(format!(
-        "{prefix}.{}.{}",
-        subject_token(&event.entity, "entity")?,
-        event.event.as_lower()
-    ))
-}
-
-/// The body published for an event, borrowed from it: serialising it copies the row once,
-/// straight into the payload (no intermediate `Value`).
-#[derive(serde::Serialize)]
-struct MessageBody<'a> {
-    event: &'static str,
-    entity: &'a str,
-    subject: &'a str,
-    timestamp: &'a str,
-    data: Option<&'a Value>,
-    id: &'a str,
-    old: Option<&'a Value>,
-    table: &'a str,
-}
-
-impl<'a> MessageBody<'a> {
-    fn new(subject: &'a str, event: &'a Event) -> Self {
-        MessageBody {
-            event: event.event.as_str(),
-            entity: &event.entity,
-            subject,
-            timestamp: &event.timestamp,
-            data: event.row(),
-            id: &event.id,
-            old: event.old.as_ref(),
-            table: &event.table,
-        }
-    }
-}
-
-/// The JSON body published for `event` on `subject`, as bytes.
-pub fn encode_body(subject: &str, event: &Event) -> Result<Vec<u8>> {
-    serde_json::to_vec(&MessageBody::new(subject, event)).map_err(|e| {
-        Error::publish(
-            PublishErrorKind::Invalid,
-            format!("cannot encode event {}: {e}", event.id),
-        )
-    })
-}
-
-/// The JSON body published for `event` on `subject`.
-pub fn message_body(subject: &str, event: &Event) -> Value {
-    serde_json::to_value(MessageBody::new(subject, event)).unwrap_or(Value::Null)
-}
-
-/// Rebuilds the event from a message body. `fallback_id` (the `Nats-Msg-Id` header, else the
-/// stream sequence) is used when the body has no `"id"`.
-pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event, String> {
-    let v: Value = serde_json::from_slice(payload).map_err(|e| format!("invalid JSON: {e}"))?;
-    let Value::Object(mut obj) = v else {
-        return Err("the body is not a JSON object".into());
-    };
-    let str_field = |k: &str| -> Result<Option<&str>, String> {
-        match obj.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.as_str())),
-            Some(_) => Err(format!("field \"{k}\" must be a string")),
-        }
-    };
-    let kind: EventKind = str_field("event")?
-        .ok_or("missing field \"event\"")?
-        .parse()?;
-    let entity = str_field("entity")?
-        .filter(|s| !s.is_empty())
-        .ok_or("missing field \"entity\"")?
-        .to_string();
-    let id = match str_field("id")? {
-        Some(id) if !id.is_empty() => id.to_string(),
-        _ => fallback_id.ok_or("missing field \"id\" and no Nats-Msg-Id header")?,
-    };
-    let timestamp = match str_field("timestamp")? {
-        Some(t) => t.to_string(),
-        None => crate::event::now_rfc3339(),
-    };
-    let table = match str_field("table")? {
-        Some(t) if !t.is_empty() => t.to_string(),
-        _ => default_table(&entity),
-    };
-    let data = obj.remove("data").filter(|d| !d.is_null());
-    let old = obj.remove("old").filter(|d| !d.is_null());
-    let (new, old) = match kind {
-        EventKind::Insert => (data, None),
-        EventKind::Update => (data, old),
-        EventKind::Delete => (None, old.or(data)),
-    };
-    if new.is_none() && old.is_none() {
-        return Err("missing field \"data\"".into());
-    }
-    Ok(Event {
-        id,
-        entity,
-        event: kind,
-        table,
-        timestamp,
-        new,
-        old,
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
 // Publisher
 
 /// Publishes events to JetStream and waits for their PubAcks.
@@ -895,6 +741,25 @@ fn ack_error(event: &Event, e: &jetstream::context::PublishError) -> Error {
     )
 }
 
+#[async_trait::async_trait]
+impl Publisher for NatsPublisher {
+    fn kind(&self) -> &'static str {
+        "nats_publish"
+    }
+
+    fn describe(&self) -> String {
+        "JetStream publish".to_owned()
+    }
+
+    async fn publish(&self, event: &Event) -> Result<()> {
+        self.publish_once(event).await
+    }
+
+    async fn publish_batch(&self, events: &[Event]) -> Option<Vec<usize>> {
+        Some(self.publish_pipelined(events).await)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Health
 
@@ -1022,7 +887,7 @@ impl NatsSource {
             message,
             payload,
             delivered: u64::try_from(delivered).unwrap_or(1),
-            metrics: self.metrics.clone(),
+            pending: self.metrics.jetstream_pending.clone(),
         }
     }
 }
@@ -1124,7 +989,8 @@ pub struct NatsDelivery {
     message: jetstream::Message,
     payload: Payload,
     delivered: u64,
-    metrics: NatsMetrics,
+    /// `fraiseql_nats_jetstream_pending`, lowered when the delivery is dropped.
+    pending: Gauge,
 }
 
 impl NatsDelivery {
@@ -1141,7 +1007,7 @@ impl NatsDelivery {
 
 impl Drop for NatsDelivery {
     fn drop(&mut self) {
-        self.metrics.jetstream_pending.dec();
+        self.pending.dec();
     }
 }
 

@@ -62,7 +62,6 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use sqlx::{Connection, Row};
 use tokio::sync::{watch, Notify};
 
-use crate::bridge::Publisher;
 use crate::capture::{CHANGE_LOG_TABLE, CURSOR_TABLE};
 use crate::config::{validate_sql_identifier, Config, DEFAULT_NOTIFY_CHANNEL};
 use crate::engine::Engine;
@@ -74,6 +73,7 @@ use crate::status::HealthSource;
 use crate::transport::delivery::{
     self, sleep_or_stop, Committer, Delivery, Fetch, Payload, Settled, Source, Undecodable,
 };
+use crate::transport::Publisher;
 
 /// Counting more than this many pending rows for `/health` is not worth the scan.
 const LAG_COUNT_CAP: i64 = 100_000;
@@ -251,10 +251,10 @@ struct Reader {
 }
 
 impl PostgresSource {
-    /// Connects a pool of its own ([`crate::runtime::connect_pool`]) and checks that the
+    /// Connects a pool of its own ([`crate::database::connect_pool`]) and checks that the
     /// change-capture tables exist.
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<PostgresSource> {
-        let pool = crate::runtime::connect_pool(url, options.max_concurrency).await?;
+        let pool = crate::database::connect_pool(url, options.max_concurrency).await?;
         PostgresSource::new(pool, options).await
     }
 
@@ -291,7 +291,7 @@ impl PostgresSource {
                 .bind(CURSOR_TABLE)
                 .fetch_one(&pool)
                 .await
-                .map_err(|e| crate::runtime::postgres_error(&shown, &e))?;
+                .map_err(|e| crate::database::postgres_error(&shown, &e))?;
         if !(log && cursor) {
             let missing = if log { CURSOR_TABLE } else { CHANGE_LOG_TABLE };
             return Err(Error::connect(

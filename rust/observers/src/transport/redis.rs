@@ -35,15 +35,16 @@ use tokio::sync::watch;
 use super::delivery::{
     self, Committer, Delivery, Fetch, NoCheckpoints, Payload, Settled, Source, Undecodable,
 };
-use crate::bridge::Publisher;
 use crate::config::RedisConfig;
 use crate::engine::Engine;
 use crate::error::{ConnectErrorKind, Error, PublishErrorKind, Result};
 use crate::event::Event;
 use crate::metrics::RedisMetrics;
+use crate::redact::redact_url;
 use crate::retry::{Backoff, RetryPolicy, PUBLISH_RETRY};
 use crate::status::HealthSource;
-use crate::transport::nats::{decode_body, encode_body, mask_url};
+use crate::transport::codec::{decode_body, encode_body};
+use crate::transport::Publisher;
 
 /// Time allowed for a reply, on top of `block_ms` for `XREADGROUP`.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,7 +78,7 @@ fn is_fatal(e: &RedisError) -> bool {
 pub async fn connect(url: &str, response_timeout: Duration) -> Result<ConnectionManager> {
     // rediss:// needs a rustls provider; `ring` is the one this crate builds with.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let masked = mask_url(url);
+    let masked = redact_url(url);
     let client = Client::open(url).map_err(|e| {
         Error::connect(
             ConnectErrorKind::InvalidSettings,
@@ -325,6 +326,8 @@ pub struct RedisSource {
     /// When the next reclaiming pass starts, and where the current one has got to.
     next_reclaim: tokio::time::Instant,
     reclaim_from: Option<String>,
+    /// Shared by every delivery, to acknowledge and keep its entry.
+    group: Arc<GroupHandle>,
 }
 
 impl RedisSource {
@@ -346,6 +349,14 @@ impl RedisSource {
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
+        let group = Arc::new(GroupHandle {
+            ops: ops.clone(),
+            stream: config.stream.clone(),
+            group: config.group.clone(),
+            consumer: consumer.clone(),
+            pending: metrics.pending.clone(),
+            dead_lettered: metrics.dead_lettered.clone(),
+        });
         let source = RedisSource {
             reader,
             ops,
@@ -356,6 +367,7 @@ impl RedisSource {
             connected: Arc::new(AtomicBool::new(true)),
             next_reclaim: tokio::time::Instant::now(),
             reclaim_from: None,
+            group,
         };
         Ok(RedisSource {
             next_reclaim: tokio::time::Instant::now() + source.reclaim_every(),
@@ -495,13 +507,7 @@ impl RedisSource {
             entry_id: entry.id,
             payload,
             delivered,
-            group: Arc::new(GroupHandle {
-                ops: self.ops.clone(),
-                stream: self.config.stream.clone(),
-                group: self.config.group.clone(),
-                consumer: self.consumer.clone(),
-            }),
-            metrics: self.metrics.clone(),
+            group: self.group.clone(),
         }
     }
 
@@ -672,6 +678,8 @@ struct GroupHandle {
     stream: String,
     group: String,
     consumer: String,
+    pending: prometheus_client::metrics::gauge::Gauge,
+    dead_lettered: prometheus_client::metrics::counter::Counter,
 }
 
 /// One entry of the group.
@@ -680,12 +688,11 @@ pub struct RedisDelivery {
     payload: Payload,
     delivered: u64,
     group: Arc<GroupHandle>,
-    metrics: RedisMetrics,
 }
 
 impl Drop for RedisDelivery {
     fn drop(&mut self) {
-        self.metrics.pending.dec();
+        self.group.pending.dec();
     }
 }
 
@@ -702,7 +709,7 @@ impl Delivery for RedisDelivery {
     /// `XACK`, with [`ACK_RETRY`]; an entry not acked is redelivered (at least once).
     async fn ack(self, how: Settled) {
         if how == Settled::DeadLettered {
-            self.metrics.dead_lettered.inc();
+            self.group.dead_lettered.inc();
         }
         let g = &self.group;
         let id = &self.entry_id;

@@ -1,0 +1,45 @@
+//! The PostgreSQL connection of a process: the one pool, and what a failure to use it means.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use crate::error::{ConnectErrorKind, Error, Result};
+use crate::redact::redact_url;
+
+/// A PostgreSQL failure to connect or to answer, with its kind: bad credentials and TLS
+/// problems are told apart from a server that does not answer. `shown` names the server
+/// without credentials.
+pub fn postgres_error(shown: &str, e: &sqlx::Error) -> Error {
+    let kind = match e {
+        sqlx::Error::Configuration(_) => ConnectErrorKind::InvalidSettings,
+        sqlx::Error::Tls(_) => ConnectErrorKind::Tls,
+        sqlx::Error::Database(d) => match d.code().as_deref() {
+            // invalid_authorization_specification, invalid_password
+            Some("28000" | "28P01") => ConnectErrorKind::Authentication,
+            // insufficient_privilege
+            Some("42501") => ConnectErrorKind::Permission,
+            // invalid_catalog_name: no such database
+            Some("3D000") => ConnectErrorKind::InvalidSettings,
+            _ => ConnectErrorKind::Unreachable,
+        },
+        _ => ConnectErrorKind::Unreachable,
+    };
+    Error::connect(
+        kind,
+        format!("cannot connect to PostgreSQL at {shown}: {e}"),
+    )
+}
+
+/// The one pool of a process: the dead-letter queue, the idempotency stores (on the hot path
+/// of every EffectivelyOnce event), change capture. Sources take dedicated connections of
+/// their own from its options.
+pub async fn connect_pool(url: &str, max_concurrency: usize) -> Result<PgPool> {
+    let shown = redact_url(url);
+    PgPoolOptions::new()
+        .max_connections(max_concurrency.clamp(4, 16) as u32)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(url)
+        .await
+        .map_err(|e| postgres_error(&shown, &e))
+}
