@@ -141,6 +141,81 @@ def test_events_being_processed_show_in_the_in_flight_gauge(
         asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
 
 
+async def publish_raw(url: str, subject: str, payload: bytes, msg_id: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+    finally:
+        await nc.close()
+
+
+def test_input_with_nul_bytes_is_dead_lettered_whole_and_one_entry_can_be_purged(
+    registry: fraiseql.Registry, fraiseql_nats_url: str, fraiseql_database_url: str, tmp_path: Any
+) -> None:
+    """PostgreSQL text and jsonb cannot hold NUL: a valid event carrying "\\u0000" whose
+    action fails, and a message of raw bytes with NULs, both reach the durable dead-letter
+    queue intact and are acked; `fraiseql dlq purge ID` then removes just one of them."""
+    import base64
+    import subprocess
+
+    import psycopg
+
+    @fraiseql.type
+    class Order:
+        id: str
+        note: str
+
+    @fraiseql.subscription(entity_type=Order, operation="create", retry=fraiseql.Retry(max_attempts=1))
+    def refuses(order: Any) -> None:
+        raise ValueError("refused")
+
+    suffix = uuid.uuid4().hex[:8]
+    prefix = f"fq{suffix}.mutation"
+    config = nats_config(fraiseql_nats_url, suffix)
+    config["database"] = {"url": fraiseql_database_url}
+    raw = b"\x00\xff\x00not an event"
+    ids = {f"nul-{suffix}", f"raw-{suffix}"}
+    try:
+        with fraiseql.Engine(config) as engine:
+            body = {"event": "INSERT", "entity": "Order", "data": {"id": "n1", "note": "a\u0000b"}}
+            asyncio.run(publish(fraiseql_nats_url, f"{prefix}.order.insert", body, f"nul-{suffix}"))
+            asyncio.run(publish_raw(fraiseql_nats_url, f"{prefix}.order.insert", raw, f"raw-{suffix}"))
+
+            def mine() -> dict[str, dict[str, Any]]:
+                return {e["event"]["id"]: e for e in engine.dlq() if e["event"]["id"] in ids}
+
+            wait_until(lambda: len(mine()) == 2)
+            entries = mine()
+            nul = entries[f"nul-{suffix}"]
+            assert nul["event"]["new"] == {"id": "n1", "note": "a\x00b"}
+            assert nul["origin"] == "observer" and "refused" in nul["error"]
+            bad = entries[f"raw-{suffix}"]
+            assert bad["origin"] == "undecodable" and bad["action"] == "decode"
+            assert bad["observer"] == f"nats:fq_{suffix}"
+            assert bad["raw"] == {"encoding": "base64", "data": base64.b64encode(raw).decode()}
+            info = asyncio.run(consumer_info(fraiseql_nats_url, f"fq_{suffix}", f"worker_{suffix}"))
+            assert info.num_ack_pending == 0 and info.num_pending == 0
+        (tmp_path / "fraiseql.toml").write_text(
+            f'[database]\nurl = "{fraiseql_database_url}"\n\n[observers]\nbackend = "postgres"\n'
+        )
+        cli = [sys.executable, "-m", "fraiseql.cli", "dlq"]
+        out = subprocess.run(
+            [*cli, "purge", str(bad["id"])], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        assert "purged 1 of 1 entries" in out.stdout
+        out = subprocess.run([*cli, "list"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert f"nul-{suffix}" in out.stdout and f"raw-{suffix}" not in out.stdout
+        out = subprocess.run(
+            [*cli, "purge", str(bad["id"])], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 1 and "no dead-letter entry" in out.stderr
+    finally:
+        with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            conn.execute("DELETE FROM fraiseql_dead_letters WHERE event_id LIKE %s", (f"%-{suffix}",))
+        asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
+
+
 def test_nats_backend_without_url_names_the_setting(registry: fraiseql.Registry) -> None:
     with pytest.raises(fraiseql.ConfigError, match=r"NATS transport requires nats\.url to be set"):
         fraiseql.Engine({"observers": {"backend": "nats"}})

@@ -292,7 +292,7 @@ def test_poll_only_listener_with_its_own_cursor_dead_letters_malformed_rows(
             assert "fraiseql_observer_changelog_lag_seconds " in metrics
         finally:  # other tests' listeners must not meet the hand-made row
             conn.execute("DELETE FROM fraiseql_change_log WHERE id = %s", (bad_id,))
-            conn.execute("DELETE FROM fraiseql_dead_letters WHERE event->>'id' = %s", (str(bad_id),))
+            conn.execute("DELETE FROM fraiseql_dead_letters WHERE event_id = %s", (str(bad_id),))
 
 
 def test_change_log_rows_without_a_row_object_are_dead_lettered_not_delivered(
@@ -340,7 +340,7 @@ def test_change_log_rows_without_a_row_object_are_dead_lettered_not_delivered(
         finally:
             for row_id in ids:
                 conn.execute("DELETE FROM fraiseql_change_log WHERE id = %s", (row_id,))
-                conn.execute("DELETE FROM fraiseql_dead_letters WHERE event->>'id' = %s", (str(row_id),))
+                conn.execute("DELETE FROM fraiseql_dead_letters WHERE event_id = %s", (str(row_id),))
 
 
 def test_sigkill_mid_stream_then_restart_loses_nothing(tmp_path: Path, fraiseql_database_url: str) -> None:

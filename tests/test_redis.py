@@ -193,6 +193,55 @@ def test_malformed_entries_are_dead_lettered_and_acked(
     assert bad["event"]["new"]["stream"] == names["stream"]
 
 
+def test_entries_with_nul_bytes_are_dead_lettered_once_and_acked(
+    registry: fraiseql.Registry,
+    fraiseql_redis_url: str,
+    fraiseql_database_url: str,
+    names: dict[str, str],
+) -> None:
+    """With the durable dead-letter queue: an event carrying "\\u0000" whose action fails,
+    and an entry whose payload is raw bytes with NULs, are each dead-lettered once (not
+    redelivered up to max_deliver and beyond) and acknowledged."""
+
+    suffix = names["suffix"]
+    table = f"tb_nul_{suffix}"
+
+    @fraiseql.type(table=table)
+    class Order:
+        id: str
+
+    @fraiseql.subscription(entity_type=Order, operation="create", retry=fraiseql.Retry(max_attempts=1))
+    def refuses(order: Any) -> None:
+        raise ValueError("refused")
+
+    client = redis.Redis.from_url(fraiseql_redis_url)
+    config = redis_config(fraiseql_redis_url, names, max_deliver=3, claim_idle_secs=1)
+    config["database"] = {"url": fraiseql_database_url}
+    config["observers"]["redis"]["forwarder_name"] = f"fwd_{suffix}"
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id text primary key)")
+    try:
+        with fraiseql.Engine(config) as engine:
+            client.xadd(names["stream"], entry("Order", f"nul-{suffix}", {"id": "a\u0000b"}))
+            client.xadd(names["stream"], {"id": f"raw-{suffix}", "payload": b"\x00\xfe\x00"})
+
+            def mine() -> list[dict[str, Any]]:
+                return [e for e in engine.dlq() if e["event"]["id"].endswith(f"-{suffix}")]
+
+            wait_until(lambda: len(mine()) == 2)
+            wait_until(lambda: pending(client, names) == 0)
+            time.sleep(2.5)  # past claim_idle_secs: nothing comes back
+            entries = {e["event"]["id"]: e for e in mine()}
+        assert len(entries) == 2
+        assert entries[f"nul-{suffix}"]["event"]["new"] == {"id": "a\x00b"}
+        assert entries[f"raw-{suffix}"]["origin"] == "undecodable"
+        assert entries[f"raw-{suffix}"]["raw"] == {"encoding": "base64", "data": "AP4A"}
+    finally:
+        with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            conn.execute("DELETE FROM fraiseql_dead_letters WHERE event_id LIKE %s", (f"%-{suffix}",))
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
 def in_flight(metrics: str) -> int:
     for line in metrics.splitlines():
         if line.startswith("fraiseql_observer_events_in_flight "):

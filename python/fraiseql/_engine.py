@@ -213,7 +213,12 @@ class Engine:
         return self
 
     def purge_dead_letters(self) -> int:
+        """Deletes every entry; returns how many there were."""
         return self._native.dlq_purge()
+
+    def remove_dead_letters(self, entry_ids: list[int]) -> int:
+        """Deletes the entries with these ids; returns how many there were."""
+        return self._native.dlq_remove(entry_ids)
 
     # -- introspection ---------------------------------------------------------------------
     @property

@@ -338,10 +338,20 @@ def dlq_retry(
 @_config_opt
 @_runtime_opt
 @_schema_opt
-@click.option("--yes", is_flag=True, help="do not ask")
-def dlq_purge(config: Path | None, runtime: Path | None, schema: str | None, yes: bool) -> None:
-    """Delete every entry."""
+@click.argument("entry_ids", type=int, nargs=-1)
+@click.option("--yes", is_flag=True, help="do not ask before deleting every entry")
+def dlq_purge(
+    config: Path | None, runtime: Path | None, schema: str | None, entry_ids: tuple[int, ...], yes: bool
+) -> None:
+    """Delete the entries named by id, or, with no id, every entry."""
     engine = _dead_letters(config, runtime, schema)
+    if entry_ids:
+        removed = engine.remove_dead_letters(list(entry_ids))
+        click.echo(f"purged {removed} of {len(entry_ids)} entries")
+        if removed < len(set(entry_ids)):
+            click.echo("error: some ids name no dead-letter entry", err=True)
+            sys.exit(1)
+        return
     if not yes:
         click.confirm(f"delete all {len(engine.dlq(1_000_000))} dead-letter entries?", abort=True)
     click.echo(f"purged {engine.purge_dead_letters()} entries")

@@ -25,7 +25,7 @@ use crate::checkpoint::{CheckpointStrategy, ListenerConfig};
 use crate::config::{Backend, Config};
 use crate::dlq::DeadLetterQueue;
 use crate::engine::{Engine, ObserverSpec};
-use crate::error::{ConnectErrorKind, Error, PublishErrorKind, Result};
+use crate::error::{ConnectErrorKind, DeadLetterErrorKind, Error, PublishErrorKind, Result};
 use crate::event::{Event, EventKind};
 use crate::metrics::{Metrics, RedisMetrics};
 use crate::retry::RetryPolicy;
@@ -122,40 +122,42 @@ pub fn bridge_options(config: &Config, listener_id: &str) -> PostgresOptions {
     }
 }
 
-/// The forwarder whose dead letters `observer` names (`{name}:{Entity}:{event}`): the NATS
-/// bridge (`run_bridge`, `[observers.bridge] transport_name`) or the Redis forwarder
+/// The forwarder a config runs, by its listener id and target: the NATS bridge
+/// (`run_bridge`, `[observers.bridge] transport_name`) or the Redis forwarder
 /// (`backend = "redis"`, `[observers.redis] forwarder_name`).
-fn forwarder_of(config: &Config, observer: &str) -> Option<(String, &'static str)> {
+fn configured_forwarder(config: &Config) -> Option<(&str, &'static str)> {
     let o = &config.observers;
-    let owns = |name: &str| observer.starts_with(name) && observer[name.len()..].starts_with(':');
-    if o.run_bridge && owns(&o.bridge.transport_name) {
-        return Some((o.bridge.transport_name.clone(), "nats"));
+    if o.run_bridge {
+        return Some((&o.bridge.transport_name, "nats"));
     }
-    if o.backend == Backend::Redis && owns(&o.redis.forwarder_name) {
-        return Some((o.redis.forwarder_name.clone(), "redis"));
+    if o.backend == Backend::Redis && config.database.url.is_some() {
+        return Some((&o.redis.forwarder_name, "redis"));
     }
     None
 }
 
-/// `fraiseql dlq retry` for a change the bridge or the Redis forwarder could not publish:
-/// connects a publisher from `config` and publishes the entry's event again (same id, so
-/// NATS's duplicate window and EffectivelyOnce consumers absorb a publish that had in fact
-/// landed), with the forwarder's retries; the entry is removed once confirmed. `Ok(None)`
-/// when the entry is not a forwarder's (or does not exist).
+/// `fraiseql dlq retry` for a change the bridge or the Redis forwarder could not publish (a
+/// dead letter of origin `forwarder`): connects the config's publisher and publishes the
+/// entry's event again (same id, so NATS's duplicate window and EffectivelyOnce consumers
+/// absorb a publish that had in fact landed), with the forwarder's retries; the entry is
+/// removed once confirmed. Ok(false) when it failed again.
 pub async fn retry_forwarded(
     config: &Config,
     schema: &Schema,
     dlq: Arc<dyn DeadLetterQueue>,
     metrics: Arc<Metrics>,
     id: u64,
-) -> Result<Option<bool>> {
-    let Some(entry) = dlq.get(id).await? else {
-        return Ok(None);
+) -> Result<bool> {
+    let Some((name, target)) = configured_forwarder(config) else {
+        return Err(Error::dead_letter(
+            DeadLetterErrorKind::ObserverGone,
+            format!(
+                "entry {id} is a change a forwarder could not publish, but this configuration \
+                 runs none (run_bridge = true, or backend = \"redis\" with a database)"
+            ),
+        ));
     };
-    let Some((name, transport)) = forwarder_of(config, &entry.observer) else {
-        return Ok(None);
-    };
-    let publisher: Arc<dyn Publisher> = if transport == "nats" {
+    let publisher: Arc<dyn Publisher> = if target == "nats" {
         Arc::new(NatsPublisher::connect(&config.observers.nats, NatsMetrics::new()).await?)
     } else {
         let url = config.observers.redis_url.as_deref().ok_or_else(|| {
@@ -171,7 +173,7 @@ pub async fn retry_forwarded(
             RedisMetrics::new(),
         ))
     };
-    let specs = bridge_observers(schema, publisher, &name);
+    let specs = bridge_observers(schema, publisher, name);
     let engine = Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?;
-    engine.retry_dead_letter(id).await.map(Some)
+    engine.forwarding().retry_dead_letter(id).await
 }

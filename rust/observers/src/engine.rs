@@ -13,7 +13,7 @@ use crate::action::{Action, ActionError};
 use crate::checkpoint::{CheckpointStrategy, IdempotencyStore, IdempotencyStores, ListenerConfig};
 use crate::condition::Condition;
 use crate::config::HandlerConfig;
-use crate::dlq::{DeadLetterQueue, DlqEntry, PushOutcome};
+use crate::dlq::{DeadLetterQueue, DlqEntry, DlqOrigin, PushOutcome};
 use crate::error::{DeadLetterErrorKind, Error, Result};
 use crate::schema::Schema;
 use serde_json::Value;
@@ -153,6 +153,8 @@ pub struct Engine {
     index: HashMap<String, [Vec<usize>; 3]>,
     dlq: Arc<dyn DeadLetterQueue>,
     metrics: Arc<Metrics>,
+    /// What its dead letters are: an observer's, or a forwarder's change.
+    origin: DlqOrigin,
 }
 
 fn kind_slot(kind: EventKind) -> usize {
@@ -219,7 +221,15 @@ impl Engine {
             index,
             dlq,
             metrics,
+            origin: DlqOrigin::Observer,
         })
+    }
+
+    /// The engine of a forwarder (the bridge, the Redis forwarder): its dead letters are
+    /// changes that could not be published (origin `forwarder`).
+    pub fn forwarding(mut self) -> Self {
+        self.origin = DlqOrigin::Forwarder;
+        self
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -426,6 +436,7 @@ impl Engine {
     ) -> bool {
         let entry = DlqEntry {
             id: 0,
+            origin: self.origin,
             event: event.clone(),
             observer: observer.name.clone(),
             action_index,
@@ -434,6 +445,7 @@ impl Engine {
             attempts: failure.attempts,
             first_failed_at: failure.first_failed_at,
             last_failed_at: now_rfc3339(),
+            raw: None,
         };
         let what = format!("[observer] {} event {}", observer.name, event.id);
         self.store_dead_letter(entry, &what).await
@@ -466,6 +478,7 @@ impl Engine {
                 new: Some(Value::Object(described)),
                 old: None,
             },
+            origin: DlqOrigin::Undecodable,
             observer: source.to_owned(),
             action_index: 0,
             action: UNDECODABLE_ACTION.to_owned(),
@@ -473,6 +486,7 @@ impl Engine {
             attempts: 1,
             first_failed_at: now_rfc3339(),
             last_failed_at: now_rfc3339(),
+            raw: input.raw.clone(),
         };
         self.metrics.source_undecodable.inc();
         let what = format!("{source}: undecodable input {}", input.id);
@@ -510,7 +524,7 @@ impl Engine {
                 format!("no dead-letter entry with id {id}"),
             )
         })?;
-        if entry.action == UNDECODABLE_ACTION {
+        if entry.origin == DlqOrigin::Undecodable {
             return Err(Error::dead_letter(
                 DeadLetterErrorKind::Undecodable,
                 format!(

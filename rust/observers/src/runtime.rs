@@ -27,7 +27,7 @@ use crate::checkpoint::{
 };
 use crate::config::{Backend, Config};
 pub use crate::database::connect_pool;
-use crate::dlq::{DeadLetterQueue, DlqEntry, MemoryDlq, PgDeadLetterQueue};
+use crate::dlq::{DeadLetterQueue, DlqEntry, DlqOrigin, MemoryDlq, PgDeadLetterQueue};
 use crate::engine::{Engine, ObserverSpec};
 use crate::error::{ConnectErrorKind, DeadLetterErrorKind, Error, Result};
 use crate::metrics::{Metrics, RedisMetrics};
@@ -360,9 +360,9 @@ impl DeadLetters {
     /// forwarder could not publish (published again through a publisher of its own). Ok(false)
     /// when it failed again (the entry stays, with the new error).
     pub async fn retry(&self, id: u64) -> Result<bool> {
-        match self.engine.retry_dead_letter(id).await {
-            // Not one of the observers': maybe a change a forwarder could not publish.
-            Err(Error::DeadLetter(gone)) if gone.kind() == DeadLetterErrorKind::ObserverGone => {
+        let entry = self.dlq.get(id).await?;
+        match entry.map(|e| e.origin) {
+            Some(DlqOrigin::Forwarder) => {
                 bridge::retry_forwarded(
                     &self.config,
                     &self.schema,
@@ -370,11 +370,19 @@ impl DeadLetters {
                     self.metrics.clone(),
                     id,
                 )
-                .await?
-                .ok_or(Error::DeadLetter(gone))
+                .await
             }
-            done => done,
+            _ => self.engine.retry_dead_letter(id).await,
         }
+    }
+
+    /// Removes the entries with these ids; returns how many there were.
+    pub async fn remove(&self, ids: &[u64]) -> Result<usize> {
+        let removed = self.dlq.remove_many(ids).await?;
+        self.metrics
+            .dlq_size
+            .dec_by(i64::try_from(removed).unwrap_or(i64::MAX));
+        Ok(removed)
     }
 
     /// Removes every entry; returns how many there were.
@@ -507,7 +515,8 @@ impl Forwarder<'_> {
             capture::install_with(self.pool, self.schema, &options).await?;
         }
         let specs = bridge::bridge_observers(self.schema, self.publisher.clone(), self.listener_id);
-        let engine = Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?;
+        let engine =
+            Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?.forwarding();
         let options = bridge::bridge_options(self.config, self.listener_id);
         let source = PostgresSource::new(self.pool.clone(), options)
             .await?

@@ -422,6 +422,8 @@ fn dead_letter(observer: &str, event: &Event) -> DlqEntry {
     let now = fraiseql_observers::event::now_rfc3339();
     DlqEntry {
         id: 0,
+        origin: fraiseql_observers::dlq::DlqOrigin::Forwarder,
+        raw: None,
         event: event.clone(),
         observer: observer.into(),
         action_index: 0,
@@ -463,7 +465,7 @@ async fn dlq_retry_publishes_a_dead_lettered_bridge_change_again() {
 
     // The stream does not exist yet: the retry's publisher creates it, as the bridge does.
     let id = push("pg_to_nats:Order:insert").await;
-    assert_eq!(retry(id).await.unwrap(), Some(true));
+    assert!(retry(id).await.unwrap());
     assert!(
         dlq.get(id).await.unwrap().is_none(),
         "delivered entries are removed"
@@ -471,7 +473,7 @@ async fn dlq_retry_publishes_a_dead_lettered_bridge_change_again() {
     assert_eq!(stream_messages(&js, &cfg).await, 1);
     // The same change dead-lettered twice is stored once (same Nats-Msg-Id).
     let again = push("pg_to_nats:Order:insert").await;
-    assert_eq!(retry(again).await.unwrap(), Some(true));
+    assert!(retry(again).await.unwrap());
     assert_eq!(stream_messages(&js, &cfg).await, 1);
     let stream = js.get_stream(&cfg.stream_name).await.unwrap();
     let stored = stream
@@ -481,12 +483,16 @@ async fn dlq_retry_publishes_a_dead_lettered_bridge_change_again() {
     let body: Value = serde_json::from_slice(&stored.payload).unwrap();
     assert_eq!(body["id"], json!(event.id));
 
-    // Not the bridge's: another observer, or a listener id that only starts the same way.
-    for other in ["shipping:Order:insert", "pg_to_nats_b:Order:insert"] {
-        let id = push(other).await;
-        assert_eq!(retry(id).await.unwrap(), None, "{other}");
-        assert!(dlq.get(id).await.unwrap().is_some());
-    }
+    // A forwarder's entry of a listener id the config does not run is refused, and kept.
+    let id = push("pg_to_nats_b:Order:insert").await;
+    let err = retry(id).await.unwrap_err().to_string();
+    assert!(err.contains("not declared any more"), "{err}");
+    assert!(dlq.get(id).await.unwrap().is_some());
+    // Without a forwarder in the config, it says so.
+    config.observers.run_bridge = false;
+    let retry = |id| bridge::retry_forwarded(&config, &schema, dlq.clone(), metrics.clone(), id);
+    let err = retry(id).await.unwrap_err().to_string();
+    assert!(err.contains("runs none"), "{err}");
     cleanup(&js, &cfg).await;
 }
 

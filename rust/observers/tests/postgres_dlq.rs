@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use fraiseql_observers::dlq::PushOutcome;
+use fraiseql_observers::dlq::{DlqOrigin, PushOutcome};
 use fraiseql_observers::event::now_rfc3339;
 use fraiseql_observers::{
     Action, ActionError, CheckpointStrategy, DeadLetterQueue, DlqEntry, Engine, Event, EventKind,
@@ -43,6 +43,8 @@ fn event(n: u32) -> Event {
 fn entry(n: u32) -> DlqEntry {
     DlqEntry {
         id: 0,
+        origin: DlqOrigin::Observer,
+        raw: None,
         event: event(n),
         observer: format!("obs{n}"),
         action_index: n as usize % 3,
@@ -96,13 +98,15 @@ async fn push_list_get_remove_purge_len_round_trip() {
     assert_eq!(dlq.get(u64::MAX).await.unwrap(), None);
     assert_eq!(dlq.len().await.unwrap(), 3);
 
-    // The row itself: event_id column and jsonb event.
-    let (event_id, kind): (String, String) =
-        sqlx::query_as("SELECT event_id, event->>'event' FROM fraiseql_dead_letters WHERE id = $1")
-            .bind(ids[0] as i64)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    // The row itself: the event_id column, and the event as JSON bytes SQL can read.
+    let (event_id, kind): (String, String) = sqlx::query_as(
+        "SELECT event_id, convert_from(payload, 'UTF8')::jsonb->>'event' \
+         FROM fraiseql_dead_letters WHERE id = $1",
+    )
+    .bind(ids[0] as i64)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(event_id, entries[0].event.id);
     assert_eq!(kind, "UPDATE");
 
@@ -416,5 +420,98 @@ async fn engine_counts_overflow_when_the_table_is_full() {
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0].event.id, first.id, "the oldest is kept");
 
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn any_content_is_kept_nul_characters_and_raw_bytes_included() {
+    let db = test_db().await;
+    let dlq = PgDeadLetterQueue::new(db.pool.clone(), Some(10))
+        .await
+        .unwrap();
+    let mut e = entry(1);
+    e.event.id = "evt\0nul".into();
+    e.event.new = Some(json!({"id": 1, "note": "a\u{0}b", "bytes": "\u{0}\u{1}\u{7f}"}));
+    e.observer = "obs\0".into();
+    let id = stored(dlq.push(e.clone()).await.unwrap());
+    let back = dlq.get(id).await.unwrap().unwrap();
+    assert_eq!(back.event, e.event, "the event keeps its NULs");
+    assert_eq!(back.observer, "obs\u{FFFD}", "text columns replace them");
+
+    let raw = vec![0u8, 0xff, b'{', b'x', 0];
+    let undecodable = DlqEntry {
+        origin: DlqOrigin::Undecodable,
+        raw: Some(raw.clone()),
+        ..entry(2)
+    };
+    let id = stored(dlq.push(undecodable).await.unwrap());
+    let back = dlq.get(id).await.unwrap().unwrap();
+    assert_eq!(back.origin, DlqOrigin::Undecodable);
+    assert_eq!(back.raw.as_deref(), Some(&raw[..]));
+    // Shown as base64 where it is not text, as text where it is.
+    let shown = serde_json::to_value(&back).unwrap();
+    assert_eq!(
+        shown["raw"],
+        json!({"encoding": "base64", "data": "AP97eAA="})
+    );
+    assert_eq!(shown["origin"], "undecodable");
+    let text = DlqEntry {
+        raw: Some(b"{not json".to_vec()),
+        ..back
+    };
+    let shown = serde_json::to_value(&text).unwrap();
+    assert_eq!(
+        shown["raw"],
+        json!({"encoding": "utf-8", "text": "{not json"})
+    );
+    let parsed: DlqEntry = serde_json::from_value(shown).unwrap();
+    assert_eq!(parsed.raw, text.raw);
+
+    // Chosen entries go, the others stay.
+    assert_eq!(
+        dlq.remove_many(&[id, id + 1000, u64::MAX]).await.unwrap(),
+        1
+    );
+    assert_eq!(dlq.len().await.unwrap(), 1);
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_table_of_the_previous_version_is_migrated_and_read() {
+    let db = test_db().await;
+    sqlx::raw_sql(
+        "CREATE TABLE fraiseql_dead_letters (
+            id bigserial PRIMARY KEY, event_id text NOT NULL, observer text NOT NULL,
+            action_index int NOT NULL, action text NOT NULL, event jsonb NOT NULL,
+            error text NOT NULL, attempts int NOT NULL, first_failed_at timestamptz NOT NULL,
+            last_failed_at timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO fraiseql_dead_letters (event_id, observer, action_index, action, event,
+            error, attempts, first_failed_at, last_failed_at) VALUES
+          ('1', 'shipping', 0, 'webhook', '{\"id\":\"1\",\"entity\":\"Order\",\"event\":\"INSERT\",\"table\":\"tb_order\",\"timestamp\":\"t\",\"new\":{\"id\":1},\"old\":null}', 'HTTP 500', 3, now(), now()),
+          ('2', 'redis:s', 0, 'redis decode', '{\"id\":\"2\",\"entity\":\"\",\"event\":\"INSERT\",\"table\":\"\",\"timestamp\":\"t\",\"new\":{\"fields\":{}},\"old\":null}', 'malformed', 1, now(), now()),
+          ('3', 'pg_to_nats:Order:insert', 0, 'nats_publish', '{\"id\":\"3\",\"entity\":\"Order\",\"event\":\"INSERT\",\"table\":\"tb_order\",\"timestamp\":\"t\",\"new\":{\"id\":3},\"old\":null}', 'timed out', 5, now(), now())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let dlq = PgDeadLetterQueue::new(db.pool.clone(), None).await.unwrap();
+    let origins: Vec<(String, DlqOrigin)> = dlq
+        .list(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.event.id, e.origin))
+        .collect();
+    assert_eq!(
+        origins,
+        [
+            ("1".to_owned(), DlqOrigin::Observer),
+            ("2".to_owned(), DlqOrigin::Undecodable),
+            ("3".to_owned(), DlqOrigin::Forwarder),
+        ]
+    );
+    // New entries go into the migrated table beside the old ones.
+    stored(dlq.push(entry(4)).await.unwrap());
+    assert_eq!(dlq.len().await.unwrap(), 4);
     db.cleanup().await;
 }

@@ -699,6 +699,14 @@ impl PyEngine {
         })
     }
 
+    /// Removes the entries with these ids; returns how many there were.
+    fn dlq_remove(&self, py: Python<'_>, ids: Vec<u64>) -> PyResult<usize> {
+        let dead_letters = self.dead_letters()?;
+        Ok(py
+            .detach(|| runtime().block_on(dead_letters.remove(&ids)))
+            .map_err(PyFraiseError)?)
+    }
+
     fn dlq_purge(&self, py: Python<'_>) -> PyResult<usize> {
         let dead_letters = self.dead_letters()?;
         Ok(py

@@ -81,6 +81,8 @@ mod tests {
     fn entry(n: u32) -> DlqEntry {
         DlqEntry {
             id: 0,
+            origin: Default::default(),
+            raw: None,
             event: Event::new("Order", EventKind::Insert, "tb_order", None, None),
             observer: format!("obs{n}"),
             action_index: 0,

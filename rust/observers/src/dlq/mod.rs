@@ -14,11 +14,47 @@ pub use postgres::PgDeadLetterQueue;
 use crate::error::Result;
 use crate::event::Event;
 
-/// One failed (observer, action) pair for one event.
+/// What put an entry in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DlqOrigin {
+    /// An observer's action that used up its attempts (or could not run).
+    #[default]
+    Observer,
+    /// A change the bridge or the Redis forwarder could not publish.
+    Forwarder,
+    /// Input a source could not decode: nothing to re-run.
+    Undecodable,
+}
+
+impl DlqOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DlqOrigin::Observer => "observer",
+            DlqOrigin::Forwarder => "forwarder",
+            DlqOrigin::Undecodable => "undecodable",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DlqOrigin> {
+        match s {
+            "observer" => Some(DlqOrigin::Observer),
+            "forwarder" => Some(DlqOrigin::Forwarder),
+            "undecodable" => Some(DlqOrigin::Undecodable),
+            _ => None,
+        }
+    }
+}
+
+/// One failed (observer, action) pair for one event, or one undecodable input.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DlqEntry {
     /// Assigned by the queue on push.
     pub id: u64,
+    /// What put it here; `observer` names the observer, the forwarder's observer
+    /// (`pg_to_nats:Order:insert`) or the source (`nats:fraiseql_events`).
+    #[serde(default)]
+    pub origin: DlqOrigin,
     pub event: Event,
     pub observer: String,
     /// Index of the action within the observer, so a retry re-runs only that action.
@@ -30,6 +66,50 @@ pub struct DlqEntry {
     pub attempts: u32,
     pub first_failed_at: String,
     pub last_failed_at: String,
+    /// Undecodable input's bytes as they arrived (any bytes: a NUL, invalid UTF-8). Shown as
+    /// `{"encoding": "utf-8", "text": …}` or, when not UTF-8 text, `{"encoding": "base64",
+    /// "data": …}`.
+    #[serde(default, with = "raw_bytes")]
+    pub raw: Option<Vec<u8>>,
+}
+
+/// `raw` as text where it is text, base64 where it is not.
+mod raw_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(tag = "encoding")]
+    enum Shown {
+        #[serde(rename = "utf-8")]
+        Text { text: String },
+        #[serde(rename = "base64")]
+        Base64 { data: String },
+    }
+
+    pub fn serialize<S: Serializer>(raw: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        let shown = raw.as_ref().map(|bytes| match std::str::from_utf8(bytes) {
+            Ok(text) if !text.contains('\0') => Shown::Text {
+                text: text.to_owned(),
+            },
+            _ => Shown::Base64 {
+                data: base64::engine::general_purpose::STANDARD.encode(bytes),
+            },
+        });
+        shown.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let shown = Option::<Shown>::deserialize(d)?;
+        shown
+            .map(|s| match s {
+                Shown::Text { text } => Ok(text.into_bytes()),
+                Shown::Base64 { data } => base64::engine::general_purpose::STANDARD
+                    .decode(data)
+                    .map_err(serde::de::Error::custom),
+            })
+            .transpose()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +126,14 @@ pub trait DeadLetterQueue: Send + Sync {
     async fn list(&self, limit: usize) -> Result<Vec<DlqEntry>>;
     async fn get(&self, id: u64) -> Result<Option<DlqEntry>>;
     async fn remove(&self, id: u64) -> Result<bool>;
+    /// Removes the entries with these ids; returns how many there were.
+    async fn remove_many(&self, ids: &[u64]) -> Result<usize> {
+        let mut removed = 0;
+        for &id in ids {
+            removed += usize::from(self.remove(id).await?);
+        }
+        Ok(removed)
+    }
     /// Removes every entry; returns how many there were.
     async fn purge(&self) -> Result<usize>;
     async fn len(&self) -> Result<usize>;

@@ -2,10 +2,9 @@
 
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
-use sqlx::types::Json;
 use sqlx::{PgPool, Row};
 
-use super::{DeadLetterQueue, DlqEntry, PushOutcome};
+use super::{DeadLetterQueue, DlqEntry, DlqOrigin, PushOutcome};
 use crate::error::{DeadLetterErrorKind, Error, Result};
 use crate::event::Event;
 
@@ -15,14 +14,31 @@ const CREATE_SQL: &str = "CREATE TABLE IF NOT EXISTS fraiseql_dead_letters (
     observer        text NOT NULL,
     action_index    int NOT NULL,
     action          text NOT NULL,
-    event           jsonb NOT NULL,
+    event           jsonb,
     error           text NOT NULL,
     attempts        int NOT NULL,
     first_failed_at timestamptz NOT NULL,
     last_failed_at  timestamptz NOT NULL,
-    created_at      timestamptz NOT NULL DEFAULT now()
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    origin          text NOT NULL DEFAULT 'observer',
+    payload         bytea,
+    raw             bytea
 )";
 
+/// Brings a table created by an earlier version up to date: the columns `origin`, `payload`
+/// and `raw`, and `event` no longer required. Rows written before hold their event in
+/// `event` (jsonb) and their origin in their names: undecodable input under action `decode`
+/// (`redis decode` for Redis), a forwarder's change under `<name>:<Entity>:<event>`.
+const MIGRATE_SQL: [&str; 6] = [
+    "ALTER TABLE fraiseql_dead_letters ADD COLUMN IF NOT EXISTS origin text NOT NULL DEFAULT 'observer'",
+    "ALTER TABLE fraiseql_dead_letters ADD COLUMN IF NOT EXISTS payload bytea",
+    "ALTER TABLE fraiseql_dead_letters ADD COLUMN IF NOT EXISTS raw bytea",
+    "ALTER TABLE fraiseql_dead_letters ALTER COLUMN event DROP NOT NULL",
+    "UPDATE fraiseql_dead_letters SET origin = 'undecodable' \
+     WHERE payload IS NULL AND origin = 'observer' AND action IN ('decode', 'redis decode')",
+    "UPDATE fraiseql_dead_letters SET origin = 'forwarder' \
+     WHERE payload IS NULL AND origin = 'observer' AND action IN ('nats_publish', 'redis_xadd')",
+];
 const CREATE_INDEX_SQL: &str = "CREATE INDEX IF NOT EXISTS fraiseql_dead_letters_created_at_idx \
      ON fraiseql_dead_letters (created_at, id)";
 
@@ -30,13 +46,15 @@ const CREATE_INDEX_SQL: &str = "CREATE INDEX IF NOT EXISTS fraiseql_dead_letters
 const LOCK_SQL: &str =
     "SELECT pg_advisory_xact_lock(hashtext('fraiseql.dlq'), hashtext('fraiseql_dead_letters'))";
 
-const COLUMNS: &str = "event_id, observer, action_index, action, event, error, attempts, \
-     first_failed_at, last_failed_at";
+const COLUMNS: &str = "event_id, observer, action_index, action, origin, payload, raw, error, \
+     attempts, first_failed_at, last_failed_at";
 
-const VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8::timestamptz, $9::timestamptz";
+const VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10::timestamptz, $11::timestamptz";
 
-/// Selected columns, timestamps rendered as RFC 3339 UTC with microseconds.
-const SELECT_COLUMNS: &str = "id, observer, action_index, action, event, error, attempts, \
+/// Selected columns, timestamps rendered as RFC 3339 UTC with microseconds; the event of a
+/// row written by an earlier version comes from its jsonb column.
+const SELECT_COLUMNS: &str = "id, observer, action_index, action, origin, \
+     COALESCE(payload, convert_to(event::text, 'UTF8')) AS payload, raw, error, attempts, \
      to_char(first_failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS first_failed_at, \
      to_char(last_failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS last_failed_at";
 
@@ -51,12 +69,15 @@ const SELECT_COLUMNS: &str = "id, observer, action_index, action, event, error, 
 ///     observer        text NOT NULL,
 ///     action_index    int NOT NULL,
 ///     action          text NOT NULL,
-///     event           jsonb NOT NULL,
+///     event           jsonb,                 -- rows of earlier versions only
 ///     error           text NOT NULL,
 ///     attempts        int NOT NULL,
 ///     first_failed_at timestamptz NOT NULL,
 ///     last_failed_at  timestamptz NOT NULL,
-///     created_at      timestamptz NOT NULL DEFAULT now()
+///     created_at      timestamptz NOT NULL DEFAULT now(),
+///     origin          text NOT NULL DEFAULT 'observer',
+///     payload         bytea,                 -- the event as JSON bytes
+///     raw             bytea                  -- undecodable input as it arrived
 /// );
 /// CREATE INDEX fraiseql_dead_letters_created_at_idx ON fraiseql_dead_letters (created_at, id);
 /// ```
@@ -84,13 +105,18 @@ const SELECT_COLUMNS: &str = "id, observer, action_index, action, event, error, 
 ///
 /// # Stored forms
 ///
-/// - `event` is the serialised [`Event`] as `jsonb`, so object keys in `new`/`old` come back in
-///   jsonb order (the values are equal), and a string containing `\u0000` cannot be stored.
+/// - `payload` (`bytea`) holds the serialised [`Event`] as JSON bytes, exactly as written: any
+///   content survives, a string containing `\u0000` included (which `jsonb` cannot hold), and
+///   it reads back equal. For SQL inspection, `convert_from(payload, 'UTF8')::jsonb` works for
+///   every entry whose strings hold no NUL. `raw` (`bytea`) keeps the bytes of undecodable
+///   input as they arrived; `origin` says what put the entry there (`observer`, `forwarder`,
+///   `undecodable`). The `event` (`jsonb`) column is read only for rows of earlier versions.
 /// - `first_failed_at` / `last_failed_at` must be RFC 3339; they are stored as `timestamptz`
 ///   and read back as UTC with microseconds (`2024-05-01T12:00:00.123456Z`, the form the
 ///   engine writes, which therefore round-trips unchanged). Anything else is an error.
-/// - NUL characters, which PostgreSQL text cannot hold, are replaced by U+FFFD in `error` and
-///   `action` (free text such as a response body), so such an entry is kept rather than lost.
+/// - NUL characters, which PostgreSQL text cannot hold, are replaced by U+FFFD in the text
+///   columns (`event_id`, `observer`, `action`, `error`), so such an entry is kept rather
+///   than lost; the event in `payload` keeps them.
 ///
 /// The table name is resolved through the connection's `search_path`.
 #[derive(Debug, Clone)]
@@ -118,7 +144,7 @@ impl PgDeadLetterQueue {
             ),
             bounded_insert_sql: format!(
                 "INSERT INTO fraiseql_dead_letters ({COLUMNS}) SELECT {VALUES} \
-                 WHERE (SELECT count(*) FROM fraiseql_dead_letters) < $10 RETURNING id"
+                 WHERE (SELECT count(*) FROM fraiseql_dead_letters) < $12 RETURNING id"
             ),
             list_sql: format!(
                 "SELECT {SELECT_COLUMNS} FROM fraiseql_dead_letters ORDER BY id LIMIT $1"
@@ -138,7 +164,10 @@ impl PgDeadLetterQueue {
     /// unique index, so creators (other queues, other processes) take the advisory lock.
     async fn ensure_table(&self) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        for sql in [LOCK_SQL, CREATE_SQL, CREATE_INDEX_SQL] {
+        for sql in [LOCK_SQL, CREATE_SQL, CREATE_INDEX_SQL]
+            .into_iter()
+            .chain(MIGRATE_SQL)
+        {
             sqlx::query(sql).execute(&mut *tx).await.map_err(db_error)?;
         }
         tx.commit().await.map_err(db_error)
@@ -150,11 +179,13 @@ impl PgDeadLetterQueue {
         row: &'q Prepared,
     ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
         sqlx::query(sql)
-            .bind(&entry.event.id)
-            .bind(&entry.observer)
+            .bind(&row.event_id)
+            .bind(&row.observer)
             .bind(row.action_index)
             .bind(&row.action)
-            .bind(Json(&entry.event))
+            .bind(entry.origin.as_str())
+            .bind(&row.payload)
+            .bind(entry.raw.as_deref())
             .bind(&row.error)
             .bind(row.attempts)
             .bind(&row.first_failed_at)
@@ -164,6 +195,9 @@ impl PgDeadLetterQueue {
 
 /// The converted column values of an entry about to be inserted.
 struct Prepared {
+    event_id: String,
+    observer: String,
+    payload: Vec<u8>,
     action_index: i32,
     action: String,
     error: String,
@@ -175,6 +209,14 @@ struct Prepared {
 impl Prepared {
     fn new(entry: &DlqEntry) -> Result<Self> {
         Ok(Prepared {
+            event_id: without_nul(&entry.event.id),
+            observer: without_nul(&entry.observer),
+            payload: serde_json::to_vec(&entry.event).map_err(|e| {
+                Error::dead_letter(
+                    DeadLetterErrorKind::Storage,
+                    format!("cannot encode event {}: {e}", entry.event.id),
+                )
+            })?,
             action_index: i32::try_from(entry.action_index).map_err(|_| {
                 Error::dead_letter(
                     DeadLetterErrorKind::Storage,
@@ -233,9 +275,18 @@ fn stored_id(id: i64) -> Result<u64> {
 fn entry_from_row(row: &PgRow) -> Result<DlqEntry> {
     let action_index: i32 = row.try_get("action_index").map_err(db_error)?;
     let attempts: i32 = row.try_get("attempts").map_err(db_error)?;
-    let Json(event): Json<Event> = row.try_get("event").map_err(db_error)?;
+    let payload: Vec<u8> = row.try_get("payload").map_err(db_error)?;
+    let event: Event = serde_json::from_slice(&payload).map_err(|e| {
+        Error::dead_letter(
+            DeadLetterErrorKind::Storage,
+            format!("table `fraiseql_dead_letters`: a stored event does not decode: {e}"),
+        )
+    })?;
+    let origin: String = row.try_get("origin").map_err(db_error)?;
     Ok(DlqEntry {
         id: stored_id(row.try_get("id").map_err(db_error)?)?,
+        origin: DlqOrigin::parse(&origin).unwrap_or_default(),
+        raw: row.try_get("raw").map_err(db_error)?,
         event,
         observer: row.try_get("observer").map_err(db_error)?,
         action_index: usize::try_from(action_index).map_err(|_| {
@@ -333,6 +384,19 @@ impl DeadLetterQueue for PgDeadLetterQueue {
             .await
             .map_err(db_error)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn remove_many(&self, ids: &[u64]) -> Result<usize> {
+        let ids: Vec<i64> = ids
+            .iter()
+            .filter_map(|&id| i64::try_from(id).ok())
+            .collect();
+        let done = sqlx::query("DELETE FROM fraiseql_dead_letters WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
     }
 
     async fn purge(&self) -> Result<usize> {
