@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,6 +88,9 @@ def test_check_lists_every_error_with_file_and_line(tmp_path: Path) -> None:
     assert "fraiseql.toml:9: observers.handlers[0].event" in err
     assert "schema.py:6: observer `big`: condition unknown field `totl`" in err
     assert "did you mean `total`?" in err
+    problems = [line for line in err.splitlines() if re.match(r"\S+\.(toml|py):\d+: ", line)]
+    assert len(problems) == 4
+    assert err.rstrip().endswith("\n4 errors"), err  # the footer counts each one
 
 
 def test_check_reports_the_bridge_rule_and_toml_syntax(tmp_path: Path) -> None:

@@ -180,3 +180,27 @@ def test_embedded_starts_nats_too_when_the_config_uses_it(tmp_path: Path) -> Non
     finally:
         shutil.rmtree(_embedded.nats_home_for(project), ignore_errors=True)
         shutil.rmtree(_embedded.home_for(project), ignore_errors=True)
+
+
+def test_embedded_reads_the_backend_from_the_runtime_file_and_a_named_url_variable(
+    tmp_path: Path,
+) -> None:
+    """`[transport] backend = "nats"` in fraiseql-observer.toml alone makes --embedded start
+    a nats-server (the CLI asks the native loader, which merges both files), and
+    `url = "${APP_DB}"` gets the embedded database in APP_DB."""
+    project = tmp_path / "runtimefile"
+    project.mkdir()
+    (project / "fraiseql.toml").write_text('[database]\nurl = "${APP_DB}"\n\n[observers]\nhttp_port = 0\n')
+    (project / "fraiseql-observer.toml").write_text(
+        '[transport]\nbackend = "nats"\n\n[transport.nats]\n'
+        f'stream_name = "rt_{tmp_path.name[-8:]}"\nsubject_prefix = "rt{tmp_path.name[-8:]}.mutation"\n'
+    )
+    try:
+        proc, out, err = start_engine(project, ready="[observers] transport: nats")
+        try:
+            assert any("[embedded] nats-server" in line for line in err.lines)
+        finally:
+            stop_engine(proc, out, err)
+    finally:
+        shutil.rmtree(_embedded.nats_home_for(project), ignore_errors=True)
+        shutil.rmtree(_embedded.home_for(project), ignore_errors=True)

@@ -34,6 +34,7 @@ __all__ = [
     "UnreachableError",
     "__version__",
     "check",
+    "config_facts",
     "database_url",
     "db_install",
     "idempotency_prune",
@@ -98,6 +99,7 @@ def check(
     entities: list[tuple[str, str, list[str]]] | None = None,
     observers: list[dict[str, Any]] | None = None,
 ) -> list[str]: ...
+def config_facts(main: _Source = None, runtime_file: _Source = None) -> dict[str, Any]: ...
 def database_url(main: _Source = None, runtime_file: _Source = None) -> str | None: ...
 def db_install(
     main: _Source = None,

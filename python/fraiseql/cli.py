@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import tomllib
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,13 +110,20 @@ _schema_opt = click.option(
 )
 
 
-def _start_embedded(cfg: Path) -> _embedded.EmbeddedPostgres:
-    """Starts (or reuses) the embedded PostgreSQL and points DATABASE_URL at it."""
+def _facts(cfg: Path, runtime: Path | None) -> dict[str, Any]:
+    """What the native config loader reads of the files before they can load (the variables
+    they name may be the ones --embedded is about to set)."""
     try:
-        explicit = tomllib.loads(cfg.read_text(encoding="utf-8")).get("database", {}).get("url")
-    except (OSError, tomllib.TOMLDecodeError):
-        explicit = None  # the config loader reports these with file and line
-    if isinstance(explicit, str) and "${DATABASE_URL" not in explicit:
+        return _native.config_facts(read_source(cfg), read_source(_runtime_config(cfg, runtime)))
+    except _native.ConfigError:  # an unreadable file: the loader reports it later
+        return {"backend": "postgres", "uses_nats": False, "nats_url": None, "database_url_env": None}
+
+
+def _start_embedded(cfg: Path, facts: dict[str, Any]) -> _embedded.EmbeddedPostgres:
+    """Starts (or reuses) the embedded PostgreSQL and points the variable the config reads
+    its database URL from (DATABASE_URL unless `url = "${VAR}"` names another) at it."""
+    variable = facts["database_url_env"]
+    if variable is None:
         raise click.UsageError(
             f'--embedded: {cfg} sets [database] url; remove it (or use url = "${{DATABASE_URL}}") '
             "so that the embedded database is used"
@@ -127,35 +133,26 @@ def _start_embedded(cfg: Path) -> _embedded.EmbeddedPostgres:
     except _embedded.EmbeddedError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    os.environ["DATABASE_URL"] = server.url
+    os.environ[variable] = server.url
     return server
 
 
-def _nats_url_in(cfg: Path) -> tuple[str | None, bool]:
-    """The NATS URL the config would use (environment first), and whether it uses NATS."""
-    try:
-        observers = tomllib.loads(cfg.read_text(encoding="utf-8")).get("observers", {})
-    except (OSError, tomllib.TOMLDecodeError):
-        return None, False
-    uses_nats = observers.get("backend") == "nats" or bool(observers.get("run_bridge"))
-    nats = observers.get("nats", {}) if isinstance(observers.get("nats"), dict) else {}
-    url = os.environ.get("FRAISEQL_NATS_URL") or nats.get("url") or observers.get("nats_url")
-    return (url if isinstance(url, str) and "${" not in url else None), uses_nats
-
-
 @contextlib.contextmanager
-def _maybe_embedded(cfg: Path, embedded: bool, with_nats: bool = False) -> Iterator[None]:
+def _maybe_embedded(
+    cfg: Path, embedded: bool, runtime: Path | None = None, with_nats: bool = False
+) -> Iterator[None]:
     """The embedded database while the command runs; and with `with_nats`, for a config that
-    uses NATS whose server does not answer, an embedded nats-server (FRAISEQL_NATS_URL
-    points at it)."""
+    uses NATS (in fraiseql.toml or fraiseql-observer.toml) whose server does not answer, an
+    embedded nats-server (FRAISEQL_NATS_URL points at it)."""
     if not embedded:
         yield
         return
-    server = _start_embedded(cfg)
+    facts = _facts(cfg, runtime)
+    server = _start_embedded(cfg, facts)
     nats: _embedded.EmbeddedNats | None = None
     try:
-        url, uses_nats = _nats_url_in(cfg)
-        if with_nats and uses_nats and (url is None or not _embedded.nats_reachable(url)):
+        url = facts["nats_url"]
+        if with_nats and facts["uses_nats"] and (url is None or not _embedded.nats_reachable(url)):
             try:
                 nats = _embedded.start_nats(cfg.resolve().parent)
             except _embedded.EmbeddedError as exc:
@@ -197,7 +194,7 @@ def check(config: Path | None, runtime: Path | None, schema: str | None) -> None
     if errors:
         for e in errors:
             click.echo(e, err=True)
-        click.echo(f"{len(errors)} error(s)", err=True)
+        click.echo(f"{len(errors)} error{'' if len(errors) == 1 else 's'}", err=True)
         sys.exit(1)
     click.echo(f"ok: {cfg}, {len(reg.types)} type(s), {len(reg.observers)} Python observer(s)")
 
@@ -242,7 +239,7 @@ def db_psql(config: Path | None, embedded: bool, psql_args: tuple[str, ...]) -> 
     e.g. `fraiseql db psql --embedded -c "SELECT count(*) FROM fraiseql_change_log"`."""
     cfg = _find_config(config)
     with _maybe_embedded(cfg, embedded):
-        url = os.environ.get("DATABASE_URL")
+        url = os.environ.get(_facts(cfg, None)["database_url_env"] or "DATABASE_URL")
         if not embedded:
             try:
                 url = _native.database_url(read_source(cfg))
@@ -449,7 +446,7 @@ def run(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with _maybe_embedded(cfg, embedded, with_nats=True):
+    with _maybe_embedded(cfg, embedded, runtime, with_nats=True):
         stopped_early = _run_engine(cfg, runtime, reg, events, http_port, stop)
     if stopped_early:
         # The start-up thread is still waiting inside the native engine for a server; nothing

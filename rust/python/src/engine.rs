@@ -18,7 +18,6 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use pyo3_async_runtimes::TaskLocals;
-use serde_json::{json, Value};
 
 use crate::convert::{row_from_py, to_json, to_py};
 use crate::errors::PyFraiseError;
@@ -40,11 +39,6 @@ pub(crate) fn dict_source(dict: Option<&Bound<'_, PyDict>>) -> PyResult<Source> 
         PyValueError::new_err(format!("config dict cannot be expressed as TOML: {e}"))
     })?;
     Ok(Some(("<config dict>".to_owned(), text)))
-}
-
-fn toml_value(obj: &Bound<'_, PyAny>) -> PyResult<toml::Value> {
-    let json = to_json(obj)?;
-    toml::Value::try_from(json).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 /// An observer declared in Python (`@fraiseql.subscription` / `fraiseql.observer`).
@@ -74,7 +68,7 @@ fn parse_py_observer(
         }
         _ => None,
     };
-    // Build the TOML-shaped declaration the config module validates.
+    // The values it was declared with, as the config module reads a handler table.
     let decl = PyDict::new(d.py());
     for (k, v) in d.iter() {
         let key: String = k.extract()?;
@@ -82,34 +76,14 @@ fn parse_py_observer(
             decl.set_item(key, v)?;
         }
     }
-    let placeholder_action = function.is_some();
-    if placeholder_action {
-        // A subscription's action is its Python function; give the validator a stand-in.
-        decl.set_item(
-            "actions",
-            vec![json_dict(
-                d.py(),
-                &json!({"type": "slack", "webhook_url": "https://python.invalid", "message": "-"}),
-            )?],
-        )?;
-    }
-    let value = toml_value(decl.as_any())?;
-    match config::parse_handler(&value, &origin, &env) {
-        Ok(mut handler) => {
-            if placeholder_action {
-                handler.actions.clear();
-            }
-            Ok(Some(PyObserver { handler, function }))
-        }
+    let value = to_json(decl.as_any())?;
+    match config::parse_declared_handler(&value, &origin, &env, function.is_some()) {
+        Ok(handler) => Ok(Some(PyObserver { handler, function })),
         Err(e) => {
             errors.push(Error::Config(e));
             Ok(None)
         }
     }
-}
-
-fn json_dict<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
-    to_py(py, v)
 }
 
 pub(crate) fn entity_defs(entities: &Bound<'_, PyList>) -> PyResult<Vec<EntityDef>> {
@@ -261,7 +235,14 @@ pub fn check(
     Ok(
         match prepare(main, runtime_file, entities, observers, &slot, false)? {
             Ok(_) => Vec::new(),
-            Err(errors) => errors.iter().map(ToString::to_string).collect(),
+            // One line per problem: a config error holds every problem of the files.
+            Err(errors) => errors
+                .iter()
+                .flat_map(|e| match e {
+                    Error::Config(all) => all.iter().map(ToString::to_string).collect(),
+                    other => vec![other.to_string()],
+                })
+                .collect(),
         },
     )
 }
@@ -401,6 +382,28 @@ pub(crate) fn load_config(main: &Source, runtime_file: &Source) -> PyResult<Conf
         &env,
     )
     .map_err(|e| PyFraiseError(Error::Config(e)).into())
+}
+
+/// What `fraiseql run --embedded` must know before the config can load (its variables may
+/// be the ones it is about to set): `backend`, `uses_nats`, `nats_url`, `database_url_env`.
+#[pyfunction]
+#[pyo3(signature = (main=None, runtime_file=None))]
+pub fn config_facts<'py>(
+    py: Python<'py>,
+    main: Source,
+    runtime_file: Source,
+) -> PyResult<Bound<'py, PyDict>> {
+    let facts = Config::facts(
+        main.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
+        runtime_file.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
+        &env,
+    );
+    let out = PyDict::new(py);
+    out.set_item("backend", facts.backend.as_str())?;
+    out.set_item("uses_nats", facts.uses_nats)?;
+    out.set_item("nats_url", facts.nats_url)?;
+    out.set_item("database_url_env", facts.database_url_env)?;
+    Ok(out)
 }
 
 /// `[database] url` after `${VAR}` interpolation and the `DATABASE_URL` fallback, for

@@ -103,7 +103,7 @@ pub(crate) fn handlers(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Vec<Handle
     let mut seen: HashMap<String, String> = HashMap::new();
     for (i, item) in items.iter().enumerate() {
         let item_path = format!("{path}[{i}]");
-        let handler = handler(ctx, item, &item_path, None);
+        let handler = handler(ctx, item, &item_path, None, false);
         // Checked on the raw name, so that a duplicate is reported along with other errors.
         let name = match &item.kind {
             Kind::Table(entries) => entries.iter().find(|e| e.key == "name"),
@@ -141,11 +141,14 @@ pub(crate) fn handlers(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Vec<Handle
 }
 
 /// Reads one handler. `origin` defaults to `file:line` of the handler's table.
+/// Reads one handler. `own_action`: the declaration brings an action of its own (a Python
+/// function), so `actions` may be absent.
 pub(crate) fn handler(
     ctx: &mut Ctx<'_>,
     node: &Node,
     path: &str,
     origin: Option<&str>,
+    own_action: bool,
 ) -> Option<HandlerConfig> {
     let before = ctx.errors.len();
     let t = ctx.table(node, path, HANDLER_KEYS)?;
@@ -268,6 +271,7 @@ pub(crate) fn handler(
                 None => None,
             }
         }
+        None if own_action => Some(Vec::new()),
         None => {
             ctx.error(
                 &t.path("actions"),

@@ -132,6 +132,11 @@ struct Provenance {
     run_bridge: Option<Origin>,
     bridge_channel_set: bool,
     syntax_error: bool,
+    /// `[database] url` is in a file (else `DATABASE_URL` is read).
+    database_url_set: bool,
+    /// The variable the database URL comes from: `DATABASE_URL` when the file sets none, or
+    /// `VAR` when it is `"${VAR}"` (with or without a default).
+    database_url_env: Option<String>,
     /// A URL was given but could not be read (already reported): no "requires url" error.
     nats_url_failed: bool,
     redis_url_failed: bool,
@@ -142,6 +147,37 @@ pub(crate) fn from_sources(
     runtime: Option<(&str, &str)>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
+    let (cfg, _, errors) = read_sources(main, runtime, env);
+    if errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// What a command must know of a config before it can load it whole: see [`ConfigFacts`].
+/// Read from what could be read, whatever else is wrong (an unset variable, say).
+pub(crate) fn facts(
+    main: Option<(&str, &str)>,
+    runtime: Option<(&str, &str)>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> super::ConfigFacts {
+    let (cfg, prov, _) = read_sources(main, runtime, env);
+    let o = &cfg.observers;
+    super::ConfigFacts {
+        backend: o.backend,
+        uses_nats: o.backend == Backend::Nats || o.run_bridge,
+        nats_url: o.nats.url.clone(),
+        database_url_env: prov.database_url_env,
+    }
+}
+
+/// Reads every source into a config, with every problem found and where settings came from.
+fn read_sources(
+    main: Option<(&str, &str)>,
+    runtime: Option<(&str, &str)>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (Config, Provenance, Vec<ConfigError>) {
     let mut cfg = Config::default_with_backend(Backend::Postgres);
     let mut prov = Provenance::default();
     let mut errors = Vec::new();
@@ -170,8 +206,9 @@ pub(crate) fn from_sources(
 
     env_overrides(env, &mut cfg.observers.nats, &mut prov, &mut errors);
 
-    if cfg.database.url.is_none() {
+    if !prov.database_url_set {
         cfg.database.url = env("DATABASE_URL").filter(|u| !u.trim().is_empty());
+        prov.database_url_env = Some("DATABASE_URL".to_owned());
     }
 
     let url_was_empty = cfg
@@ -188,12 +225,7 @@ pub(crate) fn from_sources(
         cross_checks(&cfg, &prov, url_was_empty, &mut errors);
         nats_auth_checks(&cfg.observers.nats, &prov, &mut errors);
     }
-
-    if errors.is_empty() {
-        Ok(cfg)
-    } else {
-        Err(ConfigErrors(errors))
-    }
+    (cfg, prov, errors)
 }
 
 fn syntax_error(label: &str, e: SyntaxError) -> ConfigError {
@@ -309,6 +341,8 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
     if let Some(db) = top.get("database") {
         if let Some(t) = ctx.table(db, "database", DATABASE_KEYS) {
             if let Some(n) = t.get("url") {
+                prov.database_url_set = true;
+                prov.database_url_env = sole_reference(n);
                 if let Some(url) = ctx.nonempty(n, &t.path("url")) {
                     cfg.database.url = Some(url);
                 }
@@ -588,6 +622,16 @@ fn read_backend(
         }
         None => prov.backend_invalid = true,
     }
+}
+
+/// `VAR` when the value is exactly one reference, `"${VAR}"` or `"${VAR:-default}"`.
+fn sole_reference(node: &Node) -> Option<String> {
+    let node::Kind::Str(raw) = &node.kind else {
+        return None;
+    };
+    let inner = raw.trim().strip_prefix("${")?.strip_suffix('}')?;
+    let name = inner.split_once(":-").map_or(inner, |(name, _)| name);
+    super::interp::is_env_name(name).then(|| name.to_owned())
 }
 
 /// Reads a string (interpolated, non-empty) and checks it with `check`.

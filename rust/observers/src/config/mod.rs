@@ -48,6 +48,22 @@ pub const DEFAULT_WEBHOOK_TIMEOUT_MS: u64 = 10_000;
 /// Default SMTP port.
 pub const DEFAULT_SMTP_PORT: u16 = 587;
 
+/// What a command needs to know of a config before loading it whole (`fraiseql run
+/// --embedded` decides from it what to start and which variable to point at it), read even
+/// when something else in the files is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigFacts {
+    /// After `[transport] backend` in the runtime file.
+    pub backend: Backend,
+    /// `backend = "nats"` or `run_bridge = true`.
+    pub uses_nats: bool,
+    /// The NATS URL after every override, if one could be read.
+    pub nats_url: Option<String>,
+    /// The variable the database URL is read from (`DATABASE_URL` when the file sets none,
+    /// `VAR` for `url = "${VAR}"`); `None` when the file sets a URL of its own.
+    pub database_url_env: Option<String>,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Config {
@@ -574,6 +590,15 @@ impl Config {
         load::from_sources(main, runtime, env)
     }
 
+    /// [`ConfigFacts`] of the file texts, whatever else is wrong in them.
+    pub fn facts(
+        main: Option<(&str, &str)>,
+        runtime: Option<(&str, &str)>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> ConfigFacts {
+        load::facts(main, runtime, env)
+    }
+
     /// Reads the files and builds the configuration with the process environment. A path that
     /// is given but cannot be read is an error naming it; pass `None` for an absent file.
     pub fn load(main: Option<&Path>, runtime: Option<&Path>) -> Result<Config, ConfigErrors> {
@@ -623,9 +648,30 @@ pub fn parse_handler(
     origin: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<HandlerConfig, ConfigErrors> {
-    let node = node::Node::from_value(value);
+    read_handler(&node::Node::from_value(value), origin, env, false)
+}
+
+/// An observer declared in a host language (`@fraiseql.subscription`, `fraiseql.observer`)
+/// as the values it was given, read with the same keys and checks as a
+/// `[[observers.handlers]]` table. `own_action`: it has a function of its own to run, so it
+/// needs no `actions`.
+pub fn parse_declared_handler(
+    value: &serde_json::Value,
+    origin: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    own_action: bool,
+) -> Result<HandlerConfig, ConfigErrors> {
+    read_handler(&node::Node::from_json(value), origin, env, own_action)
+}
+
+fn read_handler(
+    node: &node::Node,
+    origin: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    own_action: bool,
+) -> Result<HandlerConfig, ConfigErrors> {
     let mut ctx = reader::Ctx::new(origin, env);
-    let h = handler::handler(&mut ctx, &node, "", Some(origin));
+    let h = handler::handler(&mut ctx, node, "", Some(origin), own_action);
     finish(h, ctx.errors)
 }
 

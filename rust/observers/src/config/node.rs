@@ -77,6 +77,37 @@ impl Node {
         };
         Node { kind, line: None }
     }
+
+    /// Converts JSON values (what a host language declared). A number that is not an integer
+    /// is a float; `null` is not a TOML value, and is read as an absent key by the caller, so
+    /// it becomes an empty table here only if it slips through.
+    pub(crate) fn from_json(v: &serde_json::Value) -> Node {
+        use serde_json::Value as J;
+        let kind = match v {
+            J::String(s) => Kind::Str(s.clone()),
+            J::Number(n) => match n.as_i64() {
+                Some(i) => Kind::Int(i128::from(i)),
+                None => match n.as_u64() {
+                    Some(u) => Kind::Int(i128::from(u)),
+                    None => Kind::Float(n.as_f64().unwrap_or(f64::NAN)),
+                },
+            },
+            J::Bool(b) => Kind::Bool(*b),
+            J::Array(a) => Kind::Array(a.iter().map(Node::from_json).collect()),
+            J::Object(o) => Kind::Table(
+                o.iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| Entry {
+                        key: k.clone(),
+                        line: None,
+                        value: Node::from_json(v),
+                    })
+                    .collect(),
+            ),
+            J::Null => Kind::Table(Vec::new()),
+        };
+        Node { kind, line: None }
+    }
 }
 
 /// Quotes a string for a message, cutting long values.

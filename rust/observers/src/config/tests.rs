@@ -1525,3 +1525,40 @@ fn nats_tls_files_are_checked_when_the_config_is_read() {
         "{errs:#?}"
     );
 }
+
+// ---------------------------------------------------------------- facts
+
+#[test]
+fn facts_are_read_even_when_the_config_does_not_load() {
+    let main = r#"
+[database]
+url = "${PG_URL:-postgres://localhost/x}"
+
+[observers]
+redis_url = "${REDIS_URL}"
+"#;
+    let runtime = "[transport]\nbackend = \"nats\"\n";
+    let none = |_: &str| None;
+    let facts = Config::facts(
+        Some(("fraiseql.toml", main)),
+        Some(("fraiseql-observer.toml", runtime)),
+        &none,
+    );
+    assert_eq!(
+        facts.backend,
+        Backend::Nats,
+        "the runtime file's backend counts"
+    );
+    assert!(facts.uses_nats);
+    assert_eq!(facts.database_url_env.as_deref(), Some("PG_URL"));
+    assert_eq!(facts.nats_url, None);
+    assert!(Config::from_sources(Some(("fraiseql.toml", main)), None, &none).is_err());
+
+    let literal = "[database]\nurl = \"postgres://db/app\"\n[observers]\nrun_bridge = true\n";
+    let facts = Config::facts(Some(("fraiseql.toml", literal)), None, &none);
+    assert_eq!(facts.database_url_env, None, "a URL of its own");
+    assert!(facts.uses_nats && facts.backend == Backend::Postgres);
+    let nothing = Config::facts(Some(("fraiseql.toml", "")), None, &none);
+    assert_eq!(nothing.database_url_env.as_deref(), Some("DATABASE_URL"));
+    assert!(!nothing.uses_nats);
+}
