@@ -11,53 +11,6 @@ use super::{
     DEFAULT_SMTP_PORT, DEFAULT_WEBHOOK_TIMEOUT_MS,
 };
 
-const HANDLER_KEYS: &[&str] = &[
-    "name",
-    "entity",
-    "table",
-    "event",
-    "condition",
-    "retry",
-    "checkpoint",
-    "actions",
-];
-const RETRY_KEYS: &[&str] = &[
-    "max_attempts",
-    "backoff_strategy",
-    "initial_delay_ms",
-    "max_delay_ms",
-    "jitter",
-];
-const CHECKPOINT_KEYS: &[&str] = &["strategy", "idempotency_table"];
-const WEBHOOK_KEYS: &[&str] = &[
-    "type",
-    "url",
-    "url_env",
-    "headers",
-    "body_template",
-    "secret_env",
-    "timeout_ms",
-];
-const SLACK_KEYS: &[&str] = &[
-    "type",
-    "webhook_url",
-    "webhook_url_env",
-    "channel",
-    "message",
-];
-const EMAIL_KEYS: &[&str] = &[
-    "type",
-    "from",
-    "to",
-    "subject",
-    "body_template",
-    "smtp_host",
-    "smtp_host_env",
-    "smtp_port",
-    "smtp_user_env",
-    "smtp_password_env",
-    "tls",
-];
 const ACTION_TYPES: &[&str] = &["webhook", "slack", "email"];
 
 /// `Order` → `order`, `OrderItem` → `order_item`, `HTTPRequest` → `http_request`.
@@ -151,7 +104,7 @@ pub(crate) fn handler(
     own_action: bool,
 ) -> Option<HandlerConfig> {
     let before = ctx.errors.len();
-    let t = ctx.table(node, path, HANDLER_KEYS)?;
+    let t = ctx.table(node, path)?;
     let origin = match (origin, t.line) {
         (Some(o), _) => o.to_string(),
         (None, Some(line)) => format!("{}:{line}", ctx.file),
@@ -319,7 +272,7 @@ fn required<'n>(
 /// Reads a retry table.
 pub(crate) fn retry(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<RetryConfig> {
     let before = ctx.errors.len();
-    let t = ctx.table(node, path, RETRY_KEYS)?;
+    let t = ctx.table(node, path)?;
     let mut r = RetryConfig::default();
     if let Some(n) = t.get("max_attempts") {
         if let Some(v) = ctx.int(
@@ -405,7 +358,7 @@ pub(crate) fn checkpoint(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<C
         });
     }
     let before = ctx.errors.len();
-    let t = ctx.table(node, path, CHECKPOINT_KEYS)?;
+    let t = ctx.table(node, path)?;
     let effectively = match t.get("strategy") {
         Some(n) => ctx.choice(n, &t.path("strategy"), SHOWN, strategy_of),
         None => Some(false),
@@ -517,7 +470,8 @@ fn optional_env_name(ctx: &mut Ctx<'_>, t: &super::reader::Tbl<'_>, key: &str) -
 }
 
 fn webhook(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<WebhookConfig> {
-    let t = ctx.table(node, path, WEBHOOK_KEYS)?;
+    let t = ctx.table(node, path)?;
+    t.known(&["type"]); // read by `action` to choose this reader
     let (url, url_env) = one_of(ctx, &t, "url", "url_env", "webhook action", |c, n, p| {
         c.http_url(n, p)
     });
@@ -575,7 +529,8 @@ fn webhook(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<WebhookConfig> 
 }
 
 fn slack(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<SlackConfig> {
-    let t = ctx.table(node, path, SLACK_KEYS)?;
+    let t = ctx.table(node, path)?;
+    t.known(&["type"]); // read by `action` to choose this reader
     let (webhook_url, webhook_url_env) = one_of(
         ctx,
         &t,
@@ -648,7 +603,8 @@ fn email_address(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<String> {
 }
 
 fn email(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<EmailConfig> {
-    let t = ctx.table(node, path, EMAIL_KEYS)?;
+    let t = ctx.table(node, path)?;
+    t.known(&["type"]); // read by `action` to choose this reader
     let from = required(ctx, &t, "from", "the sender address")
         .and_then(|n| email_address(ctx, n, &t.path("from")));
     let to = required(ctx, &t, "to", "a recipient address or an array of them").and_then(|n| {

@@ -12,71 +12,6 @@ use super::{
     NATS_URL_REQUIRED, RUN_BRIDGE_REQUIRES_NATS,
 };
 
-const MAIN_KEYS: &[&str] = &["database", "observers"];
-const DATABASE_KEYS: &[&str] = &["url"];
-const OBSERVERS_KEYS: &[&str] = &[
-    "enabled",
-    "backend",
-    "nats_url",
-    "redis_url",
-    "max_dlq_size",
-    "run_bridge",
-    "http_port",
-    "auto_install",
-    "max_concurrency",
-    "queue_capacity",
-    "notify_channel",
-    "nats",
-    "bridge",
-    "postgres",
-    "redis",
-    "handlers",
-];
-const NATS_KEYS: &[&str] = &[
-    "url",
-    "subject_prefix",
-    "consumer_name",
-    "stream_name",
-    "tls_ca_file",
-    "tls_cert_file",
-    "tls_key_file",
-    "credentials_file",
-    "nkey_file",
-    "jetstream",
-];
-const JETSTREAM_KEYS: &[&str] = &[
-    "dedup_window_minutes",
-    "max_age_days",
-    "max_msgs",
-    "max_bytes",
-    "ack_wait_secs",
-    "max_deliver",
-];
-const BRIDGE_KEYS: &[&str] = &[
-    "transport_name",
-    "batch_size",
-    "poll_interval_secs",
-    "notify_channel",
-];
-const POSTGRES_KEYS: &[&str] = &[
-    "listener_id",
-    "batch_size",
-    "poll_interval_ms",
-    "listen",
-    "skip_unchanged_updates",
-];
-const REDIS_KEYS: &[&str] = &[
-    "stream",
-    "group",
-    "maxlen",
-    "claim_idle_secs",
-    "max_deliver",
-    "block_ms",
-    "batch_size",
-    "forwarder_name",
-];
-const RUNTIME_KEYS: &[&str] = &["transport"];
-const TRANSPORT_KEYS: &[&str] = &["backend", "nats"];
 const BACKENDS: &[&str] = &["postgres", "nats", "redis", "in_memory"];
 
 /// File label used for errors in `FRAISEQL_NATS_*` overrides.
@@ -192,7 +127,7 @@ fn read_sources(
             Ok(root) => {
                 let mut ctx = Ctx::new(label, env);
                 loader(&mut ctx, &root, &mut cfg, &mut prov);
-                errors.extend(ctx.errors);
+                errors.extend(ctx.finish());
             }
             Err(syntax) => {
                 prov.syntax_error = true;
@@ -335,11 +270,11 @@ fn url_has_credentials(urls: &str) -> bool {
 }
 
 fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Provenance) {
-    let Some(top) = ctx.table(root, "", MAIN_KEYS) else {
+    let Some(top) = ctx.table(root, "") else {
         return;
     };
     if let Some(db) = top.get("database") {
-        if let Some(t) = ctx.table(db, "database", DATABASE_KEYS) {
+        if let Some(t) = ctx.table(db, "database") {
             if let Some(n) = t.get("url") {
                 prov.database_url_set = true;
                 prov.database_url_env = sole_reference(n);
@@ -352,7 +287,7 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
     let Some(obs) = top.get("observers") else {
         return;
     };
-    let Some(t) = ctx.table(obs, "observers", OBSERVERS_KEYS) else {
+    let Some(t) = ctx.table(obs, "observers") else {
         return;
     };
     let o = &mut cfg.observers;
@@ -463,7 +398,7 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
     }
 
     if let Some(n) = t.get("bridge") {
-        if let Some(b) = ctx.table(n, "observers.bridge", BRIDGE_KEYS) {
+        if let Some(b) = ctx.table(n, "observers.bridge") {
             if let Some(n) = b.get("transport_name") {
                 if let Some(v) = checked(ctx, n, &b.path("transport_name"), check_nats_name) {
                     o.bridge.transport_name = v;
@@ -503,7 +438,7 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
 }
 
 fn load_postgres(ctx: &mut Ctx<'_>, node: &Node, pg: &mut super::PostgresConfig) {
-    let Some(p) = ctx.table(node, "observers.postgres", POSTGRES_KEYS) else {
+    let Some(p) = ctx.table(node, "observers.postgres") else {
         return;
     };
     if let Some(n) = p.get("listener_id") {
@@ -539,7 +474,7 @@ fn load_postgres(ctx: &mut Ctx<'_>, node: &Node, pg: &mut super::PostgresConfig)
 
 /// Applies `[observers.redis]`.
 fn apply_redis(ctx: &mut Ctx<'_>, node: &Node, redis: &mut RedisConfig) {
-    let Some(t) = ctx.table(node, "observers.redis", REDIS_KEYS) else {
+    let Some(t) = ctx.table(node, "observers.redis") else {
         return;
     };
     let names: [(&str, &mut String); 3] = [
@@ -590,13 +525,13 @@ fn check_redis_name(s: &str) -> Result<(), String> {
 }
 
 fn load_runtime(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Provenance) {
-    let Some(top) = ctx.table(root, "", RUNTIME_KEYS) else {
+    let Some(top) = ctx.table(root, "") else {
         return;
     };
     let Some(tr) = top.get("transport") else {
         return;
     };
-    let Some(t) = ctx.table(tr, "transport", TRANSPORT_KEYS) else {
+    let Some(t) = ctx.table(tr, "transport") else {
         return;
     };
     if let Some(n) = t.get("backend") {
@@ -670,7 +605,7 @@ fn apply_nats(
     nats: &mut NatsConfig,
     prov: &mut Provenance,
 ) -> Option<(String, Origin)> {
-    let t = ctx.table(node, path, NATS_KEYS)?;
+    let t = ctx.table(node, path)?;
     let mut url_set = None;
     if let Some(n) = t.get("url") {
         let p = t.path("url");
@@ -737,7 +672,7 @@ fn apply_nats(
     }
     if let Some(n) = t.get("jetstream") {
         let jpath = t.path("jetstream");
-        if let Some(j) = ctx.table(n, &jpath, JETSTREAM_KEYS) {
+        if let Some(j) = ctx.table(n, &jpath) {
             for field in JS_FIELDS {
                 if let Some(n) = j.get(field.key) {
                     if let Some(v) = ctx.int(n, &j.path(field.key), field.range) {

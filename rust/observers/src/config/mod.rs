@@ -672,7 +672,7 @@ fn read_handler(
 ) -> Result<HandlerConfig, ConfigErrors> {
     let mut ctx = reader::Ctx::new(origin, env);
     let h = handler::handler(&mut ctx, node, "", Some(origin), own_action);
-    finish(h, ctx.errors)
+    finish(h, ctx.finish())
 }
 
 /// Parses one action table (`{ type = "webhook", ... }`).
@@ -684,7 +684,7 @@ pub fn parse_action(
     let node = node::Node::from_value(value);
     let mut ctx = reader::Ctx::new(origin, env);
     let a = handler::action(&mut ctx, &node, "");
-    finish(a, ctx.errors)
+    finish(a, ctx.finish())
 }
 
 /// Parses a retry table. Strings are not interpolated from the environment here (a `${VAR}`
@@ -694,7 +694,7 @@ pub fn parse_retry(value: &toml::Value, origin: &str) -> Result<RetryConfig, Con
     let no_env = |_: &str| None;
     let mut ctx = reader::Ctx::new(origin, &no_env);
     let r = handler::retry(&mut ctx, &node, "");
-    finish(r, ctx.errors)
+    finish(r, ctx.finish())
 }
 
 /// Parses a checkpoint: a table `{ strategy = "...", idempotency_table = "..." }` or the
@@ -707,7 +707,7 @@ pub fn parse_checkpoint(
     let no_env = |_: &str| None;
     let mut ctx = reader::Ctx::new(origin, &no_env);
     let c = handler::checkpoint(&mut ctx, &node, "");
-    finish(c, ctx.errors)
+    finish(c, ctx.finish())
 }
 
 /// Checks a SQL identifier for direct use in SQL text: `[A-Za-z_][A-Za-z0-9_]*`, at most 63

@@ -3,29 +3,63 @@
 //! Every reader reports problems into [`Ctx::errors`] and returns `None`, so that one load
 //! reports every problem at once.
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use super::error::ConfigError;
 use super::interp::{self, is_env_name};
 use super::node::{quote_short, Entry, Kind, Node};
 
 pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-/// Reading context: which file, how to read the environment, and the errors so far.
+/// Reading context: which file, how to read the environment, the errors so far, and the
+/// tables opened (whose unknown keys [`Ctx::finish`] reports).
 pub(crate) struct Ctx<'a> {
     pub(crate) file: String,
     pub(crate) env: Env<'a>,
     pub(crate) errors: Vec<ConfigError>,
+    opened: Vec<Opened>,
 }
 
-/// A table being read: its path, line and entries. Unknown keys were reported when it was opened.
+/// A table being read: its path, line and entries.
+///
+/// Every key a reader asks for with [`Tbl::get`] is a key of the table: that call is the one
+/// place a key is spelled. When the reading ends ([`Ctx::finish`]), each key the table holds
+/// that no reader asked for is an unknown key, with a did-you-mean among those asked.
 pub(crate) struct Tbl<'n> {
     pub(crate) path: String,
     pub(crate) line: Option<usize>,
     pub(crate) entries: &'n [Entry],
+    asked: Rc<RefCell<Vec<String>>>,
+}
+
+/// What [`Ctx::finish`] needs of a table that was opened.
+struct Opened {
+    path: String,
+    keys: Vec<(String, Option<usize>)>,
+    asked: Rc<RefCell<Vec<String>>>,
+    /// Where its unknown-key errors go among the others: where it was opened.
+    at: usize,
 }
 
 impl<'n> Tbl<'n> {
     pub(crate) fn get(&self, key: &str) -> Option<&'n Node> {
+        self.ask(key);
         self.entries.iter().find(|e| e.key == key).map(|e| &e.value)
+    }
+
+    /// Keys read without [`Self::get`] (an action's `type`, read to choose its reader).
+    pub(crate) fn known(&self, keys: &[&str]) {
+        for key in keys {
+            self.ask(key);
+        }
+    }
+
+    fn ask(&self, key: &str) {
+        let mut asked = self.asked.borrow_mut();
+        if !asked.iter().any(|k| k == key) {
+            asked.push(key.to_owned());
+        }
     }
 
     /// Dotted path of `key` in this table.
@@ -129,7 +163,27 @@ impl<'a> Ctx<'a> {
             file: file.to_string(),
             env,
             errors: Vec::new(),
+            opened: Vec::new(),
         }
+    }
+
+    /// Every error: those found while reading, and each table's unknown keys, placed where
+    /// the table was opened so that errors stay in file order.
+    pub(crate) fn finish(mut self) -> Vec<ConfigError> {
+        // Last opened first, so that the positions of those before stay valid.
+        for table in std::mem::take(&mut self.opened).into_iter().rev() {
+            let asked = table.asked.borrow();
+            let allowed: Vec<&str> = asked.iter().map(String::as_str).collect();
+            let unknown: Vec<ConfigError> = table
+                .keys
+                .iter()
+                .filter(|(key, _)| !allowed.contains(&key.as_str()))
+                .map(|(key, line)| self.unknown_key(&join(&table.path, key), *line, key, &allowed))
+                .collect();
+            let at = table.at.min(self.errors.len());
+            self.errors.splice(at..at, unknown);
+        }
+        self.errors
     }
 
     pub(crate) fn error(&mut self, key: &str, line: Option<usize>, message: impl Into<String>) {
@@ -146,42 +200,40 @@ impl<'a> Ctx<'a> {
         );
     }
 
-    /// Opens a table, reporting a type error or any key not in `allowed`.
-    pub(crate) fn table<'n>(
-        &mut self,
-        node: &'n Node,
-        path: &str,
-        allowed: &[&str],
-    ) -> Option<Tbl<'n>> {
+    /// Opens a table (a type error if it is not one). Its keys are those read from it.
+    pub(crate) fn table<'n>(&mut self, node: &'n Node, path: &str) -> Option<Tbl<'n>> {
         let Kind::Table(entries) = &node.kind else {
             self.type_error(node, path, "a table");
             return None;
         };
-        for e in entries {
-            if !allowed.contains(&e.key.as_str()) {
-                self.unknown_key(&join(path, &e.key), e.line, &e.key, allowed);
-            }
-        }
+        let asked = Rc::new(RefCell::new(Vec::new()));
+        self.opened.push(Opened {
+            path: path.to_string(),
+            keys: entries.iter().map(|e| (e.key.clone(), e.line)).collect(),
+            asked: asked.clone(),
+            at: self.errors.len(),
+        });
         Some(Tbl {
             path: path.to_string(),
             line: node.line,
             entries,
+            asked,
         })
     }
 
-    pub(crate) fn unknown_key(
-        &mut self,
+    fn unknown_key(
+        &self,
         path: &str,
         line: Option<usize>,
         key: &str,
         allowed: &[&str],
-    ) {
+    ) -> ConfigError {
         let msg = match suggest(key, allowed) {
             Some(s) => format!("unknown key (did you mean {s}?)"),
             None if allowed.is_empty() => "unknown key (this table takes no keys)".to_string(),
             None => format!("unknown key (expected one of: {})", allowed.join(", ")),
         };
-        self.error(path, line, msg);
+        ConfigError::new(self.file.clone(), path, line, msg)
     }
 
     /// Opens a table whose keys are free-form (HTTP headers).

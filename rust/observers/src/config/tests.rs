@@ -1562,3 +1562,23 @@ redis_url = "${REDIS_URL}"
     assert_eq!(nothing.database_url_env.as_deref(), Some("DATABASE_URL"));
     assert!(!nothing.uses_nats);
 }
+
+#[test]
+fn unknown_keys_are_reported_in_file_order_among_the_other_errors() {
+    let text = r#"
+[observers]
+http_port = "eighty"
+
+[observers.bridge]
+batch_sise = 5
+
+[observers.redis]
+maxlen = 0
+"#;
+    let errs = main_only(text, &env_of(&[])).unwrap_err();
+    let lines: Vec<Option<usize>> = errs.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [Some(3), Some(6), Some(9)], "{errs}");
+    assert!(errs.0[1]
+        .to_string()
+        .ends_with("observers.bridge.batch_sise: unknown key (did you mean batch_size?)"));
+}
