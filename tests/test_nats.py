@@ -334,6 +334,14 @@ def test_a_change_larger_than_max_payload_is_dead_lettered_and_the_stream_goes_o
             assert engine.retry_dead_letter(entry["id"]) is False
             [again] = engine.dlq()
             assert "max_payload" in again["error"]
+            # The forwarder's publishes are its own metrics, not the observers' actions.
+            metrics = engine.metrics()
+            prefix_failed = "fraiseql_forwarder_actions_failed_total{"
+            failed = [x for x in metrics.splitlines() if x.startswith(prefix_failed)]
+            assert any(f'observer="bridge_{suffix}:{entity}:insert"' in x for x in failed), metrics
+            assert f"bridge_{suffix}" not in "".join(
+                x for x in metrics.splitlines() if x.startswith("fraiseql_observer_")
+            )
         publisher = fraiseql.Publisher(config)
         with pytest.raises(fraiseql.PayloadTooLargeError, match="max_payload") as refused:
             publisher.publish(entity, "INSERT", new={"id": "big2", "note": "x" * 2_000_000})

@@ -91,8 +91,39 @@ impl Metrics {
     /// With more metrics in the same registry (a transport's, e.g. `fraiseql_nats_*`), so
     /// one `/metrics` serves them all.
     pub fn new_with(extra: impl FnOnce(&mut Registry)) -> Self {
+        Self::observers_and(Gauge::default(), Counter::default(), extra)
+    }
+
+    /// The observers' metrics (`fraiseql_observer_*`) over a dead-letter queue whose gauges
+    /// are given (shared with a forwarder's metrics), and more in the same registry.
+    fn observers_and(
+        dlq_size: Gauge,
+        dlq_overflow: Counter,
+        extra: impl FnOnce(&mut Registry),
+    ) -> Self {
         let mut registry = Registry::default();
-        let m = Metrics {
+        let m = Metrics::handles(dlq_size, dlq_overflow);
+        m.register(&mut registry, "fraiseql_observer", true);
+        extra(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// The observers' metrics and a forwarder's (`fraiseql_forwarder_*`: the bridge's or the
+    /// Redis forwarder's engine, whose observers publish), in one registry and sharing the
+    /// dead-letter gauges (one queue), plus `extra`.
+    pub fn with_forwarder(extra: impl FnOnce(&mut Registry)) -> (Self, Self) {
+        let (dlq_size, dlq_overflow) = (Gauge::default(), Counter::default());
+        let forwarder = Metrics::handles(dlq_size.clone(), dlq_overflow.clone());
+        let observers = Self::observers_and(dlq_size, dlq_overflow, |registry| {
+            forwarder.register(registry, "fraiseql_forwarder", false);
+            extra(registry);
+        });
+        (observers, forwarder)
+    }
+
+    /// Handles only, registered nowhere.
+    fn handles(dlq_size: Gauge, dlq_overflow: Counter) -> Self {
+        Metrics {
             events_received: Counter::default(),
             events_matched: Family::default(),
             duplicates_skipped: Family::default(),
@@ -100,87 +131,92 @@ impl Metrics {
             actions_failed: Family::default(),
             actions_retried: Family::default(),
             action_duration: Family::new_with_constructor(action_latency_histogram),
-            dlq_size: Gauge::default(),
-            dlq_overflow: Counter::default(),
+            dlq_size,
+            dlq_overflow,
             events_in_flight: Gauge::default(),
             changelog_lag_rows: Gauge::default(),
             changelog_lag_seconds: Gauge::default(),
             source_batches: Counter::default(),
             source_undecodable: Counter::default(),
             registry: Registry::default(),
-        };
+        }
+    }
+
+    /// Registers the families under `{prefix}_…`; the dead-letter gauges only with `dlq`.
+    fn register(&self, registry: &mut Registry, prefix: &str, dlq: bool) {
+        let name = |n: &str| format!("{prefix}_{n}");
         registry.register(
-            "fraiseql_observer_events_received",
+            name("events_received"),
             "Change events received by the engine",
-            m.events_received.clone(),
+            self.events_received.clone(),
         );
         registry.register(
-            "fraiseql_observer_events_matched",
+            name("events_matched"),
             "Events whose entity, event and condition matched an observer",
-            m.events_matched.clone(),
+            self.events_matched.clone(),
         );
         registry.register(
-            "fraiseql_observer_duplicates_skipped",
+            name("duplicates_skipped"),
             "EffectivelyOnce deliveries skipped because the key was already recorded",
-            m.duplicates_skipped.clone(),
+            self.duplicates_skipped.clone(),
         );
         registry.register(
-            "fraiseql_observer_actions_succeeded",
+            name("actions_succeeded"),
             "Actions that completed",
-            m.actions_succeeded.clone(),
+            self.actions_succeeded.clone(),
         );
         registry.register(
-            "fraiseql_observer_actions_failed",
+            name("actions_failed"),
             "Actions that exhausted their retries or failed permanently, by reason",
-            m.actions_failed.clone(),
+            self.actions_failed.clone(),
         );
         registry.register(
-            "fraiseql_observer_actions_retried",
+            name("actions_retried"),
             "Action attempts that failed and were retried, by reason",
-            m.actions_retried.clone(),
+            self.actions_retried.clone(),
         );
         registry.register(
-            "fraiseql_observer_action_duration_seconds",
+            name("action_duration_seconds"),
             "Duration of one action attempt",
-            m.action_duration.clone(),
+            self.action_duration.clone(),
         );
+        if dlq {
+            registry.register(
+                name("dlq_size"),
+                "Entries in the dead-letter queue",
+                self.dlq_size.clone(),
+            );
+            registry.register(
+                name("dlq_overflow"),
+                "Dead-letter entries dropped because max_dlq_size was reached",
+                self.dlq_overflow.clone(),
+            );
+        }
         registry.register(
-            "fraiseql_observer_dlq_size",
-            "Entries in the dead-letter queue",
-            m.dlq_size.clone(),
-        );
-        registry.register(
-            "fraiseql_observer_dlq_overflow",
-            "Dead-letter entries dropped because max_dlq_size was reached",
-            m.dlq_overflow.clone(),
-        );
-        registry.register(
-            "fraiseql_observer_events_in_flight",
+            name("events_in_flight"),
             "Events accepted and not yet fully processed",
-            m.events_in_flight.clone(),
+            self.events_in_flight.clone(),
         );
         registry.register(
-            "fraiseql_observer_changelog_lag_rows",
+            name("changelog_lag_rows"),
             "Change-log rows not yet processed by this instance's postgres source",
-            m.changelog_lag_rows.clone(),
+            self.changelog_lag_rows.clone(),
         );
         registry.register(
-            "fraiseql_observer_changelog_lag_seconds",
+            name("changelog_lag_seconds"),
             "Age of the oldest change-log row not yet processed",
-            m.changelog_lag_seconds.clone(),
+            self.changelog_lag_seconds.clone(),
         );
         registry.register(
-            "fraiseql_observer_source_batches",
+            name("source_batches"),
             "Change-log batches read and processed",
-            m.source_batches.clone(),
+            self.source_batches.clone(),
         );
         registry.register(
-            "fraiseql_observer_source_undecodable",
+            name("source_undecodable"),
             "Change-log rows or messages that could not be decoded and were dead-lettered",
-            m.source_undecodable.clone(),
+            self.source_undecodable.clone(),
         );
-        extra(&mut registry);
-        Metrics { registry, ..m }
     }
 
     pub fn observer(&self, observer: &str) -> ObserverMetrics {

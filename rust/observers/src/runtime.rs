@@ -44,7 +44,11 @@ use crate::transport::Publisher;
 /// show for an engine that is not started yet.
 #[derive(Clone)]
 pub struct Instruments {
+    /// The observers' (`fraiseql_observer_*`); its registry serves `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// The bridge's or Redis forwarder's engine (`fraiseql_forwarder_*`), in the same
+    /// registry: its publishes are not counted as observers' actions.
+    pub forwarder: Arc<Metrics>,
     pub nats: NatsMetrics,
     pub redis: RedisMetrics,
 }
@@ -53,13 +57,14 @@ impl Instruments {
     pub fn for_config(config: &Config) -> Instruments {
         let nats = NatsMetrics::new();
         let redis = RedisMetrics::new();
-        let metrics = Arc::new(Metrics::new_with(|r| match config.observers.backend {
+        let (metrics, forwarder) = Metrics::with_forwarder(|r| match config.observers.backend {
             Backend::Nats => nats.register(r),
             Backend::Redis => redis.register(r),
             Backend::Postgres | Backend::InMemory => {}
-        }));
+        });
         Instruments {
-            metrics,
+            metrics: Arc::new(metrics),
+            forwarder: Arc::new(forwarder),
             nats,
             redis,
         }
@@ -209,7 +214,7 @@ pub async fn start(
                 };
                 tasks.push(
                     forwarder
-                        .start(dlq.clone(), metrics.clone(), stop_rx.clone())
+                        .start(dlq.clone(), instruments.forwarder.clone(), stop_rx.clone())
                         .await?,
                 );
             }
@@ -247,7 +252,7 @@ pub async fn start(
                     };
                     tasks.push(
                         forwarder
-                            .start(dlq.clone(), metrics.clone(), stop_rx.clone())
+                            .start(dlq.clone(), instruments.forwarder.clone(), stop_rx.clone())
                             .await?,
                     );
                 }
@@ -273,6 +278,7 @@ pub async fn start(
         config: config.clone(),
         schema: schema.clone(),
         metrics: metrics.clone(),
+        forwarder: instruments.forwarder.clone(),
     });
     Ok(Running {
         engine,
@@ -310,6 +316,8 @@ pub struct DeadLetters {
     config: Config,
     schema: Schema,
     metrics: Arc<Metrics>,
+    /// A forwarder's retries are counted as its, not as the observers'.
+    forwarder: Arc<Metrics>,
 }
 
 impl DeadLetters {
@@ -344,6 +352,7 @@ impl DeadLetters {
             config: config.clone(),
             schema: capture_schema(config, schema)?,
             metrics: metrics.clone(),
+            forwarder: instruments.forwarder.clone(),
         })
     }
 
@@ -367,7 +376,7 @@ impl DeadLetters {
                     &self.config,
                     &self.schema,
                     self.dlq.clone(),
-                    self.metrics.clone(),
+                    self.forwarder.clone(),
                     id,
                 )
                 .await
