@@ -1,6 +1,6 @@
-//! The NATS JetStream transport against a real server: FRAISEQL_TEST_NATS_URL, else
-//! nats://127.0.0.1:4222. Each test uses its own stream and subject prefix and deletes the
-//! stream at the end.
+//! The NATS JetStream transport against a real server ([`services::nats_url`]: the one in
+//! FRAISEQL_TEST_NATS_URL, on the standard port, or started for this test binary). Each test
+//! uses its own stream and subject prefix and deletes the stream at the end.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,8 +21,10 @@ use fraiseql_observers::{
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+mod services;
+
 fn nats_url() -> String {
-    std::env::var("FRAISEQL_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+    services::nats_url()
 }
 
 /// A config with a unique stream, prefix and consumer.

@@ -26,6 +26,7 @@ const WAIT: Duration = Duration::from_secs(60);
 const CHANNEL: &str = "fraiseql_test_changes";
 
 mod pg;
+mod services;
 
 use pg::TestDb;
 

@@ -16,6 +16,7 @@ use serde_json::json;
 use tokio::sync::Barrier;
 
 mod pg;
+mod services;
 
 use pg::{connect, TestDb};
 

@@ -1,14 +1,13 @@
-//! A database of its own per test, on the PostgreSQL at `FRAISEQL_TEST_DATABASE_URL` (else
-//! `postgres://postgres@127.0.0.1:5432/postgres`), dropped at the end. Shared by the live
-//! PostgreSQL test files.
+//! A database of its own per test, on the PostgreSQL of [`super::services::database_url`]
+//! (the one in `FRAISEQL_TEST_DATABASE_URL`, on the standard port, or started for the test
+//! binary), dropped at the end. Shared by the live PostgreSQL test files.
 #![allow(dead_code)]
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, PgConnection};
 
 pub fn base_url() -> String {
-    std::env::var("FRAISEQL_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    super::services::database_url()
 }
 
 /// `url` with its database replaced by `db`.
