@@ -20,6 +20,7 @@
 //! delivery fetched with it, and before it, is done — in fetch order.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,8 +57,8 @@ pub enum Settled {
     DeadLettered,
 }
 
-/// One delivery of a source.
-#[async_trait]
+/// One delivery of a source. Its methods return their futures without boxing (most are
+/// no-ops or one message to a server, once per event).
 pub trait Delivery: Send + Sync + 'static {
     fn payload(&self) -> &Payload;
 
@@ -72,13 +73,15 @@ pub trait Delivery: Send + Sync + 'static {
     }
 
     /// Done: processed or dead-lettered.
-    async fn ack(self, how: Settled);
+    fn ack(self, how: Settled) -> impl Future<Output = ()> + Send;
 
     /// Not done: to be handed out again.
-    async fn redeliver(self);
+    fn redeliver(self) -> impl Future<Output = ()> + Send;
 
     /// Still being worked on (a keep-alive, every [`Source::progress_every`]).
-    async fn progress(&self) {}
+    fn progress(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 }
 
 /// What one fetch got.
@@ -130,9 +133,11 @@ pub trait Source: Send + Sized + 'static {
         None
     }
 
-    /// Batches fetched while earlier ones are still being processed.
-    fn read_ahead(&self) -> usize {
-        usize::MAX
+    /// `None` (the default): each fetch asks for as many deliveries as there are free
+    /// permits. `Some(n)`: the source reads batches of its own size, and `n` more may be read
+    /// while the oldest is being processed, whatever the permits.
+    fn read_ahead(&self) -> Option<usize> {
+        None
     }
 
     fn committer(&self) -> Arc<dyn Committer<Self::Checkpoint>>;
@@ -173,7 +178,7 @@ pub async fn run<S: Source>(
     let read_ahead = source.read_ahead();
     let committer = source.committer();
     let mut batches = Batches::default();
-    let mut waiting: VecDeque<(u64, S::Delivery)> = VecDeque::new();
+    let mut waiting = Waiting::<S::Delivery>::default();
     let mut running = FuturesUnordered::new();
     let mut backoff = Backoff::new(FETCH_RETRY);
     let mut idle = Some(source);
@@ -183,7 +188,7 @@ pub async fn run<S: Source>(
     let mut stopping = false;
     loop {
         while running.len() < max_concurrency {
-            let Some((batch, delivery)) = waiting.pop_front() else {
+            let Some((batch, delivery)) = waiting.next() else {
                 break;
             };
             running.push(settle(ctx.clone(), batch, delivery));
@@ -198,7 +203,11 @@ pub async fn run<S: Source>(
             break;
         }
         let room = max_concurrency.saturating_sub(running.len() + waiting.len());
-        if fetching.is_none() && !closed && !stopping && room > 0 && batches.len() <= read_ahead {
+        let wanted = match read_ahead {
+            None => room > 0,
+            Some(ahead) => batches.len() <= ahead,
+        };
+        if fetching.is_none() && !closed && !stopping && wanted {
             let mut source = idle.take().expect("the source is idle when not fetching");
             let mut stop = shutdown.clone();
             let rewind_first = std::mem::take(&mut rewind);
@@ -233,7 +242,7 @@ pub async fn run<S: Source>(
                     Ok(Fetch::Batch(deliveries, checkpoint)) => {
                         backoff.reset();
                         let batch = batches.push(deliveries.len(), checkpoint);
-                        waiting.extend(deliveries.into_iter().map(|d| (batch, d)));
+                        waiting.push(batch, deliveries);
                     }
                     Ok(Fetch::Idle) => backoff.reset(),
                     Ok(Fetch::Closed) => closed = true,
@@ -249,7 +258,7 @@ pub async fn run<S: Source>(
         }
         if stopping {
             // Not started: handed back to the source, for this instance or another.
-            for (_, delivery) in waiting.drain(..) {
+            while let Some((_, delivery)) = waiting.next() {
                 delivery.redeliver().await;
             }
         }
@@ -294,8 +303,8 @@ enum Outcome {
 
 /// Processes one delivery to the end and settles it with the source.
 async fn settle<D: Delivery>(ctx: Arc<Context>, batch: u64, delivery: D) -> (u64, Outcome) {
-    let metrics = ctx.engine.metrics().clone();
-    metrics.events_in_flight.inc();
+    let in_flight = &ctx.engine.metrics().events_in_flight;
+    in_flight.inc();
     let verdict = decide(&ctx, &delivery).await;
     let outcome = match verdict {
         Some(how) => {
@@ -307,7 +316,7 @@ async fn settle<D: Delivery>(ctx: Arc<Context>, batch: u64, delivery: D) -> (u64
             Outcome::Redelivered
         }
     };
-    metrics.events_in_flight.dec();
+    in_flight.dec();
     (batch, outcome)
 }
 
@@ -323,7 +332,8 @@ async fn decide<D: Delivery>(ctx: &Context, delivery: &D) -> Option<Settled> {
                 input.id,
                 input.reason
             );
-            let stored = engine.dead_letter_undecodable(&ctx.name, input).await;
+            // Boxed, as every rare path here: the future of each delivery stays small.
+            let stored = Box::pin(engine.dead_letter_undecodable(&ctx.name, input)).await;
             return stored.then_some(Settled::DeadLettered);
         }
         Payload::Event(event) => event,
@@ -338,11 +348,20 @@ async fn decide<D: Delivery>(ctx: &Context, delivery: &D) -> Option<Settled> {
             ctx.name,
             event.id
         );
-        return give_up(engine, event, &reason, delivered).await;
+        return Box::pin(give_up(engine, event, &reason, delivered)).await;
     }
     let processing =
         AssertUnwindSafe(engine.process_after(event, delivery.attempts_made())).catch_unwind();
-    let outcome = with_progress(delivery, ctx.progress_every, processing).await;
+    tokio::pin!(processing);
+    // Most events are done on their first poll (no observer matched, an in-process action):
+    // they arm no timer, and the keep-alive's state is allocated only for the others.
+    let outcome = match futures::poll!(processing.as_mut()) {
+        std::task::Poll::Ready(done) => done,
+        std::task::Poll::Pending => match ctx.progress_every {
+            None => processing.await,
+            Some(every) => Box::pin(keep_alive(delivery, every, processing)).await,
+        },
+    };
     match outcome {
         Ok(report) if report.unstored == 0 => Some(Settled::Processed),
         Ok(report) => {
@@ -365,7 +384,7 @@ async fn decide<D: Delivery>(ctx: &Context, delivery: &D) -> Option<Settled> {
                 ctx.name,
                 event.id
             );
-            give_up(engine, event, &reason, delivered).await
+            Box::pin(give_up(engine, event, &reason, delivered)).await
         }
         Err(panic) => {
             tracing::error!(
@@ -387,24 +406,17 @@ async fn give_up(engine: &Engine, event: &Event, reason: &str, delivered: u64) -
     stored.ok().map(|_| Settled::DeadLettered)
 }
 
-/// Runs `work`, keeping `delivery` alive every `every` while it is pending. Work that is done
-/// on its first poll (no observer matched, an in-process action) arms no timer.
-async fn with_progress<D: Delivery, T>(
+/// Drives `work`, keeping `delivery` alive every `every` while it is pending. Takes the work
+/// pinned, not by value, so that it is not stored twice in the delivery's future.
+async fn keep_alive<D: Delivery, F: Future>(
     delivery: &D,
-    every: Option<Duration>,
-    work: impl std::future::Future<Output = T>,
-) -> T {
-    tokio::pin!(work);
-    let Some(every) = every else {
-        return work.await;
-    };
-    if let std::task::Poll::Ready(done) = futures::poll!(&mut work) {
-        return done;
-    }
+    every: Duration,
+    mut work: std::pin::Pin<&mut F>,
+) -> F::Output {
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tokio::select! {
-            done = &mut work => return done,
+            done = work.as_mut() => return done,
             _ = ticker.tick() => delivery.progress().await,
         }
     }
@@ -416,6 +428,49 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// Deliveries fetched and not started yet, batch by batch: each batch's deliveries stay in
+/// the vector they were fetched in until started (copying them into one queue was measured
+/// to cost more, in the allocator, than the loop itself).
+struct Waiting<D> {
+    batches: VecDeque<(u64, std::vec::IntoIter<D>)>,
+    len: usize,
+}
+
+impl<D> Default for Waiting<D> {
+    fn default() -> Self {
+        Waiting {
+            batches: VecDeque::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<D> Waiting<D> {
+    fn push(&mut self, batch: u64, deliveries: Vec<D>) {
+        self.len += deliveries.len();
+        self.batches.push_back((batch, deliveries.into_iter()));
+    }
+
+    fn next(&mut self) -> Option<(u64, D)> {
+        while let Some((batch, deliveries)) = self.batches.front_mut() {
+            if let Some(delivery) = deliveries.next() {
+                self.len -= 1;
+                return Some((*batch, delivery));
+            }
+            self.batches.pop_front();
+        }
+        None
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// The batches fetched and not yet committed, in fetch order.

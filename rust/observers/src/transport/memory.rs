@@ -165,7 +165,6 @@ impl Drop for MemoryDelivery {
     }
 }
 
-#[async_trait]
 impl Delivery for MemoryDelivery {
     fn payload(&self) -> &Payload {
         &self.payload

@@ -1011,7 +1011,6 @@ impl Drop for NatsDelivery {
     }
 }
 
-#[async_trait::async_trait]
 impl Delivery for NatsDelivery {
     fn payload(&self) -> &Payload {
         &self.payload

@@ -595,8 +595,8 @@ impl Source for PostgresSource {
     }
 
     /// One batch is read while the one before it is processed.
-    fn read_ahead(&self) -> usize {
-        1
+    fn read_ahead(&self) -> Option<usize> {
+        Some(1)
     }
 
     fn committer(&self) -> Arc<dyn Committer<BatchEnd>> {
@@ -661,7 +661,6 @@ pub struct PgDelivery {
     attempts_made: u32,
 }
 
-#[async_trait]
 impl Delivery for PgDelivery {
     fn payload(&self) -> &Payload {
         &self.payload

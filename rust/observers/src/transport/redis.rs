@@ -696,7 +696,6 @@ impl Drop for RedisDelivery {
     }
 }
 
-#[async_trait]
 impl Delivery for RedisDelivery {
     fn payload(&self) -> &Payload {
         &self.payload
