@@ -236,14 +236,6 @@ impl Engine {
         &self.metrics
     }
 
-    pub fn dlq(&self) -> &Arc<dyn DeadLetterQueue> {
-        &self.dlq
-    }
-
-    pub fn observer_names(&self) -> impl Iterator<Item = &str> {
-        self.observers.iter().map(|o| o.name.as_str())
-    }
-
     /// Runs every matching observer for `event` to completion — success, or dead-lettered —
     /// in definition order. When this returns, the event may be acknowledged.
     pub async fn process(&self, event: &Event) -> ProcessReport {

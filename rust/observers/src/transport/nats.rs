@@ -850,10 +850,6 @@ impl NatsSource {
         ))
     }
 
-    pub fn consumer(&self) -> &PullConsumer {
-        &self.consumer
-    }
-
     /// Pulls and processes until `shutdown` turns true (or its sender is dropped), then waits
     /// for the events being processed and returns. Messages pulled but not started are
     /// handed back (nak) for redelivery.

@@ -32,16 +32,21 @@
 //!
 //! # Acknowledgement
 //!
-//! A batch's events run concurrently (up to `max_concurrency`; `1` keeps strict order); the
-//! cursor row is upserted (never moved backwards) only after every [`Engine::process`] of the
-//! batch has returned. A crash before that redelivers the batch: at-least-once, with
-//! `EffectivelyOnce` observers deduplicating by event id (= the change-log id).
+//! The source is driven by the one delivery loop ([`delivery::run`]): a batch's events run
+//! concurrently (up to `max_concurrency`; `1` keeps strict order), the next batch is read
+//! while one is processed, and the cursor row is upserted (never moved backwards) by the
+//! cursor store (`CursorStore`) only after every event of the batch, and of every batch before it, is done.
+//! An event whose dead letter could not be stored rewinds the reader to the stored cursor. A
+//! crash before the upsert redelivers the batch: at-least-once, with `EffectivelyOnce`
+//! observers deduplicating by event id (= the change-log id).
 //!
 //! # Several instances on one listener id
 //!
 //! One reader per `listener_id` is active at a time: the reader holds a session-level
 //! `pg_try_advisory_lock(hashtext('fraiseql.listener'), hashtext(listener_id))` on its own
-//! dedicated connection, and reads and moves the cursor on that same connection. The others
+//! dedicated connection, and reads on it; the cursor is stored on a second connection of its
+//! own, so that it can move while the reader waits for changes (safe: it never moves
+//! backwards, and only over rows this instance finished). The others
 //! stay on standby and retry the lock every `poll_interval`; when the active process dies or
 //! its connection drops, PostgreSQL releases the lock and a standby takes over from the stored
 //! cursor. This was chosen over row-level claiming (`FOR UPDATE SKIP LOCKED` per batch) because
@@ -222,7 +227,6 @@ impl HealthSource for SourceHealth {
 
 /// The change-log reader. See the module documentation for the delivery argument.
 pub struct PostgresSource {
-    pool: PgPool,
     connect_options: PgConnectOptions,
     options: PostgresOptions,
     health: Arc<SourceHealth>,
@@ -316,7 +320,6 @@ impl PostgresSource {
             started: Instant::now(),
         });
         Ok(PostgresSource {
-            pool,
             connect_options,
             options,
             health,
@@ -332,16 +335,6 @@ impl PostgresSource {
     pub fn with_batch_publisher(mut self, publisher: Arc<dyn Publisher>) -> Self {
         self.batch_publisher = Some(publisher);
         self
-    }
-
-    /// The pool (for idempotency stores, the DLQ, installs). Not used by the reader itself,
-    /// which has dedicated connections.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    pub fn options(&self) -> &PostgresOptions {
-        &self.options
     }
 
     /// `/health` view: unhealthy while the LISTEN connection or the database is down.

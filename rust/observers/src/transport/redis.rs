@@ -705,7 +705,7 @@ impl Delivery for RedisDelivery {
         self.delivered
     }
 
-    /// `XACK`, with [`ACK_RETRY`]; an entry not acked is redelivered (at least once).
+    /// `XACK`, with `ACK_RETRY`; an entry not acked is redelivered (at least once).
     async fn ack(self, how: Settled) {
         if how == Settled::DeadLettered {
             self.group.dead_lettered.inc();
