@@ -158,14 +158,7 @@ pub async fn start(
         }
         _ => None,
     };
-    let dlq = dead_letter_queue(config, pool.as_ref(), metrics).await?;
-    let stores = idempotency_stores(pool.as_ref(), &observers).await?;
-    let engine = Arc::new(Engine::new(
-        observers,
-        dlq.clone(),
-        stores.as_ref(),
-        metrics.clone(),
-    )?);
+    let (engine, dlq) = observer_engine(config, pool.as_ref(), observers, metrics).await?;
     let (shutdown, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut memory = None;
@@ -338,14 +331,7 @@ impl DeadLetters {
         })?;
         let pool = connect_pool(url, 4).await?;
         let metrics = &instruments.metrics;
-        let dlq = dead_letter_queue(config, Some(&pool), metrics).await?;
-        let stores = idempotency_stores(Some(&pool), &observers).await?;
-        let engine = Arc::new(Engine::new(
-            observers,
-            dlq.clone(),
-            stores.as_ref(),
-            metrics.clone(),
-        )?);
+        let (engine, dlq) = observer_engine(config, Some(&pool), observers, metrics).await?;
         Ok(DeadLetters {
             engine,
             dlq,
@@ -441,6 +427,20 @@ fn redis_url(config: &Config) -> Result<&str> {
             "redis backend requires observers.redis_url to be set",
         )
     })
+}
+
+/// The observers' engine over the dead-letter queue and the idempotency stores: in
+/// PostgreSQL with a pool, in process memory without.
+async fn observer_engine(
+    config: &Config,
+    pool: Option<&PgPool>,
+    observers: Vec<ObserverSpec>,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<Engine>, Arc<dyn DeadLetterQueue>)> {
+    let dlq = dead_letter_queue(config, pool, metrics).await?;
+    let stores = idempotency_stores(pool, &observers).await?;
+    let engine = Engine::new(observers, dlq.clone(), stores.as_ref(), metrics.clone())?;
+    Ok((Arc::new(engine), dlq))
 }
 
 /// The durable dead-letter queue with a database (its size seeds the gauge), else one in
