@@ -186,6 +186,8 @@ pub async fn run<S: Source>(
     let mut rewind = false;
     let mut closed = false;
     let mut stopping = false;
+    // After a failed fetch, when to fetch again. The deliveries in flight go on meanwhile.
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
         while running.len() < max_concurrency {
             let Some((batch, delivery)) = waiting.next() else {
@@ -207,7 +209,9 @@ pub async fn run<S: Source>(
             None => room > 0,
             Some(ahead) => batches.len() <= ahead,
         };
-        if fetching.is_none() && !closed && !stopping && wanted {
+        let backing_off = retry_at.is_some_and(|t| t > tokio::time::Instant::now());
+        if fetching.is_none() && !closed && !stopping && wanted && !backing_off {
+            retry_at = None;
             let mut source = idle.take().expect("the source is idle when not fetching");
             let mut stop = shutdown.clone();
             let rewind_first = std::mem::take(&mut rewind);
@@ -233,6 +237,8 @@ pub async fn run<S: Source>(
                     rewind |= batches.settled(batch, outcome);
                 }
             }
+            () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                if retry_at.is_some() && fetching.is_none() => {}
             (source, fetched) = async { fetching.as_mut().expect("checked").await },
                 if fetching.is_some() =>
             {
@@ -249,9 +255,7 @@ pub async fn run<S: Source>(
                     Err(e) => {
                         let delay = backoff.next_delay();
                         tracing::warn!("{}: {e}; retrying in {delay:?}", ctx.name);
-                        if sleep_or_stop(&mut shutdown, delay).await {
-                            stopping = true;
-                        }
+                        retry_at = Some(tokio::time::Instant::now() + delay);
                     }
                 }
             }
@@ -555,6 +559,119 @@ impl<C> Batches<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::action::{Action, ActionError};
+    use crate::checkpoint::{CheckpointStrategy, ListenerConfig, MemoryIdempotencyStores};
+    use crate::engine::ObserverSpec;
+    use crate::event::EventKind;
+
+    /// Takes a second per event.
+    struct Slow;
+
+    #[async_trait]
+    impl Action for Slow {
+        fn kind(&self) -> &'static str {
+            "slow"
+        }
+        async fn execute(&self, _event: &Event) -> std::result::Result<(), ActionError> {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(())
+        }
+    }
+
+    /// Counts its keep-alives and its ack.
+    struct Counted {
+        payload: Payload,
+        progress: Arc<AtomicUsize>,
+        acked: Arc<AtomicUsize>,
+    }
+
+    impl Delivery for Counted {
+        fn payload(&self) -> &Payload {
+            &self.payload
+        }
+        async fn ack(self, _how: Settled) {
+            self.acked.fetch_add(1, Ordering::SeqCst);
+        }
+        async fn redeliver(self) {}
+        async fn progress(&self) {
+            self.progress.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Hands out one delivery, then fails every fetch (a server that went away).
+    struct FailsAfterOne(Option<Counted>);
+
+    #[async_trait]
+    impl Source for FailsAfterOne {
+        type Delivery = Counted;
+        type Checkpoint = ();
+        fn name(&self) -> String {
+            "test".into()
+        }
+        fn max_deliver(&self) -> u64 {
+            1
+        }
+        fn progress_every(&self) -> Option<Duration> {
+            Some(Duration::from_millis(50))
+        }
+        fn committer(&self) -> Arc<dyn Committer<()>> {
+            Arc::new(NoCheckpoints)
+        }
+        async fn fetch(
+            &mut self,
+            _max: usize,
+            _shutdown: &mut watch::Receiver<bool>,
+        ) -> Result<Fetch<Counted, ()>> {
+            match self.0.take() {
+                Some(d) => Ok(Fetch::Batch(vec![d], ())),
+                None => Err(crate::error::Error::Transport("gone".into())),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deliveries_in_flight_go_on_while_a_failed_fetch_backs_off() {
+        let spec = ObserverSpec::new(
+            ListenerConfig::new("slow", CheckpointStrategy::AtLeastOnce),
+            "Order",
+            EventKind::Insert,
+        )
+        .action(Arc::new(Slow));
+        let engine = Engine::new(
+            vec![spec],
+            Arc::new(crate::dlq::MemoryDlq::new(None)),
+            &MemoryIdempotencyStores::default(),
+            Arc::new(crate::metrics::Metrics::new()),
+        )
+        .unwrap();
+        let (progress, acked) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let event = Event::new(
+            "Order",
+            EventKind::Insert,
+            "tb_order",
+            Some(serde_json::json!({"id": 1})),
+            None,
+        );
+        let source = FailsAfterOne(Some(Counted {
+            payload: Payload::Event(event),
+            progress: progress.clone(),
+            acked: acked.clone(),
+        }));
+        let (stop, shutdown) = watch::channel(false);
+        let running = tokio::spawn(run(source, Arc::new(engine), 4, shutdown));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            acked.load(Ordering::SeqCst),
+            1,
+            "done while the fetches back off"
+        );
+        // Kept alive every 50 ms through its second, not only between backoff sleeps.
+        assert!(progress.load(Ordering::SeqCst) >= 15, "{progress:?}");
+        stop.send(true).unwrap();
+        running.await.unwrap().unwrap();
+    }
 
     #[test]
     fn a_redelivery_spoils_its_batch_and_every_later_one() {
