@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use fraiseql_observers::checkpoint::{is_duplicate, record_idempotency_key};
 use fraiseql_observers::engine::Engine;
 use fraiseql_observers::status::HealthSource;
+use fraiseql_observers::DeadLetterQueue as _;
 use fraiseql_observers::{
     capture, Action, ActionError, CheckpointStrategy, EntityDef, Event, EventKind,
     IdempotencyStore, IdempotencyStores, ListenerConfig, MemoryDlq, MemoryIdempotencyStores,
@@ -797,6 +798,123 @@ async fn the_source_reconnects_after_its_connections_are_killed() {
     assert_eq!(after, 5);
     running.wait_until("healthy again", |h| h.healthy()).await;
     assert_eq!(running.role(), "active");
+    running.stop().await;
+    db.cleanup().await;
+}
+
+/// A dead-letter queue that fails while `down` is set (a database that went away), else
+/// keeps entries in memory.
+struct FlakyDlq {
+    down: std::sync::atomic::AtomicBool,
+    failed_pushes: std::sync::atomic::AtomicUsize,
+    inner: MemoryDlq,
+}
+
+#[async_trait]
+impl fraiseql_observers::DeadLetterQueue for FlakyDlq {
+    async fn push(
+        &self,
+        entry: fraiseql_observers::DlqEntry,
+    ) -> fraiseql_observers::Result<fraiseql_observers::dlq::PushOutcome> {
+        use std::sync::atomic::Ordering;
+        if self.down.load(Ordering::SeqCst) {
+            self.failed_pushes.fetch_add(1, Ordering::SeqCst);
+            return Err(fraiseql_observers::Error::Transport(
+                "the DLQ is down".into(),
+            ));
+        }
+        self.inner.push(entry).await
+    }
+    async fn list(
+        &self,
+        limit: usize,
+    ) -> fraiseql_observers::Result<Vec<fraiseql_observers::DlqEntry>> {
+        self.inner.list(limit).await
+    }
+    async fn get(
+        &self,
+        id: u64,
+    ) -> fraiseql_observers::Result<Option<fraiseql_observers::DlqEntry>> {
+        self.inner.get(id).await
+    }
+    async fn remove(&self, id: u64) -> fraiseql_observers::Result<bool> {
+        self.inner.remove(id).await
+    }
+    async fn purge(&self) -> fraiseql_observers::Result<usize> {
+        self.inner.purge().await
+    }
+    async fn len(&self) -> fraiseql_observers::Result<usize> {
+        self.inner.len().await
+    }
+}
+
+/// Always fails, at once.
+struct Refusing;
+
+#[async_trait]
+impl Action for Refusing {
+    fn kind(&self) -> &'static str {
+        "refusing"
+    }
+    async fn execute(&self, _event: &Event) -> Result<(), ActionError> {
+        Err(ActionError::permanent("refused"))
+    }
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_cannot_be_stored_holds_the_cursor_until_it_is() {
+    use std::sync::atomic::Ordering;
+    let db = test_db().await;
+    install(&db).await;
+    let dlq = Arc::new(FlakyDlq {
+        down: true.into(),
+        failed_pushes: 0.into(),
+        inner: MemoryDlq::new(None),
+    });
+    let spec = ObserverSpec::new(
+        ListenerConfig::new("refuses", CheckpointStrategy::AtLeastOnce),
+        "Order",
+        EventKind::Insert,
+    )
+    .action(Arc::new(Refusing));
+    let engine = Arc::new(
+        Engine::new(
+            vec![spec],
+            dlq.clone(),
+            &MemoryIdempotencyStores::default(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap(),
+    );
+    let running = Running::start(&db.url, "flaky", engine).await;
+    db.pool
+        .execute("INSERT INTO tb_order (total) VALUES (1)")
+        .await
+        .unwrap();
+    // Read again (with a backoff), never acknowledged: the cursor stays before the row.
+    tokio::time::timeout(WAIT, async {
+        while dlq.failed_pushes.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the change is delivered again while its dead letter cannot be stored");
+    let stored: i64 = count(
+        &db.pool,
+        "SELECT count(*) FROM fraiseql_cursor WHERE listener_id = 'flaky' AND last_id > 0",
+    )
+    .await;
+    assert_eq!(stored, 0, "the cursor must not pass an unsettled change");
+    // The queue is back: the dead letter is stored once and the cursor moves past it.
+    dlq.down.store(false, Ordering::SeqCst);
+    running
+        .wait_until("the cursor past the row", |h| {
+            h.observers()["events_delivered"].as_u64() >= Some(1)
+        })
+        .await;
+    let [entry] = dlq.inner.list(10).await.unwrap().try_into().unwrap();
+    assert_eq!(entry.observer, "refuses");
+    assert!(entry.error.contains("refused"));
     running.stop().await;
     db.cleanup().await;
 }

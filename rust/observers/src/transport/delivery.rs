@@ -231,10 +231,16 @@ pub async fn run<S: Source>(
                 }
             }
             Some((batch, outcome)) = running.next(), if !running.is_empty() => {
-                rewind |= batches.settled(batch, outcome);
+                let mut again = batches.settled(batch, outcome);
                 // Whatever else has finished too, without another turn of the loop.
                 while let Some(Some((batch, outcome))) = running.next().now_or_never() {
-                    rewind |= batches.settled(batch, outcome);
+                    again |= batches.settled(batch, outcome);
+                }
+                if again {
+                    // Something could not be settled (the dead-letter queue failed): read
+                    // it again, but not at once.
+                    rewind = true;
+                    retry_at = Some(tokio::time::Instant::now() + backoff.next_delay());
                 }
             }
             () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
