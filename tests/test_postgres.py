@@ -146,12 +146,15 @@ def test_missing_database_url_is_a_clear_error(registry: fraiseql.Registry) -> N
         engine.start()
 
 
-def test_db_install_prints_and_runs_the_capture_sql(
-    tmp_path: Path, fraiseql_database_url: str, table: tuple[str, str]
-) -> None:
-    entity, name = table
+def test_db_install_prints_and_runs_the_capture_sql(tmp_path: Path, capture: tuple[str, str]) -> None:
+    mode, url = capture
+    suffix = uuid.uuid4().hex[:8]
+    entity, name = f"Inst{suffix}", f"tb_inst{suffix}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {name} (id text primary key)")
     (tmp_path / "fraiseql.toml").write_text(
-        f'[database]\nurl = "{fraiseql_database_url}"\n\n[observers]\nbackend = "postgres"\n'
+        f'[database]\nurl = "{url}"\n\n[observers]\nbackend = "postgres"\n\n'
+        f'[observers.postgres]\ncapture = "{mode}"\nlistener_id = "inst_{suffix}"\n'
     )
     (tmp_path / "schema.py").write_text(
         f"import fraiseql\n@fraiseql.type(table={name!r}, name={entity!r})\nclass T:\n    id: str\n"
@@ -159,15 +162,35 @@ def test_db_install_prints_and_runs_the_capture_sql(
     cli = [sys.executable, "-m", "fraiseql.cli", "db", "install"]
     out = subprocess.run([*cli, "--print"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "fraiseql_change_log" in out.stdout and name in out.stdout
+    assert name in out.stdout
+    slot = f"fraiseql_inst_{suffix}"
+    if mode == "trigger":
+        assert "fraiseql_change_log" in out.stdout and "PUBLICATION" not in out.stdout
+    else:
+        assert "REPLICA IDENTITY FULL" in out.stdout and "fraiseql_change_log" not in out.stdout
+        assert f"pg_create_logical_replication_slot('{slot}', 'pgoutput')" in out.stdout
     for _ in range(2):  # idempotent
         out = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert f"change capture installed on {name}" in out.stdout
-    with psycopg.connect(fraiseql_database_url) as conn:
-        rows = conn.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass", (name,)).fetchall()
+        assert out.stdout.startswith(f"{mode} capture installed on {name}"), out.stdout
+    with psycopg.connect(url) as conn:
+        found = conn.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass", (name,))
+        triggers = found.fetchall()
+        published = conn.execute("SELECT count(*) FROM pg_publication_tables WHERE tablename = %s", (name,))
+        slots = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+        state = (published.fetchone(), slots.fetchone())
     prefix = f"fraiseql_capture_{entity}"
-    assert sorted(r[0] for r in rows) == [prefix, f"{prefix}_del", f"{prefix}_ins"]
+    if mode == "trigger":
+        assert sorted(r[0] for r in triggers) == [prefix, f"{prefix}_del", f"{prefix}_ins"]
+        assert state == ((0,), (0,))
+    else:
+        assert triggers == [] and state == ((1,), (1,))
+    out = subprocess.run([*cli, "--uninstall"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    with psycopg.connect(url, autocommit=True) as conn:
+        slots = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+        assert slots.fetchone() == (0,)
+        conn.execute(f"DROP TABLE {name}")
 
 
 def test_dead_letters_persist_in_postgres_and_the_cli_retries_them(
@@ -343,16 +366,26 @@ def test_change_log_rows_without_a_row_object_are_dead_lettered_not_delivered(
                 conn.execute("DELETE FROM fraiseql_dead_letters WHERE event_id = %s", (str(row_id),))
 
 
-def test_sigkill_mid_stream_then_restart_loses_nothing(tmp_path: Path, fraiseql_database_url: str) -> None:
+@pytest.fixture(params=["trigger", "logical"])
+def capture(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """`(capture, database url)`: each capture mode on a server that supports it."""
+    mode: str = request.param
+    fixture = "fraiseql_database_url" if mode == "trigger" else "fraiseql_logical_database_url"
+    return mode, request.getfixturevalue(fixture)
+
+
+def test_sigkill_mid_stream_then_restart_loses_nothing(tmp_path: Path, capture: tuple[str, str]) -> None:
     """10,000 rows written while `fraiseql run` is down; the engine is SIGKILLed while it
     works through them and started again: every row reaches the handler (AtLeastOnce may
-    repeat a few around the kill; nothing is missing)."""
+    repeat a few around the kill; nothing is missing). With either capture."""
+    mode, fraiseql_database_url = capture
     suffix = uuid.uuid4().hex[:8]
     entity, name = f"Kill{suffix}", f"tb_kill{suffix}"
     seen = tmp_path / "seen.txt"
     (tmp_path / "fraiseql.toml").write_text(
         f'[database]\nurl = "{fraiseql_database_url}"\n\n[observers]\nbackend = "postgres"\n'
         f'http_port = 0\n\n[observers.postgres]\nlistener_id = "kill_{suffix}"\nbatch_size = 100\n'
+        f'capture = "{mode}"\n'
     )
     (tmp_path / "schema.py").write_text(
         "import time\nimport fraiseql\n"
@@ -366,7 +399,9 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(tmp_path: Path, fraiseql_
     with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE {name} (id int primary key)")
     cli = [sys.executable, "-m", "fraiseql.cli", "db", "install"]
-    assert subprocess.run(cli, cwd=tmp_path, capture_output=True, timeout=60).returncode == 0
+    installed = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert installed.returncode == 0, installed.stderr
+    assert installed.stdout.startswith(f"{mode} capture installed on {name}"), installed.stdout
     with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
         conn.execute(f"INSERT INTO {name} SELECT g FROM generate_series(1, 10000) g")
 
@@ -387,20 +422,26 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(tmp_path: Path, fraiseql_
             assert second.wait(30) == 0
     got = lines()
     assert set(got) == {str(i) for i in range(1, 10_001)}
-    assert len(got) - 10_000 <= 2 * 100, "at most the batches in flight at the kill run again"
+    if mode == "trigger":
+        assert len(got) - 10_000 <= 2 * 100, "at most the batches in flight at the kill run again"
+    else:
+        # What was not confirmed when the process died: at most a status interval's worth.
+        assert len(got) - 10_000 <= killed_at, "only what came before the kill runs again"
     with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
         conn.execute(f"DROP TABLE {name}")
 
 
-def test_a_postgresql_restart_mid_stream_loses_nothing(registry: fraiseql.Registry) -> None:
+@pytest.mark.parametrize("mode", ["trigger", "logical"])
+def test_a_postgresql_restart_mid_stream_loses_nothing(registry: fraiseql.Registry, mode: str) -> None:
     """A private PostgreSQL is SIGKILLed (crash, then recovery from its WAL) while the engine
-    works, and started again on the same data and port: every committed row is delivered."""
+    works, and started again on the same data and port: every committed row is delivered.
+    With either capture."""
     import signal
 
     from fraiseql import _embedded
-    from fraiseql.testing.services import postgres_answers, start_postgres_server
+    from fraiseql.testing.services import LOGICAL_SETTINGS, postgres_answers, start_postgres_server
 
-    server = start_postgres_server()
+    server = start_postgres_server(settings=LOGICAL_SETTINGS if mode == "logical" else ())
     # Same server again. fsync=off is safe here: a killed process loses nothing the OS has.
     argv = [str(a) for a in server.process.args]  # type: ignore[union-attr]
     run_as = _embedded.unprivileged_user(server.workdir)
@@ -420,8 +461,10 @@ def test_a_postgresql_restart_mid_stream_loses_nothing(registry: fraiseql.Regist
     with psycopg.connect(server.url, autocommit=True, **durable) as conn:
         conn.execute("CREATE TABLE tb_crash (id text primary key, status text, total numeric, email text)")
     restarted: subprocess.Popen[bytes] | None = None
+    config = pg_config(server.url)
+    config["observers"]["postgres"] = {"capture": mode}
     try:
-        with fraiseql.Engine(pg_config(server.url)):
+        with fraiseql.Engine(config):
             with psycopg.connect(server.url, autocommit=True, **durable) as conn:
                 for i in range(200):
                     conn.execute("INSERT INTO tb_crash (id) VALUES (%s)", (f"a{i}",))

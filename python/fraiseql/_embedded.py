@@ -181,6 +181,9 @@ def start(project: Path, say: bool = True) -> EmbeddedPostgres:
         initdb(server_bin, data, home, run_as)
     port = _free_port(DEFAULT_PORT)
     argv = [str(server_bin / "postgres"), "-D", str(data), "-h", LOOPBACK, "-p", str(port), "-k", str(home)]
+    # Logical replication, so that `capture = "auto"` reads the WAL.
+    for setting in ("wal_level=logical", "max_wal_senders=10", "max_replication_slots=10"):
+        argv += ["-c", setting]
     log = (home / "postgres.log").open("ab")
     # A session of its own: Ctrl-C in the terminal must reach fraiseql (which drains its
     # work first) and not PostgreSQL.

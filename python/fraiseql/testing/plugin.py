@@ -33,6 +33,14 @@ def fraiseql_database_url() -> str:
 
 
 @pytest.fixture(scope="session")
+def fraiseql_logical_database_url() -> str:
+    """URL of a fresh database on a PostgreSQL with ``wal_level = logical``."""
+    from fraiseql.testing import services
+
+    return services.logical_database_url()
+
+
+@pytest.fixture(scope="session")
 def fraiseql_nats_url() -> str:
     """URL of a NATS server with JetStream enabled."""
     from fraiseql.testing import services

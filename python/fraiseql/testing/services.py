@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NoReturn
@@ -37,6 +37,8 @@ from .. import _embedded
 
 __all__ = [
     "DATABASE_ENV",
+    "LOGICAL_DATABASE_ENV",
+    "LOGICAL_SETTINGS",
     "NATS_ENV",
     "REDIS_ENV",
     "ServerProcess",
@@ -44,6 +46,7 @@ __all__ = [
     "Services",
     "database_url",
     "free_port",
+    "logical_database_url",
     "nats_has_jetstream",
     "nats_server_binary",
     "nats_url",
@@ -60,6 +63,7 @@ __all__ = [
 ]
 
 DATABASE_ENV = "FRAISEQL_TEST_DATABASE_URL"
+LOGICAL_DATABASE_ENV = "FRAISEQL_TEST_LOGICAL_DATABASE_URL"
 NATS_ENV = "FRAISEQL_TEST_NATS_URL"
 REDIS_ENV = "FRAISEQL_TEST_REDIS_URL"
 
@@ -346,11 +350,16 @@ def start_redis_server(timeout: float = 20.0) -> ServerProcess:
     return server
 
 
-def start_postgres_server(timeout: float = 60.0) -> ServerProcess:
+LOGICAL_SETTINGS = ("wal_level=logical", "max_wal_senders=20", "max_replication_slots=20")
+"""Server settings for logical replication (what logical capture needs)."""
+
+
+def start_postgres_server(timeout: float = 60.0, settings: Sequence[str] = ()) -> ServerProcess:
     """initdb a throwaway cluster and run postgres on a free loopback port.
 
     PostgreSQL refuses to run as root, so as root it runs as ``nobody``.
     Durability is switched off: the cluster is deleted afterwards anyway.
+    ``settings`` are more ``name=value`` server settings (e.g. :data:`LOGICAL_SETTINGS`).
     """
     bin_dir = postgres_bin_dir()
     workdir = Path(tempfile.mkdtemp(prefix="fraiseql-pg-"))
@@ -363,6 +372,8 @@ def start_postgres_server(timeout: float = 60.0) -> ServerProcess:
     argv = [str(bin_dir / "postgres"), "-D", str(data), "-h", LOOPBACK, "-p", str(port)]
     argv += ["-k", str(workdir), "-c", "fsync=off", "-c", "synchronous_commit=off"]
     argv += ["-c", "full_page_writes=off"]
+    for setting in settings:
+        argv += ["-c", setting]
     url = f"postgresql://postgres@{LOOPBACK}:{port}/postgres"
     server = _spawn("postgres", argv, workdir, port, url, **run_as)
     server.stop_signal = signal.SIGINT  # "fast" shutdown: no waiting for clients
@@ -410,11 +421,27 @@ def _create_database(server_url: str) -> str:
 
 
 def _drop_database(server_url: str, name: str) -> None:
-    """Drop the session database, disconnecting any client still using it."""
+    """Drop the session database, disconnecting any client still using it (and dropping its
+    replication slots, which would keep it)."""
     import psycopg
     from psycopg import sql
 
     with psycopg.connect(server_url, autocommit=True, connect_timeout=5) as conn:
+        for _ in range(50):
+            conn.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                " WHERE database = %s AND active_pid IS NOT NULL",
+                (name,),
+            )
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                " WHERE database = %s AND active_pid IS NULL",
+                (name,),
+            )
+            left = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE database = %s", (name,))
+            if left.fetchone() == (0,):
+                break
+            time.sleep(0.1)
         query = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         conn.execute(query)
 
@@ -448,6 +475,13 @@ class Services:
     def redis_url(self) -> str:
         """URL of a Redis server."""
         return self._cached("redis", self._resolve_redis)
+
+    def logical_database_url(self) -> str:
+        """URL of a fresh database on a server with ``wal_level = logical`` (for logical
+        capture): ``FRAISEQL_TEST_LOGICAL_DATABASE_URL``, else a server started for this
+        process (the standard one may run ``wal_level = replica``, and tests must not change
+        it). Dropped at shutdown."""
+        return self._cached("logical_database", self._resolve_logical_database)
 
     def shutdown(self) -> None:
         """Drop databases and stop servers in reverse order; never raises."""
@@ -493,6 +527,17 @@ class Services:
         self._cleanups.append(lambda: _drop_database(server_url, name))
         return _with_database(server_url, name), source
 
+    def _resolve_logical_database(self) -> tuple[str, str]:
+        if url := os.environ.get(LOGICAL_DATABASE_ENV):
+            server_url, source = url, SOURCE_ENV
+        else:
+            server_url, source = self._adopt(start_postgres_server(settings=LOGICAL_SETTINGS))
+        name = self._fresh_database(server_url, source)
+        if name is None:
+            return server_url, source
+        self._cleanups.append(lambda: _drop_database(server_url, name))
+        return _with_database(server_url, name), source
+
     def _resolve_postgres_server(self) -> tuple[str, str]:
         if url := os.environ.get(DATABASE_ENV):
             return url, SOURCE_ENV
@@ -531,6 +576,11 @@ def nats_url() -> str:
 def redis_url() -> str:
     """URL of a Redis server (see :class:`Services`)."""
     return _DEFAULT.redis_url()
+
+
+def logical_database_url() -> str:
+    """URL of this process's fresh database with logical replication (see :class:`Services`)."""
+    return _DEFAULT.logical_database_url()
 
 
 def sources() -> dict[str, str]:

@@ -1,8 +1,9 @@
 //! The PostgreSQL connection of a process: the one pool, and what a failure to use it means.
 
+use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::error::{ConnectErrorKind, Error, Result};
 use crate::redact::redact_url;
@@ -34,12 +35,18 @@ pub fn postgres_error(shown: &str, e: &sqlx::Error) -> Error {
 /// The one pool of a process: the dead-letter queue, the idempotency stores (on the hot path
 /// of every EffectivelyOnce event), change capture. Sources take dedicated connections of
 /// their own from its options.
+///
+/// The sessions ask for no NOTICEs (`client_min_messages = warning`): the engine's idempotent
+/// DDL (`… IF NOT EXISTS`) would otherwise log "already exists, skipping" at every start.
 pub async fn connect_pool(url: &str, max_concurrency: usize) -> Result<PgPool> {
     let shown = redact_url(url);
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| postgres_error(&shown, &e))?
+        .options([("client_min_messages", "warning")]);
     PgPoolOptions::new()
         .max_connections(max_concurrency.clamp(4, 16) as u32)
         .acquire_timeout(Duration::from_secs(30))
-        .connect(url)
+        .connect_with(options)
         .await
         .map_err(|e| postgres_error(&shown, &e))
 }

@@ -35,6 +35,10 @@ pub struct Metrics {
     pub changelog_lag_rows: Gauge,
     /// Age of the oldest change-log row not yet processed; 0 when caught up.
     pub changelog_lag_seconds: Gauge<f64, AtomicU64>,
+    /// Bytes of WAL the logical-capture slot keeps on the server.
+    pub slot_retained_wal_bytes: Gauge,
+    /// Bytes of WAL between the server's position and the slot's confirmed one.
+    pub slot_lag_bytes: Gauge,
     /// Batches the postgres source read and processed.
     pub source_batches: Counter,
     /// Change-log rows or messages that could not be decoded (dead-lettered).
@@ -136,6 +140,8 @@ impl Metrics {
             events_in_flight: Gauge::default(),
             changelog_lag_rows: Gauge::default(),
             changelog_lag_seconds: Gauge::default(),
+            slot_retained_wal_bytes: Gauge::default(),
+            slot_lag_bytes: Gauge::default(),
             source_batches: Counter::default(),
             source_undecodable: Counter::default(),
             registry: Registry::default(),
@@ -206,6 +212,16 @@ impl Metrics {
             name("changelog_lag_seconds"),
             "Age of the oldest change-log row not yet processed",
             self.changelog_lag_seconds.clone(),
+        );
+        registry.register(
+            name("slot_retained_wal_bytes"),
+            "Bytes of WAL the replication slot of logical capture keeps on the server",
+            self.slot_retained_wal_bytes.clone(),
+        );
+        registry.register(
+            name("slot_lag_bytes"),
+            "Bytes of WAL between the server's position and the slot's confirmed one",
+            self.slot_lag_bytes.clone(),
         );
         registry.register(
             name("source_batches"),

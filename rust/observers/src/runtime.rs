@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::bridge;
+use crate::capture::logical::{self, LogicalCapture, Mode};
 use crate::capture::{self, CaptureOptions};
 use crate::checkpoint::{
     CheckpointStrategy, IdempotencyStores, MemoryIdempotencyStores, PgIdempotencyStore,
@@ -33,6 +34,7 @@ use crate::error::{ConnectErrorKind, DeadLetterErrorKind, Error, Result};
 use crate::metrics::{Metrics, RedisMetrics};
 use crate::schema::{EntityDef, Schema};
 use crate::status::{HealthSource, StatusServer};
+use crate::transport::logical::{LogicalOptions, LogicalSource};
 use crate::transport::memory::MemoryTransport;
 use crate::transport::nats::{self, NatsMetrics, NatsPublisher, NatsSource};
 use crate::transport::postgres::{PostgresOptions, PostgresSource};
@@ -159,6 +161,12 @@ pub async fn start(
         _ => None,
     };
     let (engine, dlq) = observer_engine(config, pool.as_ref(), observers, metrics).await?;
+    let capture = match &pool {
+        Some(pool) if !logical::readers(config).is_empty() => {
+            Some(prepare_capture(config, schema, pool).await?)
+        }
+        _ => None,
+    };
     let (shutdown, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut memory = None;
@@ -175,15 +183,41 @@ pub async fn start(
         }
         Backend::Postgres => {
             let pool = pool.as_ref().ok_or_else(no_database)?;
-            if config.observers.auto_install {
-                capture::install_with(pool, schema, &CaptureOptions::from_config(config)).await?;
+            match capture {
+                Some(Mode::Logical) => {
+                    let source = LogicalSource::new(
+                        pool.clone(),
+                        database_url(config)?,
+                        schema,
+                        LogicalOptions::from_config(config),
+                    )
+                    .await?;
+                    let pg = &config.observers.postgres;
+                    tracing::info!(
+                        "[observers] transport: postgres (logical capture, listener {}, slot {}, \
+                         publication {})",
+                        pg.listener_id,
+                        logical::slot_name(&pg.listener_id),
+                        pg.publication
+                    );
+                    let health = source.health();
+                    tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx.clone())));
+                    health
+                }
+                _ => {
+                    if config.observers.auto_install {
+                        capture::install_with(pool, schema, &CaptureOptions::from_config(config))
+                            .await?;
+                    }
+                    let source =
+                        PostgresSource::new(pool.clone(), PostgresOptions::from_config(config))
+                            .await?;
+                    log_postgres_source(config);
+                    let health = source.health();
+                    tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx.clone())));
+                    health
+                }
             }
-            let source =
-                PostgresSource::new(pool.clone(), PostgresOptions::from_config(config)).await?;
-            log_postgres_source(config);
-            let health = source.health();
-            tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx.clone())));
-            health
         }
         Backend::Nats => {
             let client = nats::connect(&config.observers.nats).await?;
@@ -204,6 +238,7 @@ pub async fn start(
                     publisher: Arc::new(publisher),
                     listener_id: &config.observers.bridge.transport_name,
                     target: "nats",
+                    capture,
                 };
                 tasks.push(
                     forwarder
@@ -242,6 +277,7 @@ pub async fn start(
                         publisher: Arc::new(publisher),
                         listener_id: &rc.forwarder_name,
                         target: "redis",
+                        capture,
                     };
                     tasks.push(
                         forwarder
@@ -282,6 +318,25 @@ pub async fn start(
         status_addr: status.as_ref().map(|s| s.addr),
         status: Mutex::new(status),
     })
+}
+
+/// Decides how this process captures changes (logged, with the reason) and, for logical
+/// capture with `auto_install`, installs the publication and every reader's slot.
+async fn prepare_capture(config: &Config, schema: &Schema, pool: &PgPool) -> Result<Mode> {
+    let (mode, why) = logical::decide(pool, config.observers.postgres.capture).await?;
+    let name = match mode {
+        Mode::Logical => "logical",
+        Mode::Trigger => "trigger",
+    };
+    tracing::info!("[observers] capture: {name} ({why})");
+    if mode == Mode::Logical && config.observers.auto_install {
+        logical::install(pool, schema, &LogicalCapture::from_config(config)).await?;
+    }
+    Ok(mode)
+}
+
+fn database_url(config: &Config) -> Result<&str> {
+    config.database.url.as_deref().ok_or_else(no_database)
 }
 
 fn log_postgres_source(config: &Config) {
@@ -505,6 +560,7 @@ struct Forwarder<'a> {
     publisher: Arc<dyn Publisher>,
     listener_id: &'a str,
     target: &'static str,
+    capture: Option<Mode>,
 }
 
 impl Forwarder<'_> {
@@ -515,6 +571,28 @@ impl Forwarder<'_> {
         stop: watch::Receiver<bool>,
     ) -> Result<JoinHandle<Result<()>>> {
         let bridge = &self.config.observers.bridge;
+        let specs = bridge::bridge_observers(self.schema, self.publisher.clone(), self.listener_id);
+        let engine = Arc::new(
+            Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?.forwarding(),
+        );
+        if self.capture == Some(Mode::Logical) {
+            let options = LogicalOptions::for_reader(
+                self.config,
+                self.listener_id,
+                bridge.batch_size,
+                bridge.poll_interval_secs.saturating_mul(1000),
+            );
+            let source = LogicalSource::new(
+                self.pool.clone(),
+                database_url(self.config)?,
+                self.schema,
+                options,
+            )
+            .await?
+            .with_batch_publisher(self.publisher.clone());
+            self.log_start();
+            return Ok(tokio::spawn(source.run(engine, stop)));
+        }
         if self.config.observers.auto_install {
             let options = CaptureOptions {
                 notify_channel: bridge.notify_channel.clone(),
@@ -523,33 +601,89 @@ impl Forwarder<'_> {
             };
             capture::install_with(self.pool, self.schema, &options).await?;
         }
-        let specs = bridge::bridge_observers(self.schema, self.publisher.clone(), self.listener_id);
-        let engine =
-            Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?.forwarding();
         let options = bridge::bridge_options(self.config, self.listener_id);
         let source = PostgresSource::new(self.pool.clone(), options)
             .await?
-            .with_batch_publisher(self.publisher);
+            .with_batch_publisher(self.publisher.clone());
+        self.log_start();
+        Ok(tokio::spawn(source.run(engine, stop)))
+    }
+
+    fn log_start(&self) {
         tracing::info!(
             "[observers] bridge: postgres -> {} ({}, {} table(s))",
             self.target,
             self.listener_id,
             self.schema.entities().len()
         );
-        Ok(tokio::spawn(source.run(Arc::new(engine), stop)))
     }
 }
 
 /// `fraiseql db install` / `--uninstall` for the captured tables of `schema` and the config.
-pub async fn install_capture(config: &Config, schema: &Schema, uninstall: bool) -> Result<()> {
+/// Installs the capture the config and the server call for (see [`logical::decide`]);
+/// uninstalling removes both kinds. Returns what was done, for the command to print.
+pub async fn install_capture(config: &Config, schema: &Schema, uninstall: bool) -> Result<String> {
     let schema = capture_schema(config, schema)?;
     let url = config.database.url.as_deref().ok_or_else(no_database)?;
     let pool = connect_pool(url, 1).await?;
+    let tables: Vec<&str> = schema.entities().iter().map(|e| e.table.as_str()).collect();
+    let logical_capture = LogicalCapture::from_config(config);
     if uninstall {
-        capture::uninstall(&pool, &schema).await
-    } else {
-        capture::install_with(&pool, &schema, &CaptureOptions::from_config(config)).await
+        capture::uninstall(&pool, &schema).await?;
+        logical::uninstall(&pool, &logical_capture).await?;
+        return Ok(format!(
+            "change capture removed from {} (triggers, publication `{}`, slots {})",
+            tables.join(", "),
+            logical_capture.publication,
+            logical_capture.slots.join(", ")
+        ));
     }
+    let (mode, why) = logical::decide(&pool, config.observers.postgres.capture).await?;
+    match mode {
+        Mode::Logical => {
+            logical::install(&pool, &schema, &logical_capture).await?;
+            Ok(format!(
+                "logical capture installed on {} (publication `{}`, slots {}; {why})",
+                tables.join(", "),
+                logical_capture.publication,
+                logical_capture.slots.join(", ")
+            ))
+        }
+        Mode::Trigger => {
+            capture::install_with(&pool, &schema, &CaptureOptions::from_config(config)).await?;
+            Ok(format!(
+                "trigger capture installed on {} ({why})",
+                tables.join(", ")
+            ))
+        }
+    }
+}
+
+/// The SQL of `fraiseql db install --print` (or `--uninstall --print`), without connecting:
+/// with `capture = "auto"`, both kinds, each under a comment saying when it applies.
+pub fn capture_sql(config: &Config, schema: &Schema, uninstall: bool) -> Result<String> {
+    let schema = capture_schema(config, schema)?;
+    let logical_capture = LogicalCapture::from_config(config);
+    let (logical_sql, trigger_sql) = if uninstall {
+        (
+            logical::uninstall_sql(&logical_capture)?,
+            capture::uninstall_sql(&schema)?,
+        )
+    } else {
+        (
+            logical::install_sql(&schema, &logical_capture)?,
+            capture::install_sql_with(&schema, &CaptureOptions::from_config(config))?,
+        )
+    };
+    Ok(match config.observers.postgres.capture {
+        crate::config::Capture::Logical => logical_sql,
+        crate::config::Capture::Trigger => trigger_sql,
+        crate::config::Capture::Auto if uninstall => format!("{trigger_sql}{logical_sql}"),
+        crate::config::Capture::Auto => format!(
+            "-- capture = \"auto\": where wal_level = logical and the role may replicate,\n\
+             -- logical capture:\n{logical_sql}\n-- otherwise, trigger capture:\n{trigger_sql}"
+        ),
+    })
 }
 
 /// `fraiseql idempotency prune`: old keys out of each table, in batches. Returns the rows

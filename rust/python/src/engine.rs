@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use fraiseql_observers::action;
-use fraiseql_observers::capture::{self, CaptureOptions};
 use fraiseql_observers::config::{self, HandlerConfig};
 use fraiseql_observers::runtime::{
     self as core_runtime, DeadLetters, Instruments, Running, StartOptions,
@@ -429,24 +428,12 @@ pub fn db_install(
     let config = load_config(&main, &runtime_file)?;
     let declared = Schema::new(entities.map(entity_defs).transpose()?.unwrap_or_default())
         .map_err(PyFraiseError)?;
-    let schema = core_runtime::capture_schema(&config, &declared).map_err(PyFraiseError)?;
     if print_only {
-        let sql = if uninstall {
-            capture::uninstall_sql(&schema)
-        } else {
-            capture::install_sql_with(&schema, &CaptureOptions::from_config(&config))
-        };
-        return Ok(sql.map_err(PyFraiseError)?);
+        return Ok(core_runtime::capture_sql(&config, &declared, uninstall).map_err(PyFraiseError)?);
     }
-    let tables: Vec<String> = schema.entities().iter().map(|e| e.table.clone()).collect();
-    py.detach(|| runtime().block_on(core_runtime::install_capture(&config, &schema, uninstall)))
-        .map_err(PyFraiseError)?;
-    let verb = if uninstall {
-        "removed from"
-    } else {
-        "installed on"
-    };
-    Ok(format!("change capture {verb} {}", tables.join(", ")))
+    py.detach(|| runtime().block_on(core_runtime::install_capture(&config, &declared, uninstall)))
+        .map_err(PyFraiseError)
+        .map_err(Into::into)
 }
 
 /// `fraiseql idempotency prune`: deletes keys older than `older_than_secs` from `tables`

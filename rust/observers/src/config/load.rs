@@ -470,6 +470,31 @@ fn load_postgres(ctx: &mut Ctx<'_>, node: &Node, pg: &mut super::PostgresConfig)
             pg.skip_unchanged_updates = v;
         }
     }
+    if let Some(n) = p.get("capture") {
+        if let Some(v) = ctx.choice(
+            n,
+            &p.path("capture"),
+            &["auto", "logical", "trigger"],
+            |s| match s.to_ascii_lowercase().as_str() {
+                "auto" => Some(super::Capture::Auto),
+                "logical" | "wal" => Some(super::Capture::Logical),
+                "trigger" | "triggers" => Some(super::Capture::Trigger),
+                _ => None,
+            },
+        ) {
+            pg.capture = v;
+        }
+    }
+    if let Some(n) = p.get("publication") {
+        if let Some(v) = checked(ctx, n, &p.path("publication"), check_publication) {
+            pg.publication = v;
+        }
+    }
+    if let Some(n) = p.get("max_retained_wal") {
+        if let Some(v) = ctx.size(n, &p.path("max_retained_wal")) {
+            pg.max_retained_wal = v;
+        }
+    }
 }
 
 /// Applies `[observers.redis]`.
@@ -915,6 +940,18 @@ fn check_listener_id(s: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A publication name: an unqualified SQL identifier.
+fn check_publication(s: &str) -> Result<(), String> {
+    if s.contains('.') {
+        return Err(format!(
+            "expected a PostgreSQL publication name (letters, digits and _, not starting with \
+             a digit, at most 63 characters), found {}",
+            quote_short(s)
+        ));
+    }
+    validate_sql_identifier(s)
 }
 
 /// PostgreSQL NOTIFY channel: an unqualified SQL identifier.

@@ -43,6 +43,10 @@ pub const RUN_BRIDGE_REQUIRES_NATS: &str = "run_bridge=true requires transport=n
 pub const DEFAULT_IDEMPOTENCY_TABLE: &str = "fraiseql_observer_idempotency";
 /// Default PostgreSQL NOTIFY channel.
 pub const DEFAULT_NOTIFY_CHANNEL: &str = "fraiseql_changes";
+/// Default publication of logical capture.
+pub const DEFAULT_PUBLICATION: &str = "fraiseql";
+/// Default alarm threshold for the WAL a replication slot keeps: 1 GiB.
+pub const DEFAULT_MAX_RETAINED_WAL: u64 = 1 << 30;
 /// Default webhook timeout.
 pub const DEFAULT_WEBHOOK_TIMEOUT_MS: u64 = 10_000;
 /// Default SMTP port.
@@ -279,6 +283,36 @@ pub struct PostgresConfig {
     pub listen: bool,
     /// Capture no change-log row for an UPDATE that changes nothing (default true).
     pub skip_unchanged_updates: bool,
+    /// `capture`: read the WAL (logical replication) or the trigger-written change log
+    /// (default `auto`: logical where the server and the role allow it).
+    pub capture: Capture,
+    /// `publication`: the publication logical capture reads (default `fraiseql`).
+    pub publication: String,
+    /// `max_retained_wal`: `/health` turns 503 when a replication slot of this process keeps
+    /// more WAL than this on the server (default 1 GiB).
+    pub max_retained_wal: u64,
+}
+
+/// How row changes are captured from PostgreSQL (`[observers.postgres] capture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Capture {
+    /// Logical when `wal_level = logical` and the role may replicate, triggers otherwise.
+    #[default]
+    Auto,
+    /// A publication and a replication slot (pgoutput): nothing waits on other transactions.
+    Logical,
+    /// Triggers writing `fraiseql_change_log`, read by cursor.
+    Trigger,
+}
+
+impl Capture {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capture::Auto => "auto",
+            Capture::Logical => "logical",
+            Capture::Trigger => "trigger",
+        }
+    }
 }
 
 impl Default for PostgresConfig {
@@ -289,6 +323,9 @@ impl Default for PostgresConfig {
             poll_interval_ms: 1000,
             listen: true,
             skip_unchanged_updates: true,
+            capture: Capture::Auto,
+            publication: DEFAULT_PUBLICATION.to_string(),
+            max_retained_wal: DEFAULT_MAX_RETAINED_WAL,
         }
     }
 }

@@ -355,6 +355,34 @@ impl<'a> Ctx<'a> {
         Some(value)
     }
 
+    /// A size in bytes: an integer, or a string of digits and a unit (`B`, `kB`, `MB`, `GB`,
+    /// `TB`, powers of 1024 as PostgreSQL counts them), e.g. `"512MB"` or `"${MAX_WAL:-1GB}"`.
+    pub(crate) fn size(&mut self, node: &Node, path: &str) -> Option<u64> {
+        let text = match &node.kind {
+            Kind::Int(i) if *i >= 0 => return u64::try_from(*i).ok(),
+            Kind::Str(raw) => self.interpolate(raw, path, node.line)?,
+            _ => {
+                self.type_error(node, path, "a size such as \"1GB\" or a number of bytes");
+                return None;
+            }
+        };
+        match parse_size(&text) {
+            Some(v) => Some(v),
+            None => {
+                self.error(
+                    path,
+                    node.line,
+                    format!(
+                        "expected a size such as \"512MB\" or \"1GB\" (units B, kB, MB, GB, TB), \
+                         found {}",
+                        quote_short(&text)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
     /// A boolean (or a string containing `${VAR}` that interpolates to `true`/`false`).
     pub(crate) fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
         match &node.kind {
@@ -475,4 +503,22 @@ pub(crate) fn parse_int(s: &str) -> Option<i128> {
         return None;
     }
     t.parse().ok()
+}
+
+/// `"512MB"`, `"1 GB"`, `"1048576"`: digits, then an optional unit (case-insensitive, 1024-based).
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s
+        .find(|c: char| !c.is_ascii_digit() && c != '_')
+        .unwrap_or(s.len());
+    let number = u64::try_from(parse_int(&s[..digits])?).ok()?;
+    let factor: u64 = match s[digits..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1 << 10,
+        "mb" => 1 << 20,
+        "gb" => 1 << 30,
+        "tb" => 1 << 40,
+        _ => return None,
+    };
+    number.checked_mul(factor)
 }

@@ -1,10 +1,12 @@
 //! Transports feed events to the engine. Each source — `memory` (the in-process queue used for
-//! tests and embedding), `postgres`, `nats`, `redis` — implements [`delivery::Source`] and is
+//! tests and embedding), `postgres` (the trigger-written change log), `logical` (PostgreSQL's
+//! WAL through a replication slot), `nats`, `redis` — implements [`delivery::Source`] and is
 //! driven by the one loop, [`delivery::run`]: bounded concurrency, acknowledgement only after
 //! the engine finished or dead-lettered, the same handling of bad input everywhere.
 
 pub mod codec;
 pub mod delivery;
+pub mod logical;
 pub mod memory;
 pub mod nats;
 pub mod postgres;
@@ -14,6 +16,13 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::event::Event;
+
+/// Makes `ring` the process's rustls provider. Clients that build their TLS settings from the
+/// process default (async-nats, redis) need one, and with more than one provider compiled in
+/// (the replication client brings aws-lc-rs) rustls will not pick one by itself.
+pub(crate) fn use_ring_for_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 
 /// A transport the change log can be forwarded to.
 #[async_trait]

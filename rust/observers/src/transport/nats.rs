@@ -296,6 +296,8 @@ pub async fn connect(config: &NatsConfig) -> Result<Client> {
             )
         })?;
     let masked = redact_url(urls);
+    // tls:// and tls_required servers need a rustls provider.
+    super::use_ring_for_tls();
     let permissions = Arc::new(PermissionWatch::default());
     let mut backoff = Backoff::new(CONNECT_RETRY);
     let client = loop {

@@ -481,35 +481,11 @@ impl PostgresSource {
         }
     }
 
-    /// A forwarder's batch goes to its publisher first, many publishes in flight; only the
-    /// events it could not confirm are delivered to the engine, their first attempt made.
     async fn publish_first(&self, deliveries: Vec<PgDelivery>) -> Vec<PgDelivery> {
-        let Some(publisher) = &self.batch_publisher else {
-            return deliveries;
-        };
-        let (events, undecodable): (Vec<PgDelivery>, Vec<PgDelivery>) = deliveries
-            .into_iter()
-            .partition(|d| matches!(d.payload, Payload::Event(_)));
-        let batch: Vec<Event> = events
-            .iter()
-            .filter_map(|d| match &d.payload {
-                Payload::Event(e) => Some(e.clone()),
-                Payload::Undecodable(_) => None,
-            })
-            .collect();
-        let Some(unconfirmed) = publisher.publish_batch(&batch).await else {
-            return events.into_iter().chain(undecodable).collect();
-        };
-        events
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| unconfirmed.binary_search(i).is_ok())
-            .map(|(_, mut d)| {
-                d.attempts_made = 1;
-                d
-            })
-            .chain(undecodable)
-            .collect()
+        match &self.batch_publisher {
+            Some(publisher) => publish_first(publisher.as_ref(), deliveries).await,
+            None => deliveries,
+        }
     }
 
     /// Rows after the committed cursor (counted up to a cap) and the age of the oldest of
@@ -565,6 +541,37 @@ impl PostgresSource {
             })
             .collect()
     }
+}
+
+/// A forwarder's batch goes to its publisher first, many publishes in flight; only the events
+/// it could not confirm are delivered to the engine, their first attempt made.
+pub(crate) async fn publish_first(
+    publisher: &dyn Publisher,
+    deliveries: Vec<PgDelivery>,
+) -> Vec<PgDelivery> {
+    let (events, undecodable): (Vec<PgDelivery>, Vec<PgDelivery>) = deliveries
+        .into_iter()
+        .partition(|d| matches!(d.payload, Payload::Event(_)));
+    let batch: Vec<Event> = events
+        .iter()
+        .filter_map(|d| match &d.payload {
+            Payload::Event(e) => Some(e.clone()),
+            Payload::Undecodable(_) => None,
+        })
+        .collect();
+    let Some(unconfirmed) = publisher.publish_batch(&batch).await else {
+        return events.into_iter().chain(undecodable).collect();
+    };
+    events
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| unconfirmed.binary_search(i).is_ok())
+        .map(|(_, mut d)| {
+            d.attempts_made = 1;
+            d
+        })
+        .chain(undecodable)
+        .collect()
 }
 
 /// Where a batch ends, and how many events it held: the checkpoint of this source.
@@ -648,10 +655,20 @@ impl Source for PostgresSource {
     }
 }
 
-/// A change-log row, as an event or as undecodable input.
+/// A change (a change-log row or a WAL change), as an event or as undecodable input;
+/// acknowledged with its batch's checkpoint.
 pub struct PgDelivery {
     payload: Payload,
     attempts_made: u32,
+}
+
+impl PgDelivery {
+    pub(crate) fn new(payload: Payload) -> Self {
+        PgDelivery {
+            payload,
+            attempts_made: 0,
+        }
+    }
 }
 
 impl Delivery for PgDelivery {

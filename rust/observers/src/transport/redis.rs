@@ -76,8 +76,8 @@ fn is_fatal(e: &RedisError) -> bool {
 /// own (a few attempts with backoff, then again on the next command — the source's loops
 /// keep issuing commands, with their own backoff).
 pub async fn connect(url: &str, response_timeout: Duration) -> Result<ConnectionManager> {
-    // rediss:// needs a rustls provider; `ring` is the one this crate builds with.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // rediss:// needs a rustls provider.
+    super::use_ring_for_tls();
     let masked = redact_url(url);
     let client = Client::open(url).map_err(|e| {
         Error::connect(

@@ -50,6 +50,20 @@ pub fn nats_url() -> String {
     .clone()
 }
 
+/// A PostgreSQL server with `wal_level = logical`, for logical capture: the one in
+/// `FRAISEQL_TEST_LOGICAL_DATABASE_URL`, else one this test binary starts (the machine's
+/// server may run `wal_level = replica`, and tests must not change it).
+pub fn logical_database_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        std::env::var("FRAISEQL_TEST_LOGICAL_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| start_logical_postgres().url)
+    })
+    .clone()
+}
+
 fn resolve(env: &str, standard: impl FnOnce() -> Option<String>, start: fn() -> String) -> String {
     if let Some(url) = std::env::var(env).ok().filter(|u| !u.is_empty()) {
         return url;
@@ -247,9 +261,82 @@ fn start_nats() -> String {
     format!("nats://{LOOPBACK}:{port}")
 }
 
-/// As root, PostgreSQL runs as `nobody`, from a copy of its install that `nobody` can reach
-/// (the checkout or `.venv` may sit under a directory only root may enter).
 fn start_postgres() -> String {
+    start_postgres_server(&[]).url
+}
+
+/// A PostgreSQL of a test's own with `wal_level = logical`, which the test may restart.
+pub fn start_logical_postgres() -> PgServer {
+    start_postgres_server(&[
+        "wal_level=logical",
+        "max_wal_senders=20",
+        "max_replication_slots=20",
+        "wal_sender_timeout=10s",
+    ])
+}
+
+/// A PostgreSQL server this test binary started.
+pub struct PgServer {
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`
+    pub url: String,
+    argv: Vec<String>,
+    dir: PathBuf,
+    data: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    owner: Option<(u32, u32)>,
+}
+
+impl PgServer {
+    /// Stops the server (fast shutdown: clients are disconnected) and starts it again on the
+    /// same port and data. Blocks until it accepts connections.
+    pub fn restart(&self) {
+        self.stop();
+        self.start();
+    }
+
+    /// Stops the server; blocks until its process is gone.
+    pub fn stop(&self) {
+        let pid = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_owned))
+            .expect("the server's postmaster.pid");
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(Instant::now() < deadline, "postgres {pid} did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the stopped server again.
+    pub fn start(&self) {
+        spawn_guarded(&self.argv, &self.dir, "INT", self.owner);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let (bin, port) = (self.bin.clone(), self.port);
+        wait_until(
+            "postgres",
+            &self.dir.join("server.log"),
+            Duration::from_secs(60),
+            || {
+                Command::new(bin.join("pg_isready"))
+                    .args(["-h", LOOPBACK, "-p", &port.to_string(), "-U", "postgres"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        );
+    }
+}
+
+/// As root, PostgreSQL runs as `nobody`, from a copy of its install that `nobody` can reach
+/// (the checkout or `.venv` may sit under a directory only root may enter). `settings` are
+/// `name=value` server settings.
+pub fn start_postgres_server(settings: &[&str]) -> PgServer {
     let owner = running_as_root().then_some((65534, 65534));
     let dir = workdir("pg", owner);
     let mut bin = postgres_bin_dir();
@@ -281,7 +368,7 @@ fn start_postgres() -> String {
         String::from_utf8_lossy(&initdb.stderr)
     );
     let port = free_port();
-    let argv = [
+    let mut argv: Vec<String> = vec![
         bin.join("postgres").display().to_string(),
         "-D".into(),
         data.display().to_string(),
@@ -291,29 +378,30 @@ fn start_postgres() -> String {
         port.to_string(),
         "-k".into(),
         dir.display().to_string(),
-        "-c".into(),
-        "fsync=off".into(),
-        "-c".into(),
-        "synchronous_commit=off".into(),
-        "-c".into(),
-        "full_page_writes=off".into(),
     ];
+    for setting in [
+        "fsync=off",
+        "synchronous_commit=off",
+        "full_page_writes=off",
+    ]
+    .iter()
+    .chain(settings)
+    {
+        argv.push("-c".into());
+        argv.push((*setting).to_owned());
+    }
+    let server = PgServer {
+        url: format!("postgres://postgres@{LOOPBACK}:{port}/postgres"),
+        argv,
+        dir,
+        data,
+        bin,
+        port,
+        owner,
+    };
     // SIGINT: PostgreSQL's fast shutdown, without waiting for clients.
-    spawn_guarded(&argv, &dir, "INT", owner);
-    wait_until(
-        "postgres",
-        &dir.join("server.log"),
-        Duration::from_secs(60),
-        || {
-            Command::new(bin.join("pg_isready"))
-                .args(["-h", LOOPBACK, "-p", &port.to_string(), "-U", "postgres"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        },
-    );
-    format!("postgres://postgres@{LOOPBACK}:{port}/postgres")
+    server.start();
+    server
 }
 
 fn running_as_root() -> bool {

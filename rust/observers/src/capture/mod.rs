@@ -25,6 +25,8 @@
 //!   the entity tables need no privileges on the change log, and a session `search_path` cannot
 //!   redirect its insert.
 
+pub mod logical;
+
 use sqlx::PgPool;
 
 use crate::config::validate_sql_identifier;
@@ -271,6 +273,24 @@ $fraiseql$;
 
 fn uninstall_body(schema: &Schema) -> Result<String> {
     let mut sql = String::from("SELECT pg_advisory_xact_lock(hashtext('fraiseql.capture'));\n");
+    sql.push_str(&drop_triggers_sql(schema)?);
+    for function in [
+        CAPTURE_FUNCTION,
+        CAPTURE_INSERTED_FUNCTION,
+        CAPTURE_DELETED_FUNCTION,
+    ] {
+        sql.push_str(&format!(
+            "DO $fraiseql$ BEGIN\n    IF to_regprocedure('{function}()') IS NOT NULL AND NOT EXISTS (\n        \
+             SELECT 1 FROM pg_trigger WHERE tgfoid = to_regprocedure('{function}()')) THEN\n        \
+             DROP FUNCTION {function}();\n    END IF;\nEND $fraiseql$;\n"
+        ));
+    }
+    Ok(sql)
+}
+
+/// Drops the capture triggers of `schema`'s tables, where the tables exist.
+fn drop_triggers_sql(schema: &Schema) -> Result<String> {
+    let mut sql = String::new();
     for t in entity_triggers(schema)? {
         // The quoted name is made of validated characters only: safe inside '…'.
         sql.push_str(&format!(
@@ -282,17 +302,6 @@ fn uninstall_body(schema: &Schema) -> Result<String> {
             trigger = t.trigger,
             insert = t.insert_trigger,
             delete = t.delete_trigger,
-        ));
-    }
-    for function in [
-        CAPTURE_FUNCTION,
-        CAPTURE_INSERTED_FUNCTION,
-        CAPTURE_DELETED_FUNCTION,
-    ] {
-        sql.push_str(&format!(
-            "DO $fraiseql$ BEGIN\n    IF to_regprocedure('{function}()') IS NOT NULL AND NOT EXISTS (\n        \
-             SELECT 1 FROM pg_trigger WHERE tgfoid = to_regprocedure('{function}()')) THEN\n        \
-             DROP FUNCTION {function}();\n    END IF;\nEND $fraiseql$;\n"
         ));
     }
     Ok(sql)
