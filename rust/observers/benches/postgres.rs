@@ -229,6 +229,7 @@ async fn start_engine(listen: bool, listener_id: &str) -> RunningEngine {
         poll_interval: Duration::from_millis(if listen { 1000 } else { 50 }),
         listen,
         max_concurrency: 256,
+        ..PostgresOptions::default()
     };
     let source = PostgresSource::connect(&bench_url(), options)
         .await

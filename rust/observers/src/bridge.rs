@@ -119,6 +119,8 @@ pub fn bridge_options(config: &Config, listener_id: &str) -> PostgresOptions {
         poll_interval: Duration::from_secs(bridge.poll_interval_secs.max(1)),
         listen: true,
         max_concurrency: config.observers.max_concurrency,
+        retention: config.observers.postgres.retention,
+        stall_after: Duration::from_secs(config.observers.postgres.stall_warning_secs.max(1)),
     }
 }
 

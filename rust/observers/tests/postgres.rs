@@ -146,6 +146,8 @@ fn options(listener_id: &str) -> PostgresOptions {
         poll_interval: Duration::from_millis(200),
         listen: true,
         max_concurrency: 8,
+        stall_after: Duration::from_secs(2),
+        ..PostgresOptions::default()
     }
 }
 
@@ -915,6 +917,114 @@ async fn a_dead_letter_that_cannot_be_stored_holds_the_cursor_until_it_is() {
     let [entry] = dlq.inner.list(10).await.unwrap().try_into().unwrap();
     assert_eq!(entry.observer, "refuses");
     assert!(entry.error.contains("refused"));
+    running.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumed_rows_are_pruned_below_the_slowest_live_cursor() {
+    let db = test_db().await;
+    install(&db).await;
+    let log_rows = || count(&db.pool, "SELECT count(*) FROM fraiseql_change_log");
+    let wait_for_rows = |n: i64| async move {
+        tokio::time::timeout(WAIT, async {
+            while log_rows().await != n {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the change log never held {n} rows"));
+    };
+    let (a, b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+    let fast = Running::start(&db.url, "fast", engine(&a)).await;
+    let slow = Running::start(&db.url, "slow", engine(&b)).await;
+    db.pool
+        .execute("INSERT INTO tb_order (total) SELECT g FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    a.wait_for(100).await;
+    b.wait_for(100).await;
+    slow.stop().await;
+    db.pool
+        .execute("INSERT INTO tb_order (total) SELECT g FROM generate_series(101, 200) g")
+        .await
+        .unwrap();
+    a.wait_for(200).await;
+    fast.stop().await;
+    // A reader prunes as it becomes active, below `slow`, which is alive (it moved
+    // recently): the rows `slow` has not read stay.
+    let fast = Running::start(&db.url, "fast", engine(&a)).await;
+    wait_for_rows(100).await;
+    fast.stop().await;
+    // `slow` gone for longer than the retention: it holds nothing back any more.
+    db.pool
+        .execute("UPDATE fraiseql_cursor SET updated_at = now() - interval '8 days' WHERE listener_id = 'slow'")
+        .await
+        .unwrap();
+    let fast = Running::start(&db.url, "fast", engine(&a)).await;
+    wait_for_rows(0).await;
+    fast.wait_until("the deletion counted", |h| {
+        h.observers()["pruned_rows"] == 100
+    })
+    .await;
+    fast.stop().await;
+    assert_eq!(a.len(), 200, "pruning delivers nothing twice");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_transaction_holding_delivery_back_is_named_in_health() {
+    let db = test_db().await;
+    install(&db).await;
+    let recorder = Arc::new(Recorder::default());
+    // stall_after is 2 s in these tests.
+    let running = Running::start(&db.url, "held", engine(&recorder)).await;
+    let mut blocker = PgConnection::connect(&db.url).await.unwrap();
+    blocker
+        .execute("SET application_name = 'nightly-batch'")
+        .await
+        .unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut blocker)
+        .await
+        .unwrap();
+    blocker
+        .execute("BEGIN; INSERT INTO tb_order (total, note) VALUES (1, 'held')")
+        .await
+        .unwrap();
+    db.pool
+        .execute("INSERT INTO tb_order (total) VALUES (2)")
+        .await
+        .unwrap();
+    running
+        .wait_until("the blocker named", |h| {
+            h.observers()["held_back_by"]["pid"] == pid
+        })
+        .await;
+    let held = running.health.observers()["held_back_by"].clone();
+    assert_eq!(held["application_name"], "nightly-batch");
+    assert_eq!(held["database"], db.name.as_str());
+    assert!(
+        held["query"]
+            .as_str()
+            .unwrap()
+            .starts_with("BEGIN; INSERT INTO tb_order"),
+        "{held}"
+    );
+    assert!(held["transaction_age_secs"].as_f64().unwrap() >= 0.0);
+    running
+        .wait_until("stalled", |h| {
+            h.observers()["stalled"] == true && !h.healthy()
+        })
+        .await;
+    assert_eq!(recorder.len(), 0);
+    blocker.execute("COMMIT").await.unwrap();
+    recorder.wait_for(2).await;
+    running
+        .wait_until("caught up", |h| {
+            h.observers()["held_back_by"].is_null() && h.healthy()
+        })
+        .await;
     running.stop().await;
     db.cleanup().await;
 }

@@ -495,6 +495,16 @@ fn load_postgres(ctx: &mut Ctx<'_>, node: &Node, pg: &mut super::PostgresConfig)
             pg.max_retained_wal = v;
         }
     }
+    if let Some(n) = p.get("retention") {
+        if let Some(v) = ctx.duration(n, &p.path("retention")) {
+            pg.retention = v;
+        }
+    }
+    if let Some(n) = p.get("stall_warning_secs") {
+        if let Some(v) = ctx.int(n, &p.path("stall_warning_secs"), Range::Between(1, 86_400)) {
+            pg.stall_warning_secs = u64::try_from(v).unwrap_or(30);
+        }
+    }
 }
 
 /// Applies `[observers.redis]`.

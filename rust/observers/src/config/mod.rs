@@ -291,6 +291,13 @@ pub struct PostgresConfig {
     /// `max_retained_wal`: `/health` turns 503 when a replication slot of this process keeps
     /// more WAL than this on the server (default 1 GiB).
     pub max_retained_wal: u64,
+    /// `retention` (trigger capture): consumed change-log rows are deleted; a cursor that has
+    /// not moved (nor been kept alive by a running reader) for this long stops holding rows
+    /// back (default 7 days).
+    pub retention: std::time::Duration,
+    /// `stall_warning_secs`: delivery held back this long is reported, with what holds it
+    /// (default 30).
+    pub stall_warning_secs: u64,
 }
 
 /// How row changes are captured from PostgreSQL (`[observers.postgres] capture`).
@@ -326,6 +333,8 @@ impl Default for PostgresConfig {
             capture: Capture::Auto,
             publication: DEFAULT_PUBLICATION.to_string(),
             max_retained_wal: DEFAULT_MAX_RETAINED_WAL,
+            retention: std::time::Duration::from_secs(7 * 86_400),
+            stall_warning_secs: 30,
         }
     }
 }

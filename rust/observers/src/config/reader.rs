@@ -355,6 +355,39 @@ impl<'a> Ctx<'a> {
         Some(value)
     }
 
+    /// A duration: an integer of seconds, or a string of digits and a unit (`s`, `m`, `h`,
+    /// `d`), e.g. `"7d"` or `"${RETENTION:-24h}"`.
+    pub(crate) fn duration(&mut self, node: &Node, path: &str) -> Option<std::time::Duration> {
+        let text = match &node.kind {
+            Kind::Int(i) if *i >= 0 => {
+                return u64::try_from(*i).ok().map(std::time::Duration::from_secs)
+            }
+            Kind::Str(raw) => self.interpolate(raw, path, node.line)?,
+            _ => {
+                self.type_error(
+                    node,
+                    path,
+                    "a duration such as \"7d\" or a number of seconds",
+                );
+                return None;
+            }
+        };
+        match parse_duration(&text) {
+            Some(v) => Some(v),
+            None => {
+                self.error(
+                    path,
+                    node.line,
+                    format!(
+                        "expected a duration such as \"90s\", \"15m\", \"24h\" or \"7d\", found {}",
+                        quote_short(&text)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
     /// A size in bytes: an integer, or a string of digits and a unit (`B`, `kB`, `MB`, `GB`,
     /// `TB`, powers of 1024 as PostgreSQL counts them), e.g. `"512MB"` or `"${MAX_WAL:-1GB}"`.
     pub(crate) fn size(&mut self, node: &Node, path: &str) -> Option<u64> {
@@ -521,4 +554,23 @@ pub(crate) fn parse_size(s: &str) -> Option<u64> {
         _ => return None,
     };
     number.checked_mul(factor)
+}
+
+/// `"90s"`, `"15m"`, `"24h"`, `"7d"`, `"3600"` (seconds).
+pub(crate) fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let digits = s
+        .find(|c: char| !c.is_ascii_digit() && c != '_')
+        .unwrap_or(s.len());
+    let number = u64::try_from(parse_int(&s[..digits])?).ok()?;
+    let factor: u64 = match s[digits..].trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    number
+        .checked_mul(factor)
+        .map(std::time::Duration::from_secs)
 }

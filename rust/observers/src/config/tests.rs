@@ -1582,3 +1582,101 @@ maxlen = 0
         .to_string()
         .ends_with("observers.bridge.batch_sise: unknown key (did you mean batch_size?)"));
 }
+
+// ---------------------------------------------------------------- capture
+
+#[test]
+fn postgres_capture_keys_parse_and_bad_values_say_what_is_expected() {
+    let c = main_only(
+        r#"
+[observers.postgres]
+capture = "Logical"
+publication = "orders_pub"
+max_retained_wal = "512MB"
+retention = "36h"
+stall_warning_secs = "${STALL:-12}"
+"#,
+        &no_env,
+    )
+    .unwrap();
+    let pg = &c.observers.postgres;
+    assert_eq!(pg.capture, Capture::Logical);
+    assert_eq!(pg.publication, "orders_pub");
+    assert_eq!(pg.max_retained_wal, 512 << 20);
+    assert_eq!(pg.retention, std::time::Duration::from_secs(36 * 3600));
+    assert_eq!(pg.stall_warning_secs, 12);
+    let defaults = Config::default();
+    assert_eq!(defaults.observers.postgres.capture, Capture::Auto);
+    assert_eq!(defaults.observers.postgres.max_retained_wal, 1 << 30);
+
+    let errors = errors_of(main_only(
+        r#"
+[observers.postgres]
+capture = "logcal"
+publication = "a; DROP"
+max_retained_wal = "lots"
+retention = "7 weeks"
+stall_warning_secs = 0
+"#,
+        &no_env,
+    ));
+    assert_eq!(errors.len(), 5, "{errors:#?}");
+    assert!(has(&errors, "fraiseql.toml:3: observers.postgres.capture: expected one of \"auto\", \"logical\", \"trigger\", found \"logcal\" (did you mean \"logical\"?)"), "{errors:#?}");
+    assert!(
+        has(
+            &errors,
+            "observers.postgres.publication: expected a SQL identifier"
+        ),
+        "{errors:#?}"
+    );
+    assert!(
+        has(
+            &errors,
+            "observers.postgres.max_retained_wal: expected a size such as \"512MB\""
+        ),
+        "{errors:#?}"
+    );
+    assert!(
+        has(
+            &errors,
+            "observers.postgres.retention: expected a duration such as"
+        ),
+        "{errors:#?}"
+    );
+    assert!(
+        has(
+            &errors,
+            "observers.postgres.stall_warning_secs: expected an integer between 1 and 86400"
+        ),
+        "{errors:#?}"
+    );
+}
+
+#[test]
+fn sizes_and_durations() {
+    use super::reader::{parse_duration, parse_size};
+    assert_eq!(parse_size("1GB"), Some(1 << 30));
+    assert_eq!(parse_size(" 64 kB "), Some(64 << 10));
+    assert_eq!(parse_size("1_000"), Some(1000));
+    assert_eq!(parse_size("1.5GB"), None);
+    assert_eq!(parse_size("-1"), None);
+    assert_eq!(
+        parse_size("99999999999TB"),
+        None,
+        "overflow is an error, not a wrap"
+    );
+    assert_eq!(
+        parse_duration("90s"),
+        Some(std::time::Duration::from_secs(90))
+    );
+    assert_eq!(
+        parse_duration("7d"),
+        Some(std::time::Duration::from_secs(604_800))
+    );
+    assert_eq!(
+        parse_duration("3600"),
+        Some(std::time::Duration::from_secs(3600))
+    );
+    assert_eq!(parse_duration("1w"), None);
+    assert_eq!(parse_duration(""), None);
+}

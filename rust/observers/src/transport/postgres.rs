@@ -85,9 +85,10 @@ const LAG_COUNT_CAP: i64 = 100_000;
 /// How often the active reader counts its lag: at most once per poll interval, and not
 /// more than once a second even when polling faster (the count reads up to the cap).
 const LAG_EVERY: Duration = Duration::from_secs(1);
-/// `/health` turns 503 when the active reader's cursor has not moved for this long while
-/// changes are pending (a stuck batch, a transaction holding back `xmin`).
-const STALL_AFTER: Duration = Duration::from_secs(60);
+/// How often the active reader deletes consumed change-log rows and keeps its cursor alive.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// Change-log rows deleted per statement while pruning.
+const PRUNE_BATCH: i64 = 10_000;
 /// Reconnecting the reader and the LISTEN connection.
 const RECONNECT: RetryPolicy =
     RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(10));
@@ -107,6 +108,12 @@ pub struct PostgresOptions {
     pub listen: bool,
     /// Events of a batch processed at once (at least 1).
     pub max_concurrency: usize,
+    /// Consumed rows are deleted below the slowest cursor that moved (or was kept alive by a
+    /// running reader) within this long.
+    pub retention: Duration,
+    /// Delivery held back this long is reported with what holds it, and `/health` turns 503
+    /// when the cursor has not moved for this long while changes are pending.
+    pub stall_after: Duration,
 }
 
 impl Default for PostgresOptions {
@@ -118,6 +125,8 @@ impl Default for PostgresOptions {
             poll_interval: Duration::from_secs(1),
             listen: true,
             max_concurrency: 256,
+            retention: Duration::from_secs(7 * 86_400),
+            stall_after: Duration::from_secs(30),
         }
     }
 }
@@ -133,6 +142,8 @@ impl PostgresOptions {
             poll_interval: Duration::from_millis(o.postgres.poll_interval_ms.max(10)),
             listen: o.postgres.listen,
             max_concurrency: o.max_concurrency,
+            retention: o.postgres.retention,
+            stall_after: Duration::from_secs(o.postgres.stall_warning_secs.max(1)),
         }
     }
 }
@@ -164,6 +175,10 @@ struct SourceHealth {
     /// When the cursor last moved or the reader was caught up (ms since `started`).
     progress_ms: AtomicU64,
     started: Instant,
+    stall_after: Duration,
+    /// What holds delivery back, when it is behind by more than `stall_after`.
+    held_back_by: std::sync::Mutex<Option<Value>>,
+    pruned: AtomicU64,
 }
 
 impl SourceHealth {
@@ -177,7 +192,7 @@ impl SourceHealth {
         let since = now.saturating_sub(self.progress_ms.load(Ordering::Relaxed));
         self.role.load(Ordering::Relaxed) == ROLE_ACTIVE
             && self.lag_rows.load(Ordering::Relaxed) > 0
-            && Duration::from_millis(since) >= STALL_AFTER
+            && Duration::from_millis(since) >= self.stall_after
     }
 
     fn connected(&self) -> bool {
@@ -208,6 +223,8 @@ impl HealthSource for SourceHealth {
             "role": role,
             "events_delivered": self.delivered.load(Ordering::Relaxed),
             "skipped_rows": self.skipped_rows.load(Ordering::Relaxed),
+            "held_back_by": self.held_back_by.lock().expect("health lock").clone(),
+            "pruned_rows": self.pruned.load(Ordering::Relaxed),
         })
     }
 
@@ -227,6 +244,8 @@ impl HealthSource for SourceHealth {
 
 /// The change-log reader. See the module documentation for the delivery argument.
 pub struct PostgresSource {
+    /// The process's pool: pruning and the stall diagnosis.
+    pool: PgPool,
     connect_options: PgConnectOptions,
     options: PostgresOptions,
     health: Arc<SourceHealth>,
@@ -249,6 +268,9 @@ struct Reader {
     /// The last batch was not full: wait for a wake-up before reading again.
     caught_up: bool,
     lag_checked: Option<Instant>,
+    pruned_at: Option<Instant>,
+    /// A prune still running (pruning never blocks reading).
+    pruning: Option<tokio::task::JoinHandle<()>>,
     wake: Arc<Notify>,
     listener: Option<tokio::task::JoinHandle<()>>,
     metrics: Option<Arc<Metrics>>,
@@ -318,8 +340,12 @@ impl PostgresSource {
             listens: options.listen,
             progress_ms: AtomicU64::new(0),
             started: Instant::now(),
+            stall_after: options.stall_after,
+            held_back_by: std::sync::Mutex::new(None),
+            pruned: AtomicU64::new(0),
         });
         Ok(PostgresSource {
+            pool,
             connect_options,
             options,
             health,
@@ -455,6 +481,7 @@ impl PostgresSource {
             self.store_lag().await?;
             self.reader.lag_checked = Some(Instant::now());
         }
+        self.prune_if_due();
         let Some(last) = rows.last() else {
             return Ok(Fetch::Idle);
         };
@@ -507,12 +534,87 @@ impl PostgresSource {
         if rows == 0 {
             self.health.progressed();
         }
+        let age = age.unwrap_or(0.0).max(0.0);
         let metrics = self.metrics();
         metrics.changelog_lag_rows.set(rows);
-        metrics
-            .changelog_lag_seconds
-            .set(age.unwrap_or(0.0).max(0.0));
+        metrics.changelog_lag_seconds.set(age);
+        self.report_stall(age).await;
         Ok(())
+    }
+
+    /// Once the oldest pending change is older than `stall_after`: says what holds delivery
+    /// back (the oldest transaction that has written and not ended, on any database of the
+    /// server: the change log is read below its id), in `/health` and in the log; and that
+    /// delivery resumed when it did.
+    async fn report_stall(&mut self, age: f64) {
+        let behind = age >= self.options.stall_after.as_secs_f64();
+        let blocker = if behind {
+            match oldest_open_transaction(&self.pool).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::debug!("postgres source: looking for what holds delivery back: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut held = self.health.held_back_by.lock().expect("health lock");
+        let was = held.take();
+        let name = &self.options.listener_id;
+        match (&blocker, was.as_ref().map(|w| &w["pid"])) {
+            (Some(b), previous) if previous != Some(&b["pid"]) => tracing::warn!(
+                "postgres source `{name}`: delivery is {age:.0}s behind, held back by the \
+                 transaction of server process {} (database {}, application {:?}, open for \
+                 {:.0}s, {}): {:?}; changes committed after it start are delivered when it ends",
+                b["pid"],
+                b["database"],
+                b["application_name"].as_str().unwrap_or_default(),
+                b["transaction_age_secs"].as_f64().unwrap_or_default(),
+                b["state"].as_str().unwrap_or_default(),
+                b["query"].as_str().unwrap_or_default(),
+            ),
+            (None, Some(_)) if !behind => {
+                tracing::info!("postgres source `{name}`: delivery caught up")
+            }
+            _ => {}
+        }
+        *held = blocker;
+    }
+
+    /// Every [`PRUNE_EVERY`], while active: keeps this listener's cursor alive and deletes
+    /// the change-log rows every live cursor has passed (in a task of its own).
+    fn prune_if_due(&mut self) {
+        if !self.reader.active
+            || self
+                .reader
+                .pruning
+                .as_ref()
+                .is_some_and(|t| !t.is_finished())
+            || self
+                .reader
+                .pruned_at
+                .is_some_and(|t| t.elapsed() < PRUNE_EVERY)
+        {
+            return;
+        }
+        self.reader.pruned_at = Some(Instant::now());
+        let (pool, health) = (self.pool.clone(), self.health.clone());
+        let (listener_id, retention) = (self.options.listener_id.clone(), self.options.retention);
+        self.reader.pruning = Some(tokio::spawn(async move {
+            match prune(&pool, &listener_id, retention).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    health.pruned.fetch_add(n, Ordering::Relaxed);
+                    tracing::debug!(
+                        "postgres source `{listener_id}`: deleted {n} consumed change-log rows"
+                    );
+                }
+                Err(e) => tracing::warn!(
+                    "postgres source `{listener_id}`: deleting consumed change-log rows: {e}"
+                ),
+            }
+        }));
     }
 
     /// Rows that cannot become an event are delivered as undecodable (the loop dead-letters
@@ -640,6 +742,9 @@ impl Source for PostgresSource {
     }
 
     async fn close(&mut self) {
+        if let Some(pruning) = self.reader.pruning.take() {
+            let _ = pruning.await;
+        }
         if let Some(conn) = self.reader.conn.take() {
             // Closing the session releases the advisory lock at once.
             let _ = conn.close().await;
@@ -939,6 +1044,77 @@ async fn load_cursor(
             id,
         }),
     }
+}
+
+/// Keeps `listener_id`'s cursor alive (a running reader holds its rows, moving or not), then
+/// deletes, in batches, the change-log rows at or before the slowest cursor among those
+/// alive within `retention`. Returns the rows deleted.
+async fn prune(
+    pool: &PgPool,
+    listener_id: &str,
+    retention: Duration,
+) -> std::result::Result<u64, sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO {CURSOR_TABLE} AS c (listener_id) VALUES ($1) \
+         ON CONFLICT (listener_id) DO UPDATE SET updated_at = now()"
+    ))
+    .bind(listener_id)
+    .execute(pool)
+    .await?;
+    let delete = format!(
+        "WITH floor AS (SELECT last_txid, last_id FROM {CURSOR_TABLE} \
+                        WHERE updated_at > now() - make_interval(secs => $1) \
+                        ORDER BY last_txid, last_id LIMIT 1) \
+         DELETE FROM {CHANGE_LOG_TABLE} WHERE id IN ( \
+           SELECT l.id FROM {CHANGE_LOG_TABLE} l, floor f \
+           WHERE (l.txid, l.id) <= (f.last_txid, f.last_id) \
+           ORDER BY l.txid, l.id LIMIT {PRUNE_BATCH})"
+    );
+    let mut total = 0;
+    loop {
+        let deleted = sqlx::query(&delete)
+            .bind(retention.as_secs_f64())
+            .execute(pool)
+            .await?
+            .rows_affected();
+        total += deleted;
+        if deleted < PRUNE_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// The oldest transaction on the server that has written and not ended (the one whose id
+/// bounds what the change log can deliver), as `/health` shows it: never its parameters, at
+/// most 100 characters of its statement.
+async fn oldest_open_transaction(pool: &PgPool) -> std::result::Result<Option<Value>, sqlx::Error> {
+    type Row = (
+        i32,
+        Option<String>,
+        Option<String>,
+        Option<f64>,
+        Option<String>,
+        Option<String>,
+    );
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT pid, datname::text, application_name, \
+                EXTRACT(EPOCH FROM clock_timestamp() - xact_start)::float8, left(query, 100), state \
+         FROM pg_stat_activity \
+         WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
+         ORDER BY age(backend_xid) DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(pid, database, application, age, query, state)| {
+        json!({
+            "pid": pid,
+            "database": database,
+            "application_name": application,
+            "transaction_age_secs": age.map(|a| (a * 10.0).round() / 10.0),
+            "query": query,
+            "state": state,
+        })
+    }))
 }
 
 /// Upserts the cursor; never moves it backwards.
