@@ -153,9 +153,16 @@ async fn setup(server: &str) -> Bench {
         .await
         .unwrap();
     let url = with_database(server, DB);
+    // Writers commit as PostgreSQL does by default (the test servers turn it off): with
+    // synchronous_commit = off, a walsender sees a commit only once the WAL writer flushed
+    // it, up to wal_writer_delay (200 ms) later.
+    let options = url
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .unwrap()
+        .options([("synchronous_commit", "on")]);
     let pool = PgPoolOptions::new()
         .max_connections(WRITERS as u32 + 2)
-        .connect(&url)
+        .connect_with(options)
         .await
         .unwrap();
     pool.execute(
@@ -372,7 +379,8 @@ fn writer_cost(writer: &Runtime, engine_rt: &Runtime, bench: &Bench, secs: Durat
     );
     let pool = &bench.pool;
     for rows in [1usize, 100] {
-        let plain = rate(writer, bench, "plain_bench", rows, secs);
+        // No capture before and after the others: the mean of the two is the reference.
+        let plain_before = rate(writer, bench, "plain_bench", rows, secs);
         writer
             .block_on(capture::install_with(
                 pool,
@@ -388,8 +396,10 @@ fn writer_cost(writer: &Runtime, engine_rt: &Runtime, bench: &Bench, secs: Durat
         let read = rate(writer, bench, "tb_bench", rows, secs);
         engine_rt.block_on(running.stop());
         writer.block_on(uninstall_logical(pool, "bench_writer"));
+        let plain_after = rate(writer, bench, "plain_bench", rows, secs);
+        let plain = (plain_before + plain_after) / 2.0;
         println!(
-            "{rows:>3} row(s)/tx: no capture {plain:>8.0} | trigger + NOTIFY {trigger:>8.0} ({:.2}) | \
+            "{rows:>3} row(s)/tx: no capture {plain:>8.0} ({plain_before:.0} before, {plain_after:.0} after) | trigger + NOTIFY {trigger:>8.0} ({:.2}) | \
              logical, slot not read {logical:>8.0} ({:.2}) | logical, engine reading {read:>8.0} ({:.2})",
             trigger / plain,
             logical / plain,

@@ -247,15 +247,28 @@ fn slot_error(slot: &str, e: &sqlx::Error) -> Error {
     }
 }
 
+/// How long uninstall waits for the session of an engine that just stopped to end.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Removes the slots (unless a running engine holds one) and the publication.
 pub async fn uninstall(pool: &PgPool, capture: &LogicalCapture) -> Result<()> {
     for slot in &capture.slots {
-        let active: Option<Option<i32>> =
-            sqlx::query_scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1")
-                .bind(slot)
-                .fetch_optional(pool)
-                .await
-                .map_err(|e| Error::Transport(format!("looking up slot `{slot}`: {e}")))?;
+        let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+        let active = loop {
+            let active: Option<Option<i32>> = sqlx::query_scalar(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            )
+            .bind(slot)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| Error::Transport(format!("looking up slot `{slot}`: {e}")))?;
+            match active {
+                Some(Some(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                other => break other,
+            }
+        };
         match active {
             None => continue,
             Some(Some(pid)) => {
