@@ -104,7 +104,12 @@ def test_sql_rows_fire_a_python_observer_through_the_stream(
                 health = json.load(resp)
             metrics = engine.metrics()
         assert sorted(fired) == [("o1", 150.0), ("o3", 999.0)]
-        assert health["observers"] == {"transport": "redis", "connected": True, "stream": names["stream"]}
+        assert health["observers"] == {
+            "transport": "redis",
+            "connected": True,
+            "stream": names["stream"],
+            "capture_gaps": [],  # the forwarder's captured tables are all captured
+        }
         assert "fraiseql_redis_entries_forwarded_total 3" in metrics
         assert "fraiseql_redis_entries_received_total 3" in metrics
         assert "fraiseql_redis_entries_pending 0" in metrics

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::bridge;
+use crate::capture::guard::{self, Guard, GuardHealth};
 use crate::capture::logical::{self, LogicalCapture, Mode};
 use crate::capture::{self, CaptureOptions};
 use crate::checkpoint::{
@@ -295,6 +296,18 @@ pub async fn start(
             health
         }
     };
+    let health = match (&pool, capture) {
+        (Some(pool), Some(mode)) => {
+            let guard = capture_guard(config, schema, pool, mode)?;
+            let guarded = Arc::new(Guarded {
+                inner: health,
+                guard: guard.health(),
+            });
+            tasks.push(tokio::spawn(guard.run(stop_rx.clone())));
+            guarded
+        }
+        _ => health,
+    };
     let status = match &options.status {
         Some((host, port)) => {
             Some(StatusServer::start(host, *port, metrics.clone(), health).await?)
@@ -333,6 +346,59 @@ async fn prepare_capture(config: &Config, schema: &Schema, pool: &PgPool) -> Res
         logical::install(pool, schema, &LogicalCapture::from_config(config)).await?;
     }
     Ok(mode)
+}
+
+/// The guard that keeps the captured tables captured (see [`crate::capture::guard`]).
+fn capture_guard(config: &Config, schema: &Schema, pool: &PgPool, mode: Mode) -> Result<Guard> {
+    let capture = match mode {
+        Mode::Logical => guard::Capture::Logical {
+            publication: config.observers.postgres.publication.clone(),
+        },
+        Mode::Trigger => guard::Capture::Trigger(trigger_capture_options(config)),
+    };
+    let every = Duration::from_millis(config.observers.postgres.poll_interval_ms);
+    Guard::new(
+        pool.clone(),
+        schema,
+        capture,
+        config.observers.auto_install,
+        every,
+    )
+}
+
+/// The trigger capture a config installs: the observers' channel on the postgres backend,
+/// the bridge's where a forwarder reads the change log.
+fn trigger_capture_options(config: &Config) -> CaptureOptions {
+    if config.observers.backend == Backend::Postgres {
+        return CaptureOptions::from_config(config);
+    }
+    CaptureOptions {
+        notify_channel: config.observers.bridge.notify_channel.clone(),
+        skip_unchanged_updates: config.observers.postgres.skip_unchanged_updates,
+        notify: true,
+    }
+}
+
+/// A source's health with the capture guard's gaps.
+struct Guarded {
+    inner: Arc<dyn HealthSource>,
+    guard: Arc<GuardHealth>,
+}
+
+impl HealthSource for Guarded {
+    fn observers(&self) -> Value {
+        let mut observers = self.inner.observers();
+        observers["capture_gaps"] = self.guard.gaps();
+        observers
+    }
+
+    fn databases(&self) -> Option<Value> {
+        self.inner.databases()
+    }
+
+    fn healthy(&self) -> bool {
+        self.inner.healthy()
+    }
 }
 
 fn database_url(config: &Config) -> Result<&str> {
@@ -594,11 +660,7 @@ impl Forwarder<'_> {
             return Ok(tokio::spawn(source.run(engine, stop)));
         }
         if self.config.observers.auto_install {
-            let options = CaptureOptions {
-                notify_channel: bridge.notify_channel.clone(),
-                skip_unchanged_updates: self.config.observers.postgres.skip_unchanged_updates,
-                notify: true,
-            };
+            let options = trigger_capture_options(self.config);
             capture::install_with(self.pool, self.schema, &options).await?;
         }
         let options = bridge::bridge_options(self.config, self.listener_id);

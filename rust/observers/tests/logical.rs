@@ -690,3 +690,86 @@ async fn a_slot_of_another_database_is_refused_with_a_clear_error() {
     other.cleanup().await;
     db.cleanup().await;
 }
+
+fn logical_guard(db: &TestDb) -> fraiseql_observers::capture::guard::Guard {
+    use fraiseql_observers::capture::guard::{Capture, Guard};
+    Guard::new(
+        db.pool.clone(),
+        &schema(),
+        Capture::Logical {
+            publication: "fraiseql".into(),
+        },
+        true,
+        Duration::from_millis(100),
+    )
+    .unwrap()
+}
+
+const RECREATE: &str = "DROP TABLE tb_order; CREATE TABLE tb_order (id serial PRIMARY KEY, \
+     status text NOT NULL DEFAULT 'new', total numeric NOT NULL DEFAULT 0, note text)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_dropped_and_created_again_while_running_is_captured_from_its_first_row() {
+    let db = test_db().await;
+    let reader = reader(&db, "recreate");
+    install(&db, &[&reader]).await;
+    let recorder = Arc::new(Recorder::default());
+    let running = Running::start(&db, options(&reader), engine(&recorder)).await;
+    exec(&db, "INSERT INTO tb_order (total) VALUES (1)").await;
+    recorder.wait_for(1).await;
+    // The event trigger adds the new table to the publication in the creating transaction.
+    exec(
+        &db,
+        &format!("BEGIN; {RECREATE}; INSERT INTO tb_order (total) VALUES (2); COMMIT"),
+    )
+    .await;
+    exec(&db, "UPDATE tb_order SET total = 3").await;
+    let events = recorder.wait_for(3).await;
+    assert_eq!(totals(&events), [1, 2, 3]);
+    assert_eq!(
+        events[2].old.as_ref().unwrap()["total"],
+        2,
+        "REPLICA IDENTITY FULL again"
+    );
+    let mut guard = logical_guard(&db);
+    guard.check().await.unwrap();
+    assert_eq!(guard.health().gaps(), json!([]));
+    running.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_taken_out_of_the_publication_is_put_back_and_the_gap_reported() {
+    let db = test_db().await;
+    let reader = reader(&db, "unpublished");
+    install(&db, &[&reader]).await;
+    let recorder = Arc::new(Recorder::default());
+    let running = Running::start(&db, options(&reader), engine(&recorder)).await;
+    let mut guard = logical_guard(&db);
+    guard.check().await.unwrap();
+    exec(&db, "ALTER PUBLICATION fraiseql DROP TABLE tb_order").await;
+    exec(&db, "INSERT INTO tb_order (total) VALUES (1)").await;
+    guard.check().await.unwrap();
+    let [gap] = guard
+        .health()
+        .gaps()
+        .as_array()
+        .unwrap()
+        .clone()
+        .try_into()
+        .unwrap();
+    assert!(
+        gap["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not in the publication"),
+        "{gap}"
+    );
+    assert!(gap["repaired_at"].is_string(), "{gap}");
+    exec(&db, "INSERT INTO tb_order (total) VALUES (2)").await;
+    let events = recorder.wait_for(1).await;
+    settle().await;
+    assert_eq!(totals(&recorder.events()), [2], "{events:?}");
+    running.stop().await;
+    db.cleanup().await;
+}

@@ -1028,3 +1028,145 @@ async fn the_transaction_holding_delivery_back_is_named_in_health() {
     running.stop().await;
     db.cleanup().await;
 }
+
+async fn guard(db: &TestDb) -> fraiseql_observers::capture::guard::Guard {
+    use fraiseql_observers::capture::guard::{Capture, Guard};
+    Guard::new(
+        db.pool.clone(),
+        &schema(),
+        Capture::Trigger(fraiseql_observers::CaptureOptions::new(CHANNEL)),
+        true,
+        Duration::from_millis(100),
+    )
+    .unwrap()
+}
+
+const RECREATE: &str = "DROP TABLE tb_order; CREATE TABLE tb_order (id serial PRIMARY KEY, \
+     status text NOT NULL DEFAULT 'new', total numeric NOT NULL DEFAULT 0, note text)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_created_again_is_captured_from_its_first_row() {
+    let db = test_db().await;
+    install(&db).await;
+    // The event trigger (the tests run as a superuser) captures the new table in the
+    // transaction that creates it: even a row written in that same transaction.
+    db.pool
+        .execute(
+            format!("BEGIN; {RECREATE}; INSERT INTO tb_order (total) VALUES (7); COMMIT").as_str(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM fraiseql_change_log WHERE (new->>'total')::int = 7"
+        )
+        .await,
+        1
+    );
+    let mut guard = guard(&db).await;
+    guard.check().await.unwrap();
+    assert_eq!(guard.health().gaps(), json!([]), "nothing was missed");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_event_trigger_the_guard_repairs_and_says_what_was_missed() {
+    let db = test_db().await;
+    install(&db).await;
+    // As where the installer may not create event triggers.
+    db.pool
+        .execute("DROP EVENT TRIGGER fraiseql_capture_on_create")
+        .await
+        .unwrap();
+    let mut guard = guard(&db).await;
+    guard.check().await.unwrap();
+    db.pool.execute(RECREATE).await.unwrap();
+    db.pool
+        .execute("INSERT INTO tb_order (total) VALUES (1)")
+        .await
+        .unwrap();
+    guard.check().await.unwrap();
+    let [gap] = guard
+        .health()
+        .gaps()
+        .as_array()
+        .unwrap()
+        .clone()
+        .try_into()
+        .unwrap();
+    assert_eq!(gap["table"], "tb_order");
+    assert_eq!(gap["entity"], "Order");
+    assert!(
+        gap["reason"]
+            .as_str()
+            .unwrap()
+            .contains("lost its capture triggers"),
+        "{gap}"
+    );
+    assert!(
+        gap["repaired_at"].is_string() && gap["not_captured_since"].is_string(),
+        "{gap}"
+    );
+    db.pool
+        .execute("INSERT INTO tb_order (total) VALUES (2)")
+        .await
+        .unwrap();
+    let totals: Vec<i64> =
+        sqlx::query_scalar("SELECT (new->>'total')::int8 FROM fraiseql_change_log ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        totals,
+        [2],
+        "the row before the repair was missed, and said so"
+    );
+    // A table that is gone is reported once, and again when it is back and repaired.
+    db.pool.execute("DROP TABLE tb_order").await.unwrap();
+    guard.check().await.unwrap();
+    guard.check().await.unwrap();
+    let gaps = guard.health().gaps();
+    assert_eq!(gaps.as_array().unwrap().len(), 2, "{gaps}");
+    assert!(gaps[1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("does not exist"));
+    assert!(gaps[1]["repaired_at"].is_null());
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_may_not_create_event_triggers_still_installs() {
+    let db = test_db().await;
+    let role = format!("fraiseql_app_{}", &db.name[db.name.len() - 8..]);
+    db.pool
+        .execute(
+            format!(
+                "CREATE ROLE {role} LOGIN; GRANT CREATE ON SCHEMA public TO {role}; \
+                 ALTER TABLE tb_order OWNER TO {role}"
+            )
+            .as_str(),
+        )
+        .await
+        .unwrap();
+    let url = db.url.replacen("postgres@", &format!("{role}@"), 1);
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    capture::install(&pool, &schema(), CHANNEL).await.unwrap();
+    let event_triggers = count(&db.pool, "SELECT count(*) FROM pg_event_trigger").await;
+    assert_eq!(event_triggers, 0);
+    pool.execute("INSERT INTO tb_order (total) VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM fraiseql_change_log").await,
+        1
+    );
+    pool.close().await;
+    db.cleanup().await;
+    let mut admin = PgConnection::connect(&pg::base_url()).await.unwrap();
+    admin
+        .execute(format!("DROP ROLE IF EXISTS {role}").as_str())
+        .await
+        .unwrap();
+}

@@ -130,6 +130,19 @@ fn publication_body(schema: &Schema, publication: &str) -> Result<String> {
         ));
     }
     sql.push_str(&drop_triggers_sql(schema)?);
+    let repairs = schema
+        .entities()
+        .iter()
+        .map(|entity| {
+            let table = quote_identifier(&entity.table).expect("validated above");
+            let repair = format!(
+                "ALTER PUBLICATION \"{name}\" ADD TABLE {table}; \
+                 ALTER TABLE {table} REPLICA IDENTITY FULL;"
+            );
+            (table, repair)
+        })
+        .collect::<Vec<_>>();
+    sql.push_str(&super::ddl::register_repairs(&repairs));
     Ok(sql)
 }
 
@@ -175,6 +188,13 @@ pub async fn install(pool: &PgPool, schema: &Schema, capture: &LogicalCapture) -
         create_slot(pool, slot).await?;
     }
     Ok(())
+}
+
+/// Adds `schema`'s tables to the publication (with `REPLICA IDENTITY FULL`), without
+/// touching the slots: the capture guard's repair.
+pub async fn add_tables(pool: &PgPool, schema: &Schema, publication: &str) -> Result<()> {
+    let body = publication_body(schema, publication)?;
+    run_in_transaction(pool, &body, "adding tables to the publication").await
 }
 
 async fn create_slot(pool: &PgPool, slot: &str) -> Result<()> {

@@ -25,6 +25,8 @@
 //!   the entity tables need no privileges on the change log, and a session `search_path` cannot
 //!   redirect its insert.
 
+mod ddl;
+pub mod guard;
 pub mod logical;
 
 use sqlx::PgPool;
@@ -240,6 +242,32 @@ $fraiseql$;
             table = t.table,
         ));
     }
+    let repairs = entity_triggers(schema)?
+        .into_iter()
+        .map(|t| {
+            let args = format!(
+                "'{entity}', '{channel}', '{mode}', '{table_literal}'",
+                entity = t.entity,
+                table_literal = t.table_literal
+            );
+            let repair = format!(
+                "CREATE TRIGGER {trigger} AFTER UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION \
+                 {CAPTURE_FUNCTION}({args}); \
+                 CREATE TRIGGER {insert} AFTER INSERT ON {table} REFERENCING NEW TABLE AS \
+                 fraiseql_inserted FOR EACH STATEMENT EXECUTE FUNCTION \
+                 {CAPTURE_INSERTED_FUNCTION}({args}); \
+                 CREATE TRIGGER {delete} AFTER DELETE ON {table} REFERENCING OLD TABLE AS \
+                 fraiseql_deleted FOR EACH STATEMENT EXECUTE FUNCTION \
+                 {CAPTURE_DELETED_FUNCTION}({args});",
+                trigger = t.trigger,
+                insert = t.insert_trigger,
+                delete = t.delete_trigger,
+                table = t.table,
+            );
+            (t.table, repair)
+        })
+        .collect::<Vec<_>>();
+    sql.push_str(&ddl::register_repairs(&repairs));
     Ok(sql)
 }
 
@@ -347,11 +375,13 @@ pub async fn uninstall(pool: &PgPool, schema: &Schema) -> Result<()> {
     run_in_transaction(pool, &body, "uninstalling change capture").await
 }
 
+/// Runs `body` (several statements) as one transaction: PostgreSQL runs the statements of
+/// one simple-protocol query in a single implicit transaction, all or none.
 async fn run_in_transaction(pool: &PgPool, body: &str, what: &str) -> Result<()> {
-    let fail = |e: sqlx::Error| Error::Transport(format!("{what}: {e}"));
-    let mut tx = pool.begin().await.map_err(fail)?;
-    sqlx::raw_sql(body).execute(&mut *tx).await.map_err(fail)?;
-    tx.commit().await.map_err(fail)?;
+    sqlx::raw_sql(body)
+        .execute(pool)
+        .await
+        .map_err(|e| Error::Transport(format!("{what}: {e}")))?;
     Ok(())
 }
 
