@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -485,3 +486,80 @@ def test_a_postgresql_restart_mid_stream_loses_nothing(registry: fraiseql.Regist
             restarted.send_signal(signal.SIGINT)
             restarted.wait(30)
         server.stop()
+
+
+def test_backfill_feeds_existing_rows_to_a_webhook_marked_and_resumable(
+    tmp_path: Path, capture: tuple[str, str], webhook_sink: Any
+) -> None:
+    """`fraiseql backfill` sends the rows that already exist through change capture to the
+    running engine: each once, marked (`"backfill": true`, `Fraiseql-Backfill`), filtered by
+    `--where`, and a second run says it had finished."""
+    from fraiseql.testing.services import free_port
+
+    mode, url = capture
+    suffix = uuid.uuid4().hex[:8]
+    entity, name = f"Fill{suffix}", f"tb_fill{suffix}"
+    port = free_port()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {name} (id int primary key, total numeric)")
+        conn.execute(f"INSERT INTO {name} SELECT g, g FROM generate_series(1, 95) g")
+    (tmp_path / "fraiseql.toml").write_text(
+        f'[database]\nurl = "{url}"\n\n[observers]\nbackend = "postgres"\nhttp_port = {port}\n\n'
+        f'[observers.postgres]\ncapture = "{mode}"\nlistener_id = "fill_{suffix}"\npoll_interval_ms = 100\n\n'
+        f'[[observers.handlers]]\nname = "hook_{suffix}"\nentity = "{entity}"\ntable = "{name}"\n'
+        f'event = "INSERT"\nactions = [{{ type = "webhook", url = "{webhook_sink.url}/fill" }}]\n'
+        f'[[observers.handlers]]\nname = "upd_{suffix}"\nentity = "{entity}"\ntable = "{name}"\n'
+        f'event = "UPDATE"\nactions = [{{ type = "webhook", url = "{webhook_sink.url}/upd" }}]\n'
+    )
+    cli = [sys.executable, "-m", "fraiseql.cli"]
+    bad = subprocess.run([*cli, "backfill", entity, "--observer", f"upd_{suffix}"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert f"observer `upd_{suffix}` observes UPDATE of `{entity}`" in bad.stderr, bad.stderr
+    typo = subprocess.run([*cli, "backfill", entity + "x"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert f"no entity `{entity}x` is declared (did you mean `{entity}`?)" in typo.stderr, typo.stderr
+    with subprocess.Popen([*cli, "run"], cwd=tmp_path, stderr=subprocess.PIPE, text=True) as engine:
+        try:
+            wait_until(lambda: _captured(url, name, mode), timeout=60)
+            out = subprocess.run([*cli, "backfill", entity, "--where", "total > 5", "--chunk", "10"],
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
+            assert "backfill " in out.stdout and ": 90 rows sent" in out.stdout, out.stdout
+            assert "90 of 90 rows sent (100%)" in out.stderr, out.stderr
+            got = webhook_sink.wait_for(90, timeout=60)
+            again = subprocess.run([*cli, "backfill", entity, "--where", "total > 5"], cwd=tmp_path,
+                                   capture_output=True, text=True, timeout=60)
+            assert "had already finished (90 rows)" in again.stdout, again.stdout
+
+            def listed() -> list[dict[str, Any]]:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                    backfills: list[dict[str, Any]] = json.load(resp)["observers"]["backfills"]
+                    return backfills
+
+            wait_until(lambda: any(b["rows_sent"] == 90 and b["finished_at"] for b in listed()))
+        finally:
+            engine.terminate()
+            engine.wait(30)
+    assert len(webhook_sink.requests) == 90, "each row once"
+    bodies = [json.loads(r.body) for r in got]
+    assert sorted(b["data"]["new"]["id"] for b in bodies) == list(range(6, 96))
+    assert all(b["backfill"] is True and b["event"] == "INSERT" for b in bodies)
+    backfill_ids = {r.header("Fraiseql-Backfill") for r in got}
+    assert len(backfill_ids) == 1 and backfill_ids != {None}
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE {name}")
+
+
+def _captured(url: str, table: str, mode: str) -> bool:
+    """Whether the engine's install has captured `table` yet."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        if mode == "logical":
+            sql = (
+                "SELECT count(*) FROM pg_publication_tables WHERE tablename = %s"
+                " AND EXISTS (SELECT 1 FROM pg_replication_slots WHERE active)"
+            )
+        else:
+            sql = "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass"
+        row = conn.execute(sql, (table,)).fetchone()
+    return row is not None and row[0] > 0

@@ -1,6 +1,6 @@
 """Type stubs of the native module `fraiseql._native` (rust/python)."""
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, final
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "UndecodableEntryError",
     "UnreachableError",
     "__version__",
+    "backfill",
     "check",
     "config_facts",
     "database_url",
@@ -108,6 +109,18 @@ def db_install(
     uninstall: bool = False,
     print_only: bool = False,
 ) -> str: ...
+def backfill(
+    main: _Source,
+    runtime_file: _Source,
+    entities: list[tuple[str, str, list[str]]],
+    observers: list[dict[str, Any]],
+    entity: str,
+    filter: str | None = None,
+    only: list[str] = ...,
+    chunk: int = 1000,
+    restart: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any]: ...
 def idempotency_prune(
     main: _Source,
     runtime_file: _Source,

@@ -157,6 +157,14 @@ pub struct Engine {
     origin: DlqOrigin,
 }
 
+/// A backfilled row goes only to the observers its backfill names (all, if it names none).
+fn backfill_is_for(event: &Event, observer: &str) -> bool {
+    event
+        .backfill
+        .as_ref()
+        .is_none_or(|b| b.observers.is_empty() || b.observers.iter().any(|o| o == observer))
+}
+
 fn kind_slot(kind: EventKind) -> usize {
     match kind {
         EventKind::Insert => 0,
@@ -253,6 +261,9 @@ impl Engine {
         };
         for &i in &slots[kind_slot(event.event)] {
             let observer = &self.observers[i];
+            if !backfill_is_for(event, &observer.name) {
+                continue;
+            }
             if let Some(condition) = &observer.condition {
                 if !condition.evaluate(event.new.as_ref(), event.old.as_ref()) {
                     continue;
@@ -469,6 +480,7 @@ impl Engine {
                 timestamp: now_rfc3339(),
                 new: Some(Value::Object(described)),
                 old: None,
+                backfill: None,
             },
             origin: DlqOrigin::Undecodable,
             observer: source.to_owned(),

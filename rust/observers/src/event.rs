@@ -74,6 +74,18 @@ pub struct Event {
     pub timestamp: String,
     pub new: Option<Value>,
     pub old: Option<Value>,
+    /// Set on a row fed by `fraiseql backfill` rather than written by an application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<Backfill>,
+}
+
+/// What marks a backfilled row: the backfill it belongs to, and the observers it is for
+/// (empty: every observer of the entity's INSERTs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backfill {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub observers: Vec<String>,
 }
 
 impl Event {
@@ -93,6 +105,7 @@ impl Event {
             timestamp: now_rfc3339(),
             new,
             old,
+            backfill: None,
         }
     }
 

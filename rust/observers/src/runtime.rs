@@ -20,6 +20,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::bridge;
+use crate::capture::backfill;
+pub use crate::capture::backfill::BackfillOptions;
 use crate::capture::guard::{self, Guard, GuardHealth};
 use crate::capture::logical::{self, LogicalCapture, Mode};
 use crate::capture::{self, CaptureOptions};
@@ -32,6 +34,7 @@ pub use crate::database::connect_pool;
 use crate::dlq::{DeadLetterQueue, DlqEntry, DlqOrigin, MemoryDlq, PgDeadLetterQueue};
 use crate::engine::{Engine, ObserverSpec};
 use crate::error::{ConnectErrorKind, DeadLetterErrorKind, Error, Result};
+use crate::event::EventKind;
 use crate::metrics::{Metrics, RedisMetrics};
 use crate::schema::{EntityDef, Schema};
 use crate::status::{HealthSource, StatusServer};
@@ -389,6 +392,7 @@ impl HealthSource for Guarded {
     fn observers(&self) -> Value {
         let mut observers = self.inner.observers();
         observers["capture_gaps"] = self.guard.gaps();
+        observers["backfills"] = self.guard.backfills();
         observers
     }
 
@@ -719,6 +723,60 @@ pub async fn install_capture(config: &Config, schema: &Schema, uninstall: bool) 
             ))
         }
     }
+}
+
+/// `fraiseql backfill ENTITY`: feeds `entity`'s rows through the capture the config and the
+/// server use (see [`crate::capture::backfill`]), for `observers` named in `options` — each
+/// must observe the entity's INSERTs. `progress` is called after each chunk.
+pub async fn backfill(
+    config: &Config,
+    schema: &Schema,
+    observers: &[ObserverSpec],
+    entity: &str,
+    options: &BackfillOptions,
+    progress: impl FnMut(&backfill::Progress),
+) -> Result<backfill::Progress> {
+    let schema = capture_schema(config, schema)?;
+    let names: Vec<&str> = schema.entities().iter().map(|e| e.name.as_str()).collect();
+    let Some(def) = schema.entities().iter().find(|e| e.name == entity) else {
+        let hint = crate::config::suggest_from(entity, &names)
+            .map_or_else(String::new, |s| format!(" (did you mean `{s}`?)"));
+        return Err(Error::Schema(format!(
+            "no entity `{entity}` is declared{hint}; declared: {}",
+            names.join(", ")
+        )));
+    };
+    for name in &options.observers {
+        match observers.iter().find(|o| o.name() == name) {
+            Some(o) if o.entity == entity && o.event == EventKind::Insert => {}
+            Some(o) => {
+                return Err(Error::Schema(format!(
+                    "observer `{name}` observes {} of `{}`: a backfill feeds INSERTs of `{entity}`",
+                    o.event, o.entity
+                )))
+            }
+            None => {
+                return Err(Error::Schema(format!(
+                    "no observer named `{name}`; observers of `{entity}`'s INSERTs: {}",
+                    observers
+                        .iter()
+                        .filter(|o| o.entity == entity && o.event == EventKind::Insert)
+                        .map(ObserverSpec::name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+        }
+    }
+    let url = config.database.url.as_deref().ok_or_else(no_database)?;
+    let pool = connect_pool(url, 2).await?;
+    let (mode, _) = logical::decide(&pool, config.observers.postgres.capture).await?;
+    if mode == Mode::Logical {
+        // Rows written to the WAL before a slot exists would reach no reader.
+        logical::check_slots(&pool, &LogicalCapture::from_config(config)).await?;
+    }
+    let channel = trigger_capture_options(config).notify_channel;
+    backfill::run(&pool, mode, def, options, &channel, progress).await
 }
 
 /// The SQL of `fraiseql db install --print` (or `--uninstall --print`), without connecting:

@@ -773,3 +773,90 @@ async fn a_table_taken_out_of_the_publication_is_put_back_and_the_gap_reported()
     running.stop().await;
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_feeds_existing_rows_in_key_order_once_across_a_kill_and_never_stale() {
+    use fraiseql_observers::capture::backfill::{self, BackfillOptions};
+    use fraiseql_observers::capture::logical::Mode;
+    let db = test_db().await;
+    exec(
+        &db,
+        "INSERT INTO tb_order (id, total) SELECT g, g FROM generate_series(1, 250) g",
+    )
+    .await;
+    let reader = reader(&db, "backfill");
+    install(&db, &[&reader]).await;
+    let recorder = Arc::new(Recorder::default());
+    let running = Running::start(&db, options(&reader), engine(&recorder)).await;
+    let entity = schema().entities()[0].clone();
+    let options = BackfillOptions {
+        chunk: 100,
+        ..BackfillOptions::default()
+    };
+    // Killed after its first chunk committed.
+    let (pool, e, o) = (db.pool.clone(), entity.clone(), options.clone());
+    let killed = tokio::spawn(async move {
+        backfill::run(&pool, Mode::Logical, &e, &o, "unused", |p| {
+            assert!(p.sent < 200, "killed after the first chunk");
+            if p.sent == 100 {
+                panic!("killed");
+            }
+        })
+        .await
+    })
+    .await;
+    assert!(killed.is_err(), "the first run dies");
+    recorder.wait_for(100).await;
+    // A live UPDATE of row 150, not yet committed: the next chunk waits for it and sends
+    // the row as it is after it.
+    let mut live = PgConnection::connect(&db.url).await.unwrap();
+    live.execute("BEGIN; UPDATE tb_order SET status = 'live' WHERE id = 150")
+        .await
+        .unwrap();
+    let (pool, e, o) = (db.pool.clone(), entity.clone(), options.clone());
+    let resumed =
+        tokio::spawn(
+            async move { backfill::run(&pool, Mode::Logical, &e, &o, "unused", |_| {}).await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    live.execute("COMMIT").await.unwrap();
+    let done = resumed.await.unwrap().unwrap();
+    assert_eq!(
+        (done.sent, done.total, done.resumed_at, done.done),
+        (250, 250, 100, true)
+    );
+    let events = recorder.wait_for(251).await;
+    settle().await;
+    let backfilled: Vec<&Event> = events.iter().filter(|e| e.backfill.is_some()).collect();
+    let ids: Vec<i64> = backfilled
+        .iter()
+        .map(|e| e.new.as_ref().unwrap()["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=250).collect::<Vec<_>>(),
+        "each row once, in key order"
+    );
+    assert_eq!(backfilled[0].event, EventKind::Insert);
+    assert_eq!(backfilled[0].backfill.as_ref().unwrap().id, done.id);
+    let row_150: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.new.as_ref().unwrap()["id"] == 150)
+        .collect();
+    assert_eq!(row_150.len(), 2);
+    assert_eq!(row_150[0].event, EventKind::Update, "the live change first");
+    assert_eq!(
+        row_150[1].new.as_ref().unwrap()["status"],
+        "live",
+        "never stale"
+    );
+    // Run again: it finished, nothing more is sent.
+    let again = backfill::run(&db.pool, Mode::Logical, &entity, &options, "unused", |_| {})
+        .await
+        .unwrap();
+    assert!(again.done && again.sent == 250);
+    settle().await;
+    assert_eq!(recorder.len(), 251);
+    running.stop().await;
+    db.cleanup().await;
+}

@@ -436,6 +436,71 @@ pub fn db_install(
         .map_err(Into::into)
 }
 
+/// `fraiseql backfill ENTITY`: feeds the entity's existing rows through change capture.
+/// `progress(sent, total, rate)` is called after each chunk; returns
+/// `{"id", "sent", "total", "resumed_at", "done"}`.
+#[pyfunction]
+#[pyo3(signature = (main, runtime_file, entities, observers, entity, filter=None, only=Vec::new(), chunk=1000, restart=false, progress=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn backfill<'py>(
+    py: Python<'py>,
+    main: Source,
+    runtime_file: Source,
+    entities: &Bound<'py, PyList>,
+    observers: &Bound<'py, PyList>,
+    entity: String,
+    filter: Option<String>,
+    only: Vec<String>,
+    chunk: usize,
+    restart: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let slot: LoopSlot = Arc::new(OnceLock::new());
+    let prepared = prepare(
+        main,
+        runtime_file,
+        entity_defs(entities)?,
+        observers,
+        &slot,
+        false,
+    )?
+    .map_err(raise_all)?;
+    let options = core_runtime::BackfillOptions {
+        filter,
+        observers: only,
+        chunk: chunk.max(1),
+        restart,
+    };
+    let report = |p: &fraiseql_observers::capture::backfill::Progress| {
+        if let Some(callback) = &progress {
+            Python::attach(|py| {
+                if let Err(e) = callback.call1(py, (p.sent, p.total, p.rate)) {
+                    e.print(py);
+                }
+            });
+        }
+    };
+    let done = py
+        .detach(|| {
+            runtime().block_on(core_runtime::backfill(
+                &prepared.config,
+                &prepared.schema,
+                &prepared.specs,
+                &entity,
+                &options,
+                report,
+            ))
+        })
+        .map_err(PyFraiseError)?;
+    let out = PyDict::new(py);
+    out.set_item("id", done.id)?;
+    out.set_item("sent", done.sent)?;
+    out.set_item("total", done.total)?;
+    out.set_item("resumed_at", done.resumed_at)?;
+    out.set_item("done", done.done)?;
+    Ok(out)
+}
+
 /// `fraiseql idempotency prune`: deletes keys older than `older_than_secs` from `tables`
 /// plus the tables of the EffectivelyOnce observers in fraiseql.toml.
 #[pyfunction]

@@ -33,6 +33,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<publish::PyPublisher>()?;
     m.add_function(wrap_pyfunction!(engine::check, m)?)?;
     m.add_function(wrap_pyfunction!(engine::db_install, m)?)?;
+    m.add_function(wrap_pyfunction!(engine::backfill, m)?)?;
     m.add_function(wrap_pyfunction!(engine::config_facts, m)?)?;
     m.add_function(wrap_pyfunction!(engine::database_url, m)?)?;
     m.add_function(wrap_pyfunction!(engine::idempotency_prune, m)?)?;

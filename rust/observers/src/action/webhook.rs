@@ -4,7 +4,8 @@
 //!
 //! - `POST` to `url` (or the URL in the variable named by `url_env`, read at build time);
 //! - body: the `body_template` rendered for the event, or the standard payload
-//!   `{"event","table","timestamp","data":{"new","old"},"id"}`;
+//!   `{"event","table","timestamp","data":{"new","old"},"id"}` (plus `"backfill": true` and a
+//!   `Fraiseql-Backfill: <backfill id>` header on a row fed by `fraiseql backfill`);
 //! - `Content-Type: application/json` (a `headers` entry may override it), the configured
 //!   `headers` (`${VAR}` references resolved at build time), and
 //!   `Idempotency-Key: <event id>`, stable across retries and redeliveries of the same change.
@@ -54,6 +55,8 @@ use crate::schema::EntityDef;
 pub const SIGNATURE_HEADER: &str = "X-Fraiseql-Signature";
 /// Header carrying the event id.
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
+/// On a backfilled row: the backfill's id (the body says `"backfill": true`).
+pub const BACKFILL_HEADER: &str = "Fraiseql-Backfill";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -103,6 +106,9 @@ struct Payload<'a> {
     timestamp: &'a str,
     data: Data<'a>,
     id: &'a str,
+    /// `true` on a row fed by `fraiseql backfill` (absent otherwise).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    backfill: bool,
 }
 
 #[derive(Serialize)]
@@ -122,6 +128,7 @@ pub fn default_payload(event: &Event) -> String {
             old: event.old.as_ref(),
         },
         id: &event.id,
+        backfill: event.backfill.is_some(),
     };
     serde_json::to_string(&payload).unwrap_or_else(|_| "{}".to_owned())
 }
@@ -178,7 +185,7 @@ impl WebhookAction {
             let value = resolve_vars(raw, env).map_err(|m| build_error(observer, KIND, &key, m))?;
             let header_name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| build_error(observer, KIND, &key, "not a valid HTTP header name"))?;
-            for reserved in [IDEMPOTENCY_HEADER, SIGNATURE_HEADER] {
+            for reserved in [IDEMPOTENCY_HEADER, SIGNATURE_HEADER, BACKFILL_HEADER] {
                 if header_name.as_str().eq_ignore_ascii_case(reserved) {
                     return Err(build_error(
                         observer,
@@ -279,6 +286,9 @@ impl Action for WebhookAction {
             .post(self.url.clone())
             .headers(self.headers.clone())
             .header(IDEMPOTENCY_HEADER, event.id.as_str());
+        if let Some(backfill) = &event.backfill {
+            request = request.header(BACKFILL_HEADER, backfill.id.as_str());
+        }
         if let Some(mac) = &self.mac {
             let t = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

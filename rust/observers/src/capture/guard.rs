@@ -19,7 +19,6 @@ use super::{quote_identifier, CaptureOptions, TRIGGER_PREFIX};
 use crate::error::{Error, Result};
 use crate::event::now_rfc3339;
 use crate::schema::{EntityDef, Schema};
-use crate::transport::delivery::sleep_or_stop;
 
 /// Gaps kept for `/health`, newest last.
 const GAPS_SHOWN: usize = 20;
@@ -35,9 +34,18 @@ pub enum Capture {
 #[derive(Default)]
 pub struct GuardHealth {
     gaps: Mutex<VecDeque<Value>>,
+    backfills: Mutex<Value>,
 }
 
 impl GuardHealth {
+    /// Backfills running, and those finished in the last hour.
+    pub fn backfills(&self) -> Value {
+        match &*self.backfills.lock().expect("backfills lock") {
+            Value::Null => Value::Array(Vec::new()),
+            v => v.clone(),
+        }
+    }
+
     /// The gaps found, newest last.
     pub fn gaps(&self) -> Value {
         Value::Array(
@@ -139,14 +147,21 @@ impl Guard {
             if let Err(e) = self.check().await {
                 tracing::debug!("[observers] capture guard: {e}");
             }
-            if sleep_or_stop(&mut shutdown, self.every).await {
+            tokio::select! {
+                () = tokio::time::sleep(self.every) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+            if *shutdown.borrow() {
                 return Ok(());
             }
         }
     }
 
-    /// One pass over the tables.
+    /// One pass over the tables, and the backfills' progress.
     pub async fn check(&mut self) -> Result<()> {
+        let entities: Vec<String> = self.tables.iter().map(|t| t.entity.name.clone()).collect();
+        let backfills = super::backfill::recent(&self.pool, &entities).await?;
+        *self.health.backfills.lock().expect("backfills lock") = backfills;
         for i in 0..self.tables.len() {
             let state = self.state_of(i).await?;
             let now = now_rfc3339();

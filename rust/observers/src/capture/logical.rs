@@ -197,6 +197,29 @@ pub async fn add_tables(pool: &PgPool, schema: &Schema, publication: &str) -> Re
     run_in_transaction(pool, &body, "adding tables to the publication").await
 }
 
+/// Every slot of `capture` exists (else the error says to install first).
+pub async fn check_slots(pool: &PgPool, capture: &LogicalCapture) -> Result<()> {
+    let missing: Vec<String> = sqlx::query_scalar(
+        "SELECT s FROM unnest($1::text[]) s \
+         WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = s)",
+    )
+    .bind(&capture.slots)
+    .fetch_all(pool)
+    .await
+    .map_err(|e| Error::Transport(format!("looking up replication slots: {e}")))?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::connect(
+        ConnectErrorKind::NotSetUp,
+        format!(
+            "replication slot {} does not exist: run `fraiseql db install` (or start the \
+             engine once) first",
+            missing.join(", ")
+        ),
+    ))
+}
+
 async fn create_slot(pool: &PgPool, slot: &str) -> Result<()> {
     let exists: Option<Option<String>> =
         sqlx::query_scalar("SELECT database::text FROM pg_replication_slots WHERE slot_name = $1")

@@ -25,6 +25,7 @@
 //!   the entity tables need no privileges on the change log, and a session `search_path` cannot
 //!   redirect its insert.
 
+pub mod backfill;
 mod ddl;
 pub mod guard;
 pub mod logical;
@@ -169,6 +170,8 @@ CREATE TABLE IF NOT EXISTS {CHANGE_LOG_TABLE} (
     committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS {CHANGE_LOG_TABLE}_txid_id_idx ON {CHANGE_LOG_TABLE} (txid, id);
+-- Set on rows fed by `fraiseql backfill`: {{"id", "observers"}}.
+ALTER TABLE {CHANGE_LOG_TABLE} ADD COLUMN IF NOT EXISTS backfill jsonb;
 
 CREATE TABLE IF NOT EXISTS {CURSOR_TABLE} (
     listener_id text PRIMARY KEY,

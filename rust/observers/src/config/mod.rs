@@ -34,6 +34,12 @@ use std::str::FromStr;
 
 pub use error::{ConfigError, ConfigErrors};
 
+/// The closest of `options` to a mistyped `input`, if one is close enough (the did-you-mean of
+/// every name the user types).
+pub fn suggest_from<'a>(input: &str, options: &[&'a str]) -> Option<&'a str> {
+    reader::suggest(input, options)
+}
+
 /// Message when the NATS backend has no server URL (verbatim from the product spec).
 pub const NATS_URL_REQUIRED: &str = "NATS transport requires nats.url to be set";
 /// Message when `run_bridge = true` without the NATS backend (verbatim from the product spec).

@@ -1,12 +1,13 @@
 //! The wire format of a change on NATS and Redis, one codec for both: the spec's body
 //! `{"event","entity","subject","timestamp","data"}` plus `"id"` (the stable event id),
-//! `"old"` (the previous row for UPDATE/DELETE, else null) and `"table"`, and the subject
+//! `"old"` (the previous row for UPDATE/DELETE, else null), `"table"` and, for a backfilled
+//! row, `"backfill": {"id", "observers"}`, and the subject
 //! `{prefix}.{entity_lowercase}.{event_lowercase}`.
 
 use serde_json::Value;
 
 use crate::error::{Error, PublishErrorKind, Result};
-use crate::event::{Event, EventKind};
+use crate::event::{Backfill, Event, EventKind};
 use crate::schema::default_table;
 
 /// Header carrying the stable event id; JetStream deduplicates on it.
@@ -49,6 +50,8 @@ struct MessageBody<'a> {
     id: &'a str,
     old: Option<&'a Value>,
     table: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backfill: Option<&'a Backfill>,
 }
 
 impl<'a> MessageBody<'a> {
@@ -62,6 +65,7 @@ impl<'a> MessageBody<'a> {
             id: &event.id,
             old: event.old.as_ref(),
             table: &event.table,
+            backfill: event.backfill.as_ref(),
         }
     }
 }
@@ -124,6 +128,13 @@ pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event,
     if new.is_none() && old.is_none() {
         return Err("missing field \"data\"".into());
     }
+    let backfill =
+        match obj.remove("backfill") {
+            None | Some(Value::Null) => None,
+            Some(b) => Some(serde_json::from_value(b).map_err(|e| {
+                format!("field \"backfill\" must be {{\"id\", \"observers\"}}: {e}")
+            })?),
+        };
     Ok(Event {
         id,
         entity,
@@ -132,5 +143,6 @@ pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event,
         timestamp,
         new,
         old,
+        backfill,
     })
 }

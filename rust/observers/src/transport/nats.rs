@@ -56,6 +56,9 @@ pub const MAX_ACKS_IN_FLIGHT: usize = 8192;
 /// The initial connect, until the server answers.
 const CONNECT_RETRY: RetryPolicy =
     RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(5));
+/// On a backfilled row: the backfill's id (the body carries `"backfill"` too).
+pub const BACKFILL_HEADER: &str = "Fraiseql-Backfill";
+
 /// `NATS/1.0\r\n` + `Nats-Msg-Id: ` + id + `\r\n\r\n`: what the one header adds to a message.
 const MSG_ID_HEADER_OVERHEAD: usize = 10 + 13 + 4;
 /// See [`NatsPublisher`]'s `check_above`.
@@ -616,6 +619,9 @@ impl NatsPublisher {
         self.check_size(&subject, event, payload.len())?;
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
+        if let Some(backfill) = &event.backfill {
+            headers.insert(BACKFILL_HEADER, backfill.id.as_str());
+        }
         self.js
             .send_publish(
                 subject,
@@ -633,7 +639,11 @@ impl NatsPublisher {
     }
 
     fn check_size(&self, subject: &str, event: &Event, payload: usize) -> Result<()> {
-        let size = payload + MSG_ID_HEADER_OVERHEAD + event.id.len();
+        let backfill = event
+            .backfill
+            .as_ref()
+            .map_or(0, |b| BACKFILL_HEADER.len() + 4 + b.id.len());
+        let size = payload + MSG_ID_HEADER_OVERHEAD + event.id.len() + backfill;
         if size <= self.check_above {
             return Ok(());
         }

@@ -311,13 +311,25 @@ impl PostgresSource {
             connect_options.get_port(),
             connect_options.get_database().unwrap_or_default()
         );
-        let (log, cursor): (bool, bool) =
-            sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL")
-                .bind(CHANGE_LOG_TABLE)
-                .bind(CURSOR_TABLE)
-                .fetch_one(&pool)
-                .await
-                .map_err(|e| crate::database::postgres_error(&shown, &e))?;
+        let (log, cursor, current): (bool, bool, bool) = sqlx::query_as(
+            "SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL, \
+             EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) \
+                     AND attname = 'backfill' AND NOT attisdropped)",
+        )
+        .bind(CHANGE_LOG_TABLE)
+        .bind(CURSOR_TABLE)
+        .fetch_one(&pool)
+        .await
+        .map_err(|e| crate::database::postgres_error(&shown, &e))?;
+        if log && cursor && !current {
+            return Err(Error::connect(
+                ConnectErrorKind::NotSetUp,
+                format!(
+                    "the change log in the database at {shown} is from an earlier version: run \
+                     `fraiseql db install` (or enable [observers] auto_install) to update it"
+                ),
+            ));
+        }
         if !(log && cursor) {
             let missing = if log { CURSOR_TABLE } else { CHANGE_LOG_TABLE };
             return Err(Error::connect(
@@ -924,7 +936,7 @@ fn batch_sql() -> String {
         // `txid_text`, not `txid`: ORDER BY resolves a name to an output column first, and
         // ordering by the text would put txid 1000 before 999 (and skip 999's rows when the
         // batch limit cuts between them).
-        "SELECT id, txid::text AS txid_text, entity, event, table_name, new, old, \
+        "SELECT id, txid::text AS txid_text, entity, event, table_name, new, old, backfill, \
          to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS committed_at \
          FROM {CHANGE_LOG_TABLE} \
          WHERE (txid, id) > ($1::text::xid8, $2) \
@@ -971,6 +983,10 @@ fn decode_event(row: &PgRow) -> std::result::Result<Event, String> {
     let kind: EventKind = text("event")?.parse()?;
     let (new, old) = (json("new")?, json("old")?);
     check_rows(kind, new.as_ref(), old.as_ref())?;
+    let backfill = json("backfill")?
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| format!("column backfill: {e}"))?;
     Ok(Event {
         id: id.to_string(),
         entity: text("entity")?,
@@ -979,6 +995,7 @@ fn decode_event(row: &PgRow) -> std::result::Result<Event, String> {
         timestamp: text("committed_at")?,
         new,
         old,
+        backfill,
     })
 }
 

@@ -55,6 +55,8 @@ pub struct Decoder {
     txn: Option<Transaction>,
 }
 
+pub use crate::capture::backfill::BACKFILL_PREFIX;
+
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
@@ -165,6 +167,63 @@ impl Decoder {
         }
     }
 
+    /// A row `fraiseql backfill` wrote into the WAL (a transactional logical message with
+    /// prefix [`BACKFILL_PREFIX`]): an INSERT event of its entity, marked as backfilled. A row
+    /// of an entity this reader does not capture is another install's: skipped.
+    pub fn backfill(&mut self, content: &[u8], out: &mut Vec<Payload>) {
+        #[derive(serde::Deserialize)]
+        struct Message {
+            entity: String,
+            backfill: crate::event::Backfill,
+            row: Value,
+        }
+        let (id, context) = self.position("backfill");
+        let message: Message = match serde_json::from_slice(content) {
+            Ok(m) => m,
+            Err(e) => {
+                out.push(undecodable(
+                    id,
+                    context,
+                    Some(&Bytes::copy_from_slice(content)),
+                    format!("a backfill message that is not one: {e}"),
+                ));
+                return;
+            }
+        };
+        let Some(target) = self
+            .tables
+            .values()
+            .flatten()
+            .find(|t| t.entity == message.entity)
+        else {
+            return;
+        };
+        if !message.row.is_object() {
+            out.push(undecodable(
+                id,
+                context,
+                Some(&Bytes::copy_from_slice(content)),
+                "a backfill message whose row is not an object".into(),
+            ));
+            return;
+        }
+        let timestamp = self
+            .txn
+            .as_ref()
+            .map(|t| t.timestamp.clone())
+            .unwrap_or_else(crate::event::now_rfc3339);
+        out.push(Payload::Event(Event {
+            id,
+            entity: target.entity.clone(),
+            event: EventKind::Insert,
+            table: target.table.clone(),
+            timestamp,
+            new: Some(message.row),
+            old: None,
+            backfill: Some(message.backfill),
+        }));
+    }
+
     /// The id of the next change and what can be said of where it is.
     fn position(&mut self, what: &str) -> (String, Value) {
         match &mut self.txn {
@@ -232,6 +291,7 @@ impl Decoder {
                 timestamp: timestamp.clone(),
                 new: new.clone(),
                 old: old.clone(),
+                backfill: None,
             }));
         }
     }

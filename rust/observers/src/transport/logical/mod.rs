@@ -48,7 +48,7 @@ use serde_json::{json, Value};
 use sqlx::postgres::{PgPool, PgSslMode};
 use tokio::sync::{watch, Notify};
 
-pub use decode::lsn_text;
+pub use decode::{lsn_text, BACKFILL_PREFIX};
 use decode::{Decoder, Tables, Target};
 
 use crate::config::Config;
@@ -503,6 +503,14 @@ impl LogicalSource {
             } => stream.decoder.begin(final_lsn.0, commit_time_micros),
             ReplicationEvent::XLogData { data, .. } => {
                 stream.decoder.message(data, &mut batch.payloads)
+            }
+            ReplicationEvent::Message {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == decode::BACKFILL_PREFIX => {
+                stream.decoder.backfill(&content, &mut batch.payloads)
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 stream.decoder.commit();
