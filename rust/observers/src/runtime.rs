@@ -205,7 +205,14 @@ pub async fn start(
                         pg.publication
                     );
                     let health = source.health();
-                    tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx.clone())));
+                    let earlier =
+                        switch_drain(pool, PostgresOptions::from_config(config), None).await?;
+                    tasks.push(tokio::spawn(after_drain(
+                        earlier,
+                        source,
+                        engine.clone(),
+                        stop_rx.clone(),
+                    )));
                     health
                 }
                 _ => {
@@ -380,6 +387,45 @@ fn trigger_capture_options(config: &Config) -> CaptureOptions {
         skip_unchanged_updates: config.observers.postgres.skip_unchanged_updates,
         notify: true,
     }
+}
+
+/// After a switch from trigger to logical capture: a trigger reader for what the change log
+/// still holds for this reader, to deliver before the WAL (see `capture::logical::install`).
+async fn switch_drain(
+    pool: &PgPool,
+    options: PostgresOptions,
+    publisher: Option<Arc<dyn Publisher>>,
+) -> Result<Option<PostgresSource>> {
+    if !PostgresSource::pending_after_switch(pool, &options.listener_id).await? {
+        return Ok(None);
+    }
+    capture::upgrade_change_log(pool).await?;
+    let source = PostgresSource::new(pool.clone(), options).await?;
+    Ok(Some(match publisher {
+        Some(publisher) => source.with_batch_publisher(publisher),
+        None => source,
+    }))
+}
+
+/// Delivers what the change log still holds (if anything), then reads the WAL.
+async fn after_drain(
+    earlier: Option<PostgresSource>,
+    source: LogicalSource,
+    engine: Arc<Engine>,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
+    if let Some(earlier) = earlier {
+        tracing::info!(
+            "[observers] delivering what trigger capture captured before the switch to logical \
+             capture, first"
+        );
+        earlier.drain(engine.clone(), stop.clone()).await?;
+        if *stop.borrow() {
+            return Ok(());
+        }
+        tracing::info!("[observers] the change log is drained; reading the WAL");
+    }
+    source.run(engine, stop).await
 }
 
 /// A source's health with the capture guard's gaps.
@@ -660,8 +706,14 @@ impl Forwarder<'_> {
             )
             .await?
             .with_batch_publisher(self.publisher.clone());
+            let earlier = switch_drain(
+                self.pool,
+                bridge::bridge_options(self.config, self.listener_id),
+                Some(self.publisher.clone()),
+            )
+            .await?;
             self.log_start();
-            return Ok(tokio::spawn(source.run(engine, stop)));
+            return Ok(tokio::spawn(after_drain(earlier, source, engine, stop)));
         }
         if self.config.observers.auto_install {
             let options = trigger_capture_options(self.config);

@@ -860,3 +860,93 @@ async fn a_backfill_feeds_existing_rows_in_key_order_once_across_a_kill_and_neve
     running.stop().await;
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_from_trigger_to_logical_capture_loses_and_repeats_nothing() {
+    use fraiseql_observers::config::Capture;
+    use fraiseql_observers::runtime::{self, Instruments, StartOptions};
+    use fraiseql_observers::{Config, PostgresOptions, PostgresSource};
+    let db = test_db().await;
+    let listener = reader(&db, "switch");
+    // Trigger capture first: 10 changes delivered, 10 more captured while it is down.
+    fraiseql_observers::capture::install(&db.pool, &schema(), "fraiseql_changes")
+        .await
+        .unwrap();
+    let before = Arc::new(Recorder::default());
+    let source = PostgresSource::new(
+        db.pool.clone(),
+        PostgresOptions {
+            listener_id: listener.clone(),
+            ..PostgresOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(source.run(engine(&before), rx));
+    exec(
+        &db,
+        "INSERT INTO tb_order (total) SELECT g FROM generate_series(1, 10) g",
+    )
+    .await;
+    before.wait_for(10).await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    exec(
+        &db,
+        "INSERT INTO tb_order (total) SELECT g FROM generate_series(11, 20) g",
+    )
+    .await;
+
+    // Then the engine starts with logical capture.
+    let mut config = Config::default();
+    config.database.url = Some(db.url.clone());
+    config.observers.postgres.capture = Capture::Logical;
+    config.observers.postgres.listener_id = listener.clone();
+    let after = Arc::new(Recorder::default());
+    let specs = EventKind::ALL
+        .iter()
+        .map(|&kind| {
+            ObserverSpec::new(
+                ListenerConfig::new(
+                    format!("record_{}", kind.as_lower()),
+                    CheckpointStrategy::AtLeastOnce,
+                ),
+                "Order",
+                kind,
+            )
+            .action(after.clone() as Arc<dyn Action>)
+        })
+        .collect();
+    let running = runtime::start(
+        &config,
+        &schema(),
+        specs,
+        &Instruments::for_config(&config),
+        &StartOptions::default(),
+    )
+    .await
+    .unwrap();
+    after.wait_for(10).await;
+    exec(
+        &db,
+        "INSERT INTO tb_order (total) SELECT g FROM generate_series(21, 30) g",
+    )
+    .await;
+    after.wait_for(20).await;
+    settle().await;
+    assert_eq!(
+        totals(&after.events()),
+        (11..=30).collect::<Vec<_>>(),
+        "the change log's rows first, then the WAL's, each once"
+    );
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'tb_order'::regclass AND NOT tgisinternal",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(triggers, 0, "writers no longer pay for triggers");
+    running.stop().await;
+    db.cleanup().await;
+}

@@ -129,7 +129,6 @@ fn publication_body(schema: &Schema, publication: &str) -> Result<String> {
              END IF;\nEND $fraiseql$;\n"
         ));
     }
-    sql.push_str(&drop_triggers_sql(schema)?);
     let repairs = schema
         .entities()
         .iter()
@@ -163,7 +162,33 @@ pub fn install_sql(schema: &Schema, capture: &LogicalCapture) -> Result<String> 
     for slot in &capture.slots {
         sql.push_str(&create_slot_sql(slot));
     }
+    sql.push_str(&format!(
+        "-- Where trigger capture was installed: its triggers go, and each slot starts after\n\
+         -- that (what came before is in the change log, delivered from there first).\n\
+         BEGIN;\n{}COMMIT;\n",
+        switch_body(schema)?
+    ));
+    for slot in &capture.slots {
+        sql.push_str(&advance_slot_sql(slot));
+    }
     Ok(sql)
+}
+
+/// Removing trigger capture from the tables (serialised with installs).
+fn switch_body(schema: &Schema) -> Result<String> {
+    Ok(format!(
+        "SELECT pg_advisory_xact_lock(hashtext('fraiseql.capture'));\n{}",
+        drop_triggers_sql(schema)?
+    ))
+}
+
+/// Moves a slot that nobody streams to the server's current WAL position, if it is behind.
+fn advance_slot_sql(slot: &str) -> String {
+    format!(
+        "SELECT pg_replication_slot_advance(slot_name, pg_current_wal_lsn()) \
+         FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NULL \
+         AND confirmed_flush_lsn < pg_current_wal_lsn();\n"
+    )
 }
 
 /// The uninstall, as `fraiseql db install --uninstall --print` shows it.
@@ -187,6 +212,44 @@ pub async fn install(pool: &PgPool, schema: &Schema, capture: &LogicalCapture) -
     for slot in &capture.slots {
         create_slot(pool, slot).await?;
     }
+    switch_from_triggers(pool, schema, capture).await
+}
+
+/// Where trigger capture was installed on these tables: removes it, then moves each slot
+/// past the commit that removed it. The cut is exact: dropping a trigger waits for every
+/// transaction that wrote to its table, so a transaction committed before the cut has all its
+/// changes in the change log (delivered from there first, see the runtime), and one committed
+/// after has none there and all in the WAL.
+async fn switch_from_triggers(
+    pool: &PgPool,
+    schema: &Schema,
+    capture: &LogicalCapture,
+) -> Result<()> {
+    let names: Vec<String> = schema
+        .entities()
+        .iter()
+        .map(|e| format!("{}{}", super::TRIGGER_PREFIX, e.name))
+        .collect();
+    let triggers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname = ANY($1)")
+            .bind(&names)
+            .fetch_one(pool)
+            .await
+            .map_err(|e| Error::Transport(format!("looking for capture triggers: {e}")))?;
+    if triggers == 0 {
+        return Ok(());
+    }
+    run_in_transaction(pool, &switch_body(schema)?, "removing trigger capture").await?;
+    for slot in &capture.slots {
+        sqlx::raw_sql(&advance_slot_sql(slot))
+            .execute(pool)
+            .await
+            .map_err(|e| Error::Transport(format!("moving replication slot `{slot}`: {e}")))?;
+    }
+    tracing::info!(
+        "[observers] switched from trigger capture to logical capture: the triggers are \
+         removed, and what they captured is delivered from the change log first"
+    );
     Ok(())
 }
 

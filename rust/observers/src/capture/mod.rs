@@ -378,6 +378,17 @@ pub async fn uninstall(pool: &PgPool, schema: &Schema) -> Result<()> {
     run_in_transaction(pool, &body, "uninstalling change capture").await
 }
 
+/// Brings a change log of an earlier version up to date (its `backfill` column), so that a
+/// reader can drain it after a switch to logical capture.
+pub async fn upgrade_change_log(pool: &PgPool) -> Result<()> {
+    run_in_transaction(
+        pool,
+        &format!("ALTER TABLE {CHANGE_LOG_TABLE} ADD COLUMN IF NOT EXISTS backfill jsonb"),
+        "updating the change log",
+    )
+    .await
+}
+
 /// Runs `body` (several statements) as one transaction: PostgreSQL runs the statements of
 /// one simple-protocol query in a single implicit transaction, all or none.
 async fn run_in_transaction(pool: &PgPool, body: &str, what: &str) -> Result<()> {

@@ -179,6 +179,8 @@ struct SourceHealth {
     /// What holds delivery back, when it is behind by more than `stall_after`.
     held_back_by: std::sync::Mutex<Option<Value>>,
     pruned: AtomicU64,
+    /// Whether `lag_rows` has been read at least once.
+    lag_known: AtomicBool,
 }
 
 impl SourceHealth {
@@ -355,6 +357,7 @@ impl PostgresSource {
             stall_after: options.stall_after,
             held_back_by: std::sync::Mutex::new(None),
             pruned: AtomicU64::new(0),
+            lag_known: AtomicBool::new(false),
         });
         Ok(PostgresSource {
             pool,
@@ -396,6 +399,57 @@ impl PostgresSource {
         }
         let max_concurrency = source.options.max_concurrency;
         delivery::run(source, engine, max_concurrency, shutdown).await
+    }
+
+    /// Whether `listener_id` has read the change log before and has changes left in it:
+    /// what trigger capture captured before a switch to logical capture.
+    pub async fn pending_after_switch(pool: &PgPool, listener_id: &str) -> Result<bool> {
+        let exists: bool = sqlx::query_scalar(
+            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+        )
+        .bind(CHANGE_LOG_TABLE)
+        .bind(CURSOR_TABLE)
+        .fetch_one(pool)
+        .await
+        .map_err(|e| Error::Transport(format!("looking for the change log: {e}")))?;
+        if !exists {
+            return Ok(false);
+        }
+        sqlx::query_scalar(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {CHANGE_LOG_TABLE} l JOIN {CURSOR_TABLE} c \
+                            ON c.listener_id = $1 \
+                            WHERE (l.txid, l.id) > (c.last_txid, c.last_id))"
+        ))
+        .bind(listener_id)
+        .fetch_one(pool)
+        .await
+        .map_err(|e| Error::Transport(format!("reading the change log: {e}")))
+    }
+
+    /// Runs until the change log holds nothing more for this listener (read by this instance,
+    /// or by the active one while this one stands by), or `shutdown`.
+    pub async fn drain(
+        self,
+        engine: Arc<Engine>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let health = self.health.clone();
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(self.run(engine, stop_rx));
+        loop {
+            let drained = health.lag_known.load(Ordering::Relaxed)
+                && health.lag_rows.load(Ordering::Relaxed) == 0;
+            if drained || *shutdown.borrow() {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                changed = shutdown.changed() => if changed.is_err() { break },
+            }
+        }
+        let _ = stop.send(true);
+        task.await
+            .map_err(|e| Error::Transport(format!("draining the change log: {e}")))?
     }
 
     fn metrics(&self) -> &Metrics {
@@ -543,6 +597,7 @@ impl PostgresSource {
         .await?;
         let rows = rows.max(0);
         self.health.lag_rows.store(rows as u64, Ordering::Relaxed);
+        self.health.lag_known.store(true, Ordering::Relaxed);
         if rows == 0 {
             self.health.progressed();
         }
