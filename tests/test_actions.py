@@ -402,3 +402,119 @@ def test_no_secret_appears_in_any_output(tmp_path: Path, webhook_sink: WebhookSi
     for value in [*secrets.values(), "pw-url-77aa66bb", "q-secret-88"]:
         assert value not in text, f"secret {value!r} leaked"
     assert webhook_sink.requests, "the webhook was called"
+
+
+def test_standard_webhooks_signatures_verify_with_the_standardwebhooks_package(
+    registry: fraiseql.Registry, webhook_sink: WebhookSink, env: dict[str, str]
+) -> None:
+    """Every delivery, retries included, verifies with `standardwebhooks` unchanged, under
+    either secret of a rotation; `webhook-id` is the event id on every attempt; a 410 Gone
+    is not retried."""
+    import base64
+
+    from standardwebhooks import Webhook
+
+    old, new = (
+        f"whsec_{base64.b64encode(k).decode()}" for k in (b"old-key-0123456789", b"new-key-9876543210")
+    )
+    setenv(env, HOOK_URL=webhook_sink.url, HOOK_SECRET=f"{old} {new}")
+    declare_schema()
+    fraiseql.observer(
+        name="signed",
+        entity="Order",
+        event="INSERT",
+        actions=[fraiseql.webhook(url_env="HOOK_URL", signing_secret_env="HOOK_SECRET")],
+        retry=fraiseql.Retry(max_attempts=3, backoff_strategy="fixed", initial_delay_ms=10),
+    )
+    webhook_sink.script(500, 200, 410)
+    with fraiseql.Engine() as engine:
+        first = engine.emit("Order", "INSERT", new=ORDER)
+        engine.drain()
+        second = engine.emit("Order", "INSERT", new={**ORDER, "id": "ord_gone"})
+        engine.drain()
+        dead = engine.dlq()
+    got = webhook_sink.wait_for(3)
+    assert [r.status for r in got] == [500, 200, 410], "a 410 is not retried"
+    assert [r.header("webhook-id") for r in got] == [first, first, second]
+    for request in got:
+        headers = dict(request.headers)
+        assert request.header("webhook-signature").count("v1,") == 2, "one per secret"
+        for secret in (old, new):
+            assert Webhook(secret).verify(request.body, headers)["id"] == request.header("webhook-id")
+    assert [d["event"]["id"] for d in dead] == [second]
+    assert "410" in dead[0]["error"]
+
+
+def test_a_standard_webhooks_secret_that_is_not_one_is_refused_at_start(
+    registry: fraiseql.Registry, env: dict[str, str]
+) -> None:
+    declare_schema()
+    for bad, why in [
+        ("s3cr3t", "does not start with whsec_"),
+        ("whsec_not*base64", "is not valid base64 after whsec_"),
+        ("whsec_", "holds no key"),
+        ("   ", "the variable is empty"),
+    ]:
+        setenv(env, HOOK_URL="http://127.0.0.1:9/", HOOK_SECRET=bad)
+        fraiseql.observer(
+            name=f"bad_{abs(hash(bad))}",
+            entity="Order",
+            event="INSERT",
+            actions=[fraiseql.webhook(url_env="HOOK_URL", signing_secret_env="HOOK_SECRET")],
+        )
+        with pytest.raises(fraiseql.FraiseQLError) as err:
+            fraiseql.Engine().start()
+        message = str(err.value)
+        assert "signing_secret_env" in message and why in message, message
+        secret = bad.strip().removeprefix("whsec_")
+        assert not secret or secret not in message, "the secret is never shown"
+        registry.observers.clear()
+
+
+def test_cloudevents_webhooks_parse_with_the_cloudevents_sdk(
+    registry: fraiseql.Registry, webhook_sink: WebhookSink, env: dict[str, str]
+) -> None:
+    from cloudevents.v1.http import from_http
+
+    setenv(env, HOOK_URL=webhook_sink.url)
+    declare_schema()
+    fraiseql.observer(
+        name="as_cloudevents",
+        entity="Order",
+        event="UPDATE",
+        actions=[
+            fraiseql.webhook(url_env="HOOK_URL", format="cloudevents", source="https://shop.example/orders")
+        ],
+    )
+    with fraiseql.Engine() as engine:
+        event_id = engine.emit("Order", "UPDATE", new={**ORDER, "status": "shipped"}, old=ORDER)
+        engine.drain()
+    [request] = webhook_sink.wait_for(1)
+    assert request.header("content-type") == "application/cloudevents+json"
+    event = from_http(dict(request.headers), request.body)
+    assert event["specversion"] == "1.0"
+    assert event["id"] == event_id
+    assert event["source"] == "https://shop.example/orders"
+    assert event["type"] == "fraiseql.order.update"
+    assert event["subject"] == ORDER["id"]
+    assert event["time"]
+    assert event.data["new"]["status"] == "shipped" and event.data["old"]["status"] == ORDER["status"]
+    assert event.data["table"] == "tb_order"
+
+
+def test_cloudevents_options_are_checked(registry: fraiseql.Registry, tmp_path: Path) -> None:
+    (tmp_path / "fraiseql.toml").write_text(
+        '[observers]\nbackend = "in_memory"\n\n[observers.cloudevents]\nsource = "not a uri"\n\n'
+        '[[observers.handlers]]\nname = "h"\nentity = "Order"\nevent = "INSERT"\n'
+        'actions = [{ type = "webhook", url = "http://x.test/", format = "cloudevent", '
+        'body_template = "{}" }]\n'
+    )
+    cli = [sys.executable, "-m", "fraiseql.cli", "check", "--config", str(tmp_path / "fraiseql.toml")]
+    out = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "observers.cloudevents.source: expected a URI reference" in out.stderr, out.stderr
+    assert "' ' is not allowed in a URI" in out.stderr, out.stderr
+    expected = (
+        'format: expected one of "json", "cloudevents", found "cloudevent" (did you mean "cloudevents"?)'
+    )
+    assert expected in out.stderr, out.stderr

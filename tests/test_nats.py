@@ -315,9 +315,10 @@ def test_a_change_larger_than_max_payload_is_dead_lettered_and_the_stream_goes_o
     with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE {table} (id text primary key, note text)")
     try:
-        with fraiseql.Engine(config, http_port=0) as engine, psycopg.connect(
-            fraiseql_database_url, autocommit=True
-        ) as conn:
+        with (
+            fraiseql.Engine(config, http_port=0) as engine,
+            psycopg.connect(fraiseql_database_url, autocommit=True) as conn,
+        ):
             conn.execute(f"INSERT INTO {table} VALUES ('big', repeat('x', 2000000))")
             conn.execute(f"INSERT INTO {table} VALUES ('small', 'ok')")
             [message] = asyncio.run(
@@ -804,5 +805,58 @@ def test_an_action_longer_than_ack_wait_runs_once(
         assert info.delivered.consumer_seq == len(ids), "no message was delivered twice"
         assert info.ack_floor.consumer_seq == len(ids)
         assert (info.num_ack_pending, info.num_redelivered, info.num_pending) == (0, 0, 0)
+    finally:
+        asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
+
+
+async def raw_messages(url: str, subject: str, want: int, timeout: float) -> list[Any]:
+    """Messages (headers and body) from a durable JetStream subscription."""
+    received: list[Any] = []
+    done = asyncio.Event()
+    nc = await nats.connect(url)
+
+    async def handler(msg: Any) -> None:
+        received.append(msg)
+        await msg.ack()
+        if len(received) >= want:
+            done.set()
+
+    await nc.jetstream().subscribe(subject, durable=f"raw-{uuid.uuid4().hex[:6]}", cb=handler)
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+    finally:
+        await nc.close()
+    return received
+
+
+def test_what_is_published_can_be_cloudevents_in_binary_mode(
+    registry: fraiseql.Registry, fraiseql_nats_url: str
+) -> None:
+    """`[observers.bridge] format = "cloudevents"`: each message carries its CloudEvents
+    attributes as `ce-*` headers and the spec's JSON as its data, so the cloudevents SDK
+    reads it and consumers of the JSON format are unaffected."""
+    from cloudevents.v1.http import from_http
+
+    @fraiseql.type(table="tb_orders_ce")
+    class Order:
+        id: str
+        status: str
+
+    suffix = uuid.uuid4().hex[:8]
+    config = nats_config(fraiseql_nats_url, suffix)
+    config["observers"]["bridge"] = {"format": "cloudevents"}
+    config["observers"]["cloudevents"] = {"source": "urn:shop:orders"}
+    try:
+        event_id = fraiseql.Publisher(config).publish(Order, "INSERT", new={"id": "o1", "status": "new"})
+        [msg] = asyncio.run(raw_messages(fraiseql_nats_url, f"fq{suffix}.mutation.order.insert", 1, 20))
+        event = from_http(dict(msg.headers), msg.data)
+        assert event["id"] == event_id == msg.headers["Nats-Msg-Id"]
+        assert (event["source"], event["type"], event["subject"]) == (
+            "urn:shop:orders",
+            "fraiseql.order.insert",
+            "o1",
+        )
+        assert event["specversion"] == "1.0" and event["time"]
+        assert event.data["data"] == {"id": "o1", "status": "new"} and event.data["entity"] == "Order"
     finally:
         asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))

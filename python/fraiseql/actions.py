@@ -24,9 +24,15 @@ def webhook(
     headers: dict[str, str] | None = None,
     body_template: str | None = None,
     secret_env: str | None = None,
+    signing_secret_env: str | None = None,
+    format: Literal["json", "cloudevents"] | None = None,
+    source: str | None = None,
     timeout_ms: int | None = None,
 ) -> dict[str, Any]:
-    """HTTP POST of the change (spec payload or `body_template`). Prefer `url_env` for secrets."""
+    """HTTP POST of the change (spec payload, `body_template`, or a CloudEvent with
+    `format="cloudevents"`). `signing_secret_env` names the variable holding a Standard
+    Webhooks secret (`whsec_…`); `secret_env` the original `X-Fraiseql-Signature` one.
+    Prefer `url_env` for secrets."""
     _require_one("webhook", url=url, url_env=url_env)
     if url is not None and not url.startswith(("http://", "https://")):
         raise ValueError(f"fraiseql.webhook(url=...) must start with http:// or https://, got {url!r}")
@@ -42,6 +48,9 @@ def webhook(
             "headers": headers,
             "body_template": body_template,
             "secret_env": secret_env,
+            "signing_secret_env": signing_secret_env,
+            "format": format,
+            "source": source,
             "timeout_ms": timeout_ms,
         }
     )

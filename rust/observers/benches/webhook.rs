@@ -163,6 +163,9 @@ fn webhook_engine(url: String, retry: RetryPolicy, dlq_max: Option<usize>) -> Ar
         headers: Vec::new(),
         body_template: None,
         secret_env: None,
+        signing_secret_env: None,
+        format: fraiseql_observers::config::WebhookFormat::Json,
+        source: None,
         timeout_ms: 10_000,
     });
     let action =

@@ -160,7 +160,11 @@ pub async fn retry_forwarded(
         ));
     };
     let publisher: Arc<dyn Publisher> = if target == "nats" {
-        Arc::new(NatsPublisher::connect(&config.observers.nats, NatsMetrics::new()).await?)
+        Arc::new(
+            NatsPublisher::connect(&config.observers.nats, NatsMetrics::new())
+                .await?
+                .for_config(config),
+        )
     } else {
         let url = config.observers.redis_url.as_deref().ok_or_else(|| {
             Error::connect(

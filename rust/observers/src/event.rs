@@ -113,6 +113,17 @@ impl Event {
     pub fn row(&self) -> Option<&Value> {
         self.new.as_ref().or(self.old.as_ref())
     }
+
+    /// The row's key as text: its `id` field (a string as it is, a number or boolean
+    /// written out), if it has one.
+    pub fn key(&self) -> Option<String> {
+        match self.row()?.get("id")? {
+            Value::String(s) => Some(s.clone()),
+            Value::Null => None,
+            other @ (Value::Number(_) | Value::Bool(_)) => Some(other.to_string()),
+            other => Some(other.to_string()),
+        }
+    }
 }
 
 pub fn now_rfc3339() -> String {

@@ -241,7 +241,8 @@ pub async fn start(
             .await?;
             if config.observers.run_bridge {
                 let publisher =
-                    NatsPublisher::new(client, &config.observers.nats, instruments.nats.clone());
+                    NatsPublisher::new(client, &config.observers.nats, instruments.nats.clone())
+                        .for_config(config);
                 let forwarder = Forwarder {
                     config,
                     schema,

@@ -69,6 +69,9 @@ fn webhook_config(url: &str) -> WebhookConfig {
         headers: Vec::new(),
         body_template: None,
         secret_env: None,
+        signing_secret_env: None,
+        format: fraiseql_observers::config::WebhookFormat::Json,
+        source: None,
         timeout_ms: 5_000,
     }
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use fraiseql_observers::action;
-use fraiseql_observers::config::{self, HandlerConfig};
+use fraiseql_observers::config::{self, ActionConfig, HandlerConfig};
 use fraiseql_observers::runtime::{
     self as core_runtime, DeadLetters, Instruments, Running, StartOptions,
 };
@@ -162,6 +162,7 @@ fn prepare(
             // Built here, not in `check`: building reads the secrets named by *_env.
             let entity = schema.entity(&o.handler.entity);
             for a in &o.handler.actions {
+                let a = &with_cloudevents_source(a, config.as_ref());
                 match action::build(&o.handler.name, a, entity, &env) {
                     Ok(action) => actions.push(action),
                     Err(e) => errors.push(at_origin(&o.handler.origin, e)),
@@ -190,6 +191,18 @@ fn prepare(
         }),
         _ => Err(errors),
     })
+}
+
+/// A webhook without a `source` of its own gets the config's (`[observers.cloudevents]
+/// source`, else derived from the database).
+fn with_cloudevents_source(action: &ActionConfig, config: Option<&Config>) -> ActionConfig {
+    let mut action = action.clone();
+    if let (ActionConfig::Webhook(webhook), Some(config)) = (&mut action, config) {
+        if webhook.source.is_none() {
+            webhook.source = Some(config.cloudevents_source());
+        }
+    }
+    action
 }
 
 /// Prefixes an error with where the observer was declared (`schema.py:12`).

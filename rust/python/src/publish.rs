@@ -51,7 +51,8 @@ impl PyPublisher {
         }
         let publisher = py
             .detach(|| runtime().block_on(NatsPublisher::connect(&nats_config, NatsMetrics::new())))
-            .map_err(PyFraiseError)?;
+            .map_err(PyFraiseError)?
+            .for_config(&config);
         Ok(PyPublisher { publisher, tables })
     }
 

@@ -48,6 +48,20 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
+    /// Every reason, in the order the metrics list them.
+    pub const ALL: [FailureReason; 10] = [
+        FailureReason::Timeout,
+        FailureReason::Connection,
+        FailureReason::HttpRedirect,
+        FailureReason::HttpRateLimited,
+        FailureReason::HttpClientError,
+        FailureReason::HttpServerError,
+        FailureReason::SmtpRejected,
+        FailureReason::InvalidMessage,
+        FailureReason::Exception,
+        FailureReason::Other,
+    ];
+
     pub fn as_label(self) -> &'static str {
         match self {
             FailureReason::Timeout => "timeout",

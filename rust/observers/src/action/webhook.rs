@@ -10,9 +10,24 @@
 //!   `headers` (`${VAR}` references resolved at build time), and
 //!   `Idempotency-Key: <event id>`, stable across retries and redeliveries of the same change.
 //!
-//! # Signature
+//! With `format = "cloudevents"` the body is a CloudEvents 1.0 event in structured mode
+//! (`Content-Type: application/cloudevents+json`): `specversion`, `id` (the event id),
+//! `source`, `type` (`fraiseql.<entity>.<event>`, lower case), `time`, `subject` (the row's
+//! `id`, when it has one), `datacontenttype` and `data` (`{"table","new","old"}`, and
+//! `"backfill": true` on a backfilled row).
 //!
-//! With `secret_env` set, every request carries
+//! # Signatures
+//!
+//! With `signing_secret_env` set ([Standard Webhooks](https://www.standardwebhooks.com/),
+//! the scheme for new configs), every request carries `webhook-id` (the event id, the same
+//! on every retry), `webhook-timestamp` (unix seconds) and
+//! `webhook-signature: v1,<base64(HMAC-SHA256(key, "<id>.<timestamp>.<body>"))>`, where the
+//! key is the base64 after `whsec_`; a variable holding several secrets separated by spaces
+//! (a rotation) gives one `v1,…` per secret, space-separated. Receivers verify with any
+//! Standard Webhooks library.
+//!
+//! With `secret_env` set (the original scheme, kept for receivers that use it), every
+//! request carries
 //!
 //! ```text
 //! X-Fraiseql-Signature: t=<unix seconds>,v1=<hex(HMAC-SHA256(secret, "<t>.<body>"))>
@@ -45,7 +60,7 @@ use sha2::Sha256;
 use super::http::{build_error, env_value, http_client, resolve_url, send, warn_missing};
 use super::template::{Escape, Syntax, Template};
 use super::{Action, ActionError};
-use crate::config::WebhookConfig;
+use crate::config::{WebhookConfig, WebhookFormat};
 use crate::error::Result;
 use crate::event::Event;
 use crate::redact::{shown_url, url_secrets};
@@ -57,6 +72,22 @@ pub const SIGNATURE_HEADER: &str = "X-Fraiseql-Signature";
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 /// On a backfilled row: the backfill's id (the body says `"backfill": true`).
 pub const BACKFILL_HEADER: &str = "Fraiseql-Backfill";
+/// Standard Webhooks headers.
+pub const WEBHOOK_ID_HEADER: &str = "webhook-id";
+pub const WEBHOOK_TIMESTAMP_HEADER: &str = "webhook-timestamp";
+pub const WEBHOOK_SIGNATURE_HEADER: &str = "webhook-signature";
+/// The prefix of a Standard Webhooks secret.
+const STANDARD_SECRET_PREFIX: &str = "whsec_";
+
+/// Headers set on every request: a configured header of one of these names is an error.
+const RESERVED_HEADERS: [&str; 6] = [
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    BACKFILL_HEADER,
+    WEBHOOK_ID_HEADER,
+    WEBHOOK_TIMESTAMP_HEADER,
+    WEBHOOK_SIGNATURE_HEADER,
+];
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -133,6 +164,116 @@ pub fn default_payload(event: &Event) -> String {
     serde_json::to_string(&payload).unwrap_or_else(|_| "{}".to_owned())
 }
 
+/// A CloudEvents 1.0 structured event for `event`.
+#[derive(Serialize)]
+struct CloudEvent<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    kind: String,
+    time: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
+    datacontenttype: &'static str,
+    data: CloudEventData<'a>,
+}
+
+#[derive(Serialize)]
+struct CloudEventData<'a> {
+    table: &'a str,
+    new: Option<&'a Value>,
+    old: Option<&'a Value>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    backfill: bool,
+}
+
+/// The CloudEvents type of an event: `fraiseql.<entity>.<event>`, lower case.
+pub fn cloudevent_type(event: &Event) -> String {
+    format!(
+        "fraiseql.{}.{}",
+        event.entity.to_lowercase(),
+        event.event.as_lower()
+    )
+}
+
+/// The structured-mode body for `event` from `source`.
+pub fn cloudevent_payload(event: &Event, source: &str) -> String {
+    let payload = CloudEvent {
+        specversion: "1.0",
+        id: &event.id,
+        source,
+        kind: cloudevent_type(event),
+        time: &event.timestamp,
+        subject: event.key(),
+        datacontenttype: "application/json",
+        data: CloudEventData {
+            table: &event.table,
+            new: event.new.as_ref(),
+            old: event.old.as_ref(),
+            backfill: event.backfill.is_some(),
+        },
+    };
+    serde_json::to_string(&payload).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// The keys of a Standard Webhooks secret variable: one or more `whsec_<base64>` separated by
+/// whitespace. The error says what is wrong, never the secret.
+pub fn standard_keys(value: &str) -> std::result::Result<Vec<Vec<u8>>, String> {
+    use base64::Engine as _;
+    let secrets: Vec<&str> = value.split_whitespace().collect();
+    if secrets.is_empty() {
+        return Err("the variable is empty; expected a secret such as whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into());
+    }
+    secrets
+        .iter()
+        .enumerate()
+        .map(|(i, secret)| {
+            let which = if secrets.len() > 1 {
+                format!("secret {} of {}", i + 1, secrets.len())
+            } else {
+                "the secret".to_owned()
+            };
+            let encoded = secret.strip_prefix(STANDARD_SECRET_PREFIX).ok_or_else(|| {
+                format!("{which} does not start with {STANDARD_SECRET_PREFIX} (a Standard Webhooks secret is whsec_ and base64)")
+            })?;
+            // Padded or not, as the Standard Webhooks libraries accept both.
+            let lenient = base64::engine::GeneralPurpose::new(
+                &base64::alphabet::STANDARD,
+                base64::engine::GeneralPurposeConfig::new()
+                    .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+            );
+            let key = lenient
+                .decode(encoded)
+                .map_err(|e| format!("{which} is not valid base64 after {STANDARD_SECRET_PREFIX}: {e}"))?;
+            if key.is_empty() {
+                return Err(format!("{which} holds no key after {STANDARD_SECRET_PREFIX}"));
+            }
+            Ok(key)
+        })
+        .collect()
+}
+
+/// The `webhook-signature` value for `id`, `timestamp` and `body`, one `v1,…` per key.
+pub fn standard_signature(keys: &[HmacSha256], id: &str, timestamp: u64, body: &[u8]) -> String {
+    use base64::Engine as _;
+    keys.iter()
+        .map(|key| {
+            let mut mac = key.clone();
+            mac.update(id.as_bytes());
+            mac.update(b".");
+            mac.update(timestamp.to_string().as_bytes());
+            mac.update(b".");
+            mac.update(body);
+            format!(
+                "v1,{}",
+                base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `X-Fraiseql-Signature` value for `body` signed at unix time `t`.
 pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
     let mac = <HmacSha256 as KeyInit>::new_from_slice(secret)
@@ -156,7 +297,11 @@ pub struct WebhookAction {
     shown: String,
     headers: HeaderMap,
     body: Option<Template>,
+    /// `format = "cloudevents"`: the source of the events.
+    cloudevents: Option<String>,
     mac: Option<HmacSha256>,
+    /// Standard Webhooks keys (several during a rotation).
+    standard: Vec<HmacSha256>,
     timeout: Duration,
     secrets: Vec<String>,
     warned: AtomicBool,
@@ -185,7 +330,7 @@ impl WebhookAction {
             let value = resolve_vars(raw, env).map_err(|m| build_error(observer, KIND, &key, m))?;
             let header_name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| build_error(observer, KIND, &key, "not a valid HTTP header name"))?;
-            for reserved in [IDEMPOTENCY_HEADER, SIGNATURE_HEADER, BACKFILL_HEADER] {
+            for reserved in RESERVED_HEADERS {
                 if header_name.as_str().eq_ignore_ascii_case(reserved) {
                     return Err(build_error(
                         observer,
@@ -232,6 +377,38 @@ impl WebhookAction {
             }
             None => None,
         };
+        let standard = match &config.signing_secret_env {
+            Some(var) => {
+                let value = env_value(observer, KIND, "signing_secret_env", var, env)?;
+                let keys = standard_keys(&value).map_err(|m| {
+                    build_error(observer, KIND, "signing_secret_env", format!("${var}: {m}"))
+                })?;
+                secrets.extend(value.split_whitespace().map(str::to_owned));
+                keys.iter()
+                    .map(|k| {
+                        <HmacSha256 as KeyInit>::new_from_slice(k).map_err(|_| {
+                            build_error(observer, KIND, "signing_secret_env", "unusable key")
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => Vec::new(),
+        };
+        let cloudevents = match config.format {
+            WebhookFormat::Json => None,
+            WebhookFormat::CloudEvents => {
+                headers.insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/cloudevents+json"),
+                );
+                Some(
+                    config
+                        .source
+                        .clone()
+                        .unwrap_or_else(|| "urn:fraiseql".to_owned()),
+                )
+            }
+        };
         let client = http_client().map_err(|m| build_error(observer, KIND, "url", m))?;
         Ok(WebhookAction {
             observer: observer.to_owned(),
@@ -240,6 +417,8 @@ impl WebhookAction {
             url,
             headers,
             body,
+            cloudevents,
+            standard,
             mac,
             timeout: Duration::from_millis(config.timeout_ms),
             secrets,
@@ -264,7 +443,10 @@ impl WebhookAction {
                 }
                 body
             }
-            None => default_payload(event),
+            None => match &self.cloudevents {
+                Some(source) => cloudevent_payload(event, source),
+                None => default_payload(event),
+            },
         }
     }
 }
@@ -289,11 +471,18 @@ impl Action for WebhookAction {
         if let Some(backfill) = &event.backfill {
             request = request.header(BACKFILL_HEADER, backfill.id.as_str());
         }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if !self.standard.is_empty() {
+            let signature = standard_signature(&self.standard, &event.id, now, body.as_bytes());
+            request = request
+                .header(WEBHOOK_ID_HEADER, event.id.as_str())
+                .header(WEBHOOK_TIMESTAMP_HEADER, now.to_string())
+                .header(WEBHOOK_SIGNATURE_HEADER, signature);
+        }
         if let Some(mac) = &self.mac {
-            let t = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let value = sign_with(mac.clone(), t, body.as_bytes());
+            let value = sign_with(mac.clone(), now, body.as_bytes());
             request = request.header(SIGNATURE_HEADER, value);
         }
         tracing::debug!("[observer] Sending webhook to {}", self.shown);

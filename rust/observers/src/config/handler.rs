@@ -7,8 +7,8 @@ use super::node::{quote_short, Entry, Kind, Node};
 use super::reader::{Ctx, Range};
 use super::{
     validate_sql_identifier, ActionConfig, BackoffStrategy, CheckpointConfig, EmailConfig,
-    EmailTls, HandlerConfig, RetryConfig, SlackConfig, WebhookConfig, DEFAULT_IDEMPOTENCY_TABLE,
-    DEFAULT_SMTP_PORT, DEFAULT_WEBHOOK_TIMEOUT_MS,
+    EmailTls, HandlerConfig, RetryConfig, SlackConfig, WebhookConfig, WebhookFormat,
+    DEFAULT_IDEMPOTENCY_TABLE, DEFAULT_SMTP_PORT, DEFAULT_WEBHOOK_TIMEOUT_MS,
 };
 
 const ACTION_TYPES: &[&str] = &["webhook", "slack", "email"];
@@ -512,6 +512,37 @@ fn webhook(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<WebhookConfig> 
         .get("body_template")
         .and_then(|n| ctx.string(n, &t.path("body_template")));
     let secret_env = optional_env_name(ctx, &t, "secret_env");
+    let signing_secret_env = optional_env_name(ctx, &t, "signing_secret_env");
+    let format = t.get("format").map_or(Some(WebhookFormat::Json), |n| {
+        ctx.choice(n, &t.path("format"), &["json", "cloudevents"], |s| match s
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "json" => Some(WebhookFormat::Json),
+            "cloudevents" => Some(WebhookFormat::CloudEvents),
+            _ => None,
+        })
+    });
+    let source = t.get("source").and_then(|n| {
+        let p = t.path("source");
+        let s = ctx.string(n, &p)?;
+        match super::check_uri_reference(&s) {
+            Ok(()) => Some(s),
+            Err(e) => {
+                ctx.error(&p, n.line, e);
+                None
+            }
+        }
+    });
+    if format == Some(WebhookFormat::CloudEvents) && body_template.is_some() {
+        let line = t.get("body_template").and_then(|n| n.line);
+        ctx.error(
+            &t.path("body_template"),
+            line,
+            "format = \"cloudevents\" builds the body itself; remove body_template (or use \
+             format = \"json\")",
+        );
+    }
     let timeout_ms = t
         .get("timeout_ms")
         .map_or(Some(DEFAULT_WEBHOOK_TIMEOUT_MS), |n| {
@@ -524,6 +555,9 @@ fn webhook(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<WebhookConfig> 
         headers,
         body_template,
         secret_env,
+        signing_secret_env,
+        format: format?,
+        source,
         timeout_ms: timeout_ms?,
     })
 }

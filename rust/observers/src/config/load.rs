@@ -416,6 +416,20 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
                     o.bridge.poll_interval_secs = u64::try_from(v).unwrap_or(1);
                 }
             }
+            if let Some(n) = b.get("format") {
+                if let Some(v) =
+                    ctx.choice(n, &b.path("format"), &["json", "cloudevents"], |s| match s
+                        .to_ascii_lowercase()
+                        .as_str()
+                    {
+                        "json" => Some(super::MessageFormat::Json),
+                        "cloudevents" => Some(super::MessageFormat::CloudEvents),
+                        _ => None,
+                    })
+                {
+                    o.bridge.format = v;
+                }
+            }
             if let Some(n) = b.get("notify_channel") {
                 if let Some(v) = checked(ctx, n, &b.path("notify_channel"), check_channel) {
                     o.bridge.notify_channel = v;
@@ -425,6 +439,19 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
         }
     }
 
+    if let Some(n) = t.get("cloudevents") {
+        if let Some(c) = ctx.table(n, "observers.cloudevents") {
+            if let Some(n) = c.get("source") {
+                let p = c.path("source");
+                if let Some(s) = ctx.string(n, &p) {
+                    match super::check_uri_reference(&s) {
+                        Ok(()) => o.cloudevents_source = Some(s),
+                        Err(e) => ctx.error(&p, n.line, e),
+                    }
+                }
+            }
+        }
+    }
     if let Some(n) = t.get("postgres") {
         load_postgres(ctx, n, &mut o.postgres);
     }

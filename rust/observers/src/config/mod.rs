@@ -34,6 +34,53 @@ use std::str::FromStr;
 
 pub use error::{ConfigError, ConfigErrors};
 
+impl Config {
+    /// The CloudEvents `source`: `[observers.cloudevents] source`, else the database it
+    /// captures (`postgresql://host:port/db`, without credentials), else `urn:fraiseql`.
+    pub fn cloudevents_source(&self) -> String {
+        if let Some(source) = &self.observers.cloudevents_source {
+            return source.clone();
+        }
+        let from_database = self.database.url.as_deref().and_then(|u| {
+            let url = url::Url::parse(u).ok()?;
+            let host = url.host_str()?;
+            let port = url.port().map_or_else(String::new, |p| format!(":{p}"));
+            Some(format!("postgresql://{host}{port}{}", url.path()))
+        });
+        from_database.unwrap_or_else(|| "urn:fraiseql".to_owned())
+    }
+}
+
+/// A CloudEvents `source`: a URI reference (RFC 3986), e.g. `https://shop.example/orders`,
+/// `/orders` or `urn:shop:orders`.
+pub fn check_uri_reference(s: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~:/?#[]@!$&'()*+,;=%".contains(c);
+    if s.is_empty() {
+        return Err("expected a URI reference (e.g. \"https://shop.example/orders\"), found an empty string".into());
+    }
+    if let Some(bad) = s.chars().find(|c| !allowed(*c)) {
+        return Err(format!(
+            "expected a URI reference (e.g. \"https://shop.example/orders\"), found {} ({bad:?} \
+             is not allowed in a URI; percent-encode it)",
+            node::quote_short(s)
+        ));
+    }
+    let bytes = s.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'%'
+            && !(bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)))
+        {
+            return Err(format!(
+                "expected a URI reference, found {} (a '%' must start a %XX escape)",
+                node::quote_short(s)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The closest of `options` to a mistyped `input`, if one is close enough (the did-you-mean of
 /// every name the user types).
 pub fn suggest_from<'a>(input: &str, options: &[&'a str]) -> Option<&'a str> {
@@ -123,6 +170,9 @@ pub struct ObserversConfig {
     pub redis: RedisConfig,
     /// `[[observers.handlers]]`, in definition order.
     pub handlers: Vec<HandlerConfig>,
+    /// `[observers.cloudevents] source`: the `source` of every CloudEvent (webhooks with
+    /// `format = "cloudevents"`, the bridge); `None` = derived from the database.
+    pub cloudevents_source: Option<String>,
 }
 
 /// Where events come from.
@@ -261,6 +311,18 @@ pub struct BridgeConfig {
     pub poll_interval_secs: u64,
     /// default: `[observers] notify_channel` (itself `fraiseql_changes` by default)
     pub notify_channel: String,
+    /// `format`: what the bridge publishes — the spec's JSON (default), or the same body as
+    /// a CloudEvents 1.0 event in binary mode (`ce-*` headers).
+    pub format: MessageFormat,
+}
+
+/// The form of what the bridge publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MessageFormat {
+    #[default]
+    Json,
+    /// The JSON body as the event's data, its attributes in `ce-*` headers (binary mode).
+    CloudEvents,
 }
 
 impl Default for BridgeConfig {
@@ -270,6 +332,7 @@ impl Default for BridgeConfig {
             batch_size: 100,
             poll_interval_secs: 1,
             notify_channel: DEFAULT_NOTIFY_CHANNEL.to_string(),
+            format: MessageFormat::Json,
         }
     }
 }
@@ -526,10 +589,29 @@ pub struct WebhookConfig {
     pub headers: Vec<(String, String)>,
     /// Mustache body; `None` = the standard JSON payload.
     pub body_template: Option<String>,
-    /// Name of the variable holding the HMAC-SHA256 signing secret.
+    /// Name of the variable holding the HMAC-SHA256 secret of the original
+    /// `X-Fraiseql-Signature` header.
     pub secret_env: Option<String>,
+    /// Name of the variable holding the Standard Webhooks signing secret(s): `whsec_…`
+    /// (base64), several separated by spaces while one is being rotated.
+    pub signing_secret_env: Option<String>,
+    /// `format`: the spec's JSON body (default) or a CloudEvents 1.0 structured event.
+    pub format: WebhookFormat,
+    /// `source` of the CloudEvents (default: `[observers.cloudevents] source`, else derived
+    /// from the database).
+    pub source: Option<String>,
     /// default 10 000
     pub timeout_ms: u64,
+}
+
+/// The body a webhook sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WebhookFormat {
+    /// `{"event","table","timestamp","data":{"new","old"},"id"}`, or the `body_template`.
+    #[default]
+    Json,
+    /// A CloudEvents 1.0 event in structured mode (`application/cloudevents+json`).
+    CloudEvents,
 }
 
 /// `type = "slack"`. Exactly one of `webhook_url` / `webhook_url_env` is set.
@@ -612,6 +694,7 @@ impl ObserversConfig {
             postgres: PostgresConfig::default(),
             redis: RedisConfig::default(),
             handlers: Vec::new(),
+            cloudevents_source: None,
         }
     }
 }

@@ -221,6 +221,7 @@ fn full_main_file_every_key() {
             batch_size: 250,
             poll_interval_secs: 2,
             notify_channel: "fraiseql_events".into(),
+            format: MessageFormat::Json,
         }
     );
 
@@ -259,6 +260,9 @@ fn full_main_file_every_key() {
             headers: vec![("Authorization".into(), "s3cr3t".into())],
             body_template: None,
             secret_env: None,
+            signing_secret_env: None,
+            format: WebhookFormat::Json,
+            source: None,
             timeout_ms: 10_000,
         })
     );
@@ -311,6 +315,9 @@ fn full_main_file_every_key() {
             ],
             body_template: Some("{\"id\": \"{{id}}\"}".into()),
             secret_env: Some("PAYMENT_HOOK_SECRET".into()),
+            signing_secret_env: None,
+            format: WebhookFormat::Json,
+            source: None,
             timeout_ms: 2500,
         })
     );
@@ -629,7 +636,7 @@ fn unknown_key_did_you_mean_with_line() {
     // nothing close: list the valid keys
     let text = "[observers.bridge]\nzzz = 1\n";
     let errs = errors_of(main_only(text, &no_env));
-    assert!(has(&errs, "observers.bridge.zzz: unknown key (expected one of: transport_name, batch_size, poll_interval_secs, notify_channel)"));
+    assert!(has(&errs, "observers.bridge.zzz: unknown key (expected one of: transport_name, batch_size, poll_interval_secs, format, notify_channel)"));
 }
 
 #[test]

@@ -56,6 +56,23 @@ pub const MAX_ACKS_IN_FLIGHT: usize = 8192;
 /// The initial connect, until the server answers.
 const CONNECT_RETRY: RetryPolicy =
     RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(5));
+/// The CloudEvents 1.0 attributes of `event` as NATS headers (binary content mode): the
+/// message body, unchanged, is the event's `data`.
+fn cloudevents_headers(headers: &mut HeaderMap, event: &Event, source: &str) {
+    headers.insert("ce-specversion", "1.0");
+    headers.insert("ce-id", event.id.as_str());
+    headers.insert("ce-source", source);
+    headers.insert(
+        "ce-type",
+        crate::action::webhook::cloudevent_type(event).as_str(),
+    );
+    headers.insert("ce-time", event.timestamp.as_str());
+    if let Some(key) = event.key() {
+        headers.insert("ce-subject", key.as_str());
+    }
+    headers.insert("content-type", "application/json");
+}
+
 /// On a backfilled row: the backfill's id (the body carries `"backfill"` too).
 pub const BACKFILL_HEADER: &str = "Fraiseql-Backfill";
 
@@ -538,9 +555,22 @@ pub struct NatsPublisher {
     prefix: String,
     metrics: NatsMetrics,
     window: usize,
+    /// `[observers.bridge] format = "cloudevents"`: the events' `source`; each message then
+    /// carries its CloudEvents attributes as `ce-*` headers (binary mode, the JSON body is
+    /// the event's data).
+    cloudevents: Option<String>,
 }
 
 impl NatsPublisher {
+    /// What a config asks of the published messages: CloudEvents attributes in headers with
+    /// `[observers.bridge] format = "cloudevents"`.
+    pub fn for_config(mut self, config: &crate::config::Config) -> Self {
+        self.cloudevents = (config.observers.bridge.format
+            == crate::config::MessageFormat::CloudEvents)
+            .then(|| config.cloudevents_source());
+        self
+    }
+
     /// A publisher on `client` for `config.subject_prefix`. The stream must exist
     /// ([`ensure_stream`]).
     pub fn new(client: Client, config: &NatsConfig, metrics: NatsMetrics) -> Self {
@@ -561,6 +591,7 @@ impl NatsPublisher {
             prefix: config.subject_prefix.clone(),
             metrics,
             window: DEFAULT_PUBLISH_WINDOW,
+            cloudevents: None,
         }
     }
 
@@ -622,6 +653,9 @@ impl NatsPublisher {
         if let Some(backfill) = &event.backfill {
             headers.insert(BACKFILL_HEADER, backfill.id.as_str());
         }
+        if let Some(source) = &self.cloudevents {
+            cloudevents_headers(&mut headers, event, source);
+        }
         self.js
             .send_publish(
                 subject,
@@ -643,7 +677,15 @@ impl NatsPublisher {
             .backfill
             .as_ref()
             .map_or(0, |b| BACKFILL_HEADER.len() + 4 + b.id.len());
-        let size = payload + MSG_ID_HEADER_OVERHEAD + event.id.len() + backfill;
+        // ce-* headers: the names and the fixed values, the id, source, type, time and key.
+        let cloudevents = self.cloudevents.as_ref().map_or(0, |source| {
+            160 + event.id.len()
+                + source.len()
+                + event.entity.len()
+                + event.timestamp.len()
+                + event.key().map_or(0, |k| k.len())
+        });
+        let size = payload + MSG_ID_HEADER_OVERHEAD + event.id.len() + backfill + cloudevents;
         if size <= self.check_above {
             return Ok(());
         }

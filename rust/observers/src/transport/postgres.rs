@@ -605,6 +605,7 @@ impl PostgresSource {
         let metrics = self.metrics();
         metrics.changelog_lag_rows.set(rows);
         metrics.changelog_lag_seconds.set(age);
+        metrics.source_stalled.set(i64::from(self.health.stalled()));
         self.report_stall(age).await;
         Ok(())
     }

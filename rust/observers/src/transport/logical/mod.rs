@@ -561,6 +561,9 @@ impl LogicalSource {
             metrics.slot_lag_bytes.set(lag);
         }
         let over = u64::try_from(retained).unwrap_or(0) > self.options.max_retained_wal;
+        if let Some(metrics) = &self.metrics {
+            metrics.source_stalled.set(i64::from(over));
+        }
         let was = self.health.over_retained.swap(over, Ordering::Relaxed);
         if over && !was {
             tracing::error!(
