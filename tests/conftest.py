@@ -16,3 +16,11 @@ def registry() -> Iterator[fraiseql.Registry]:
         yield reg
     finally:
         fraiseql.set_registry(old)
+
+
+@pytest.fixture(params=["trigger", "logical"])
+def capture(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """`(capture, database url)`: each capture mode on a server that supports it."""
+    mode: str = request.param
+    fixture = "fraiseql_database_url" if mode == "trigger" else "fraiseql_logical_database_url"
+    return mode, request.getfixturevalue(fixture)

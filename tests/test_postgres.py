@@ -367,14 +367,6 @@ def test_change_log_rows_without_a_row_object_are_dead_lettered_not_delivered(
                 conn.execute("DELETE FROM fraiseql_dead_letters WHERE event_id = %s", (str(row_id),))
 
 
-@pytest.fixture(params=["trigger", "logical"])
-def capture(request: pytest.FixtureRequest) -> tuple[str, str]:
-    """`(capture, database url)`: each capture mode on a server that supports it."""
-    mode: str = request.param
-    fixture = "fraiseql_database_url" if mode == "trigger" else "fraiseql_logical_database_url"
-    return mode, request.getfixturevalue(fixture)
-
-
 def test_sigkill_mid_stream_then_restart_loses_nothing(tmp_path: Path, capture: tuple[str, str]) -> None:
     """10,000 rows written while `fraiseql run` is down; the engine is SIGKILLed while it
     works through them and started again: every row reaches the handler (AtLeastOnce may

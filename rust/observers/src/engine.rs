@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +25,7 @@ use crate::event::{now_rfc3339, Event, EventKind, Undecodable};
 pub const UNDECODABLE_ACTION: &str = "decode";
 use crate::metrics::{ActionMetrics, Metrics, ObserverMetrics};
 use crate::retry::RetryPolicy;
+use crate::telemetry::{Recorded, Spans};
 
 /// One observer, ready to be compiled into the engine: who it is and how it checkpoints
 /// (its [`ListenerConfig`]), what it watches, when it fires and what it does.
@@ -155,6 +157,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     /// What its dead letters are: an observer's, or a forwarder's change.
     origin: DlqOrigin,
+    spans: Spans,
+    warned_traceparent: AtomicBool,
 }
 
 /// A backfilled row goes only to the observers its backfill names (all, if it names none).
@@ -230,7 +234,15 @@ impl Engine {
             dlq,
             metrics,
             origin: DlqOrigin::Observer,
+            spans: Spans::default(),
+            warned_traceparent: AtomicBool::new(false),
         })
+    }
+
+    /// Records spans of what it does (see [`crate::telemetry`]).
+    pub fn with_spans(mut self, spans: Spans) -> Self {
+        self.spans = spans;
+        self
     }
 
     /// The engine of a forwarder (the bridge, the Redis forwarder): its dead letters are
@@ -255,23 +267,30 @@ impl Engine {
     /// their policy, after the delay that follows the last failed one.
     pub async fn process_after(&self, event: &Event, failed_attempts: u32) -> ProcessReport {
         self.metrics.events_received.inc();
+        self.check_traceparent(event);
         let mut report = ProcessReport::default();
         let Some(slots) = self.index.get(event.entity.as_str()) else {
             return report;
         };
+        let capture = self.spans.capture(event);
         for &i in &slots[kind_slot(event.event)] {
             let observer = &self.observers[i];
             if !backfill_is_for(event, &observer.name) {
                 continue;
             }
-            if let Some(condition) = &observer.condition {
-                if !condition.evaluate(event.new.as_ref(), event.old.as_ref()) {
-                    continue;
-                }
+            let matched = observer
+                .condition
+                .as_ref()
+                .is_none_or(|c| c.evaluate(event.new.as_ref(), event.old.as_ref()));
+            let span = self.spans.condition(&capture, &observer.name, matched);
+            if !matched {
+                span.end("no match", None);
+                continue;
             }
             report.matched += 1;
             observer.metrics.matched.inc();
             if !self.claim(observer, event, &mut report).await {
+                span.end("duplicate", None);
                 continue;
             }
             let started = Instant::now();
@@ -283,12 +302,20 @@ impl Engine {
                 );
             }
             let mut unstored = 0;
+            let mut dead_lettered = 0;
             for (action_index, (action, metrics)) in observer.actions.iter().enumerate() {
-                if let Err(failure) =
-                    run_with_retries(observer, action.as_ref(), metrics, event, failed_attempts)
-                        .await
-                {
+                let spans = self.spans.enabled().then_some((&self.spans, &span));
+                let attempts = run_with_retries(
+                    observer,
+                    action.as_ref(),
+                    metrics,
+                    event,
+                    failed_attempts,
+                    spans,
+                );
+                if let Err(failure) = attempts.await {
                     report.dead_lettered += 1;
+                    dead_lettered += 1;
                     if !self
                         .dead_letter(observer, action_index, action.as_ref(), event, failure)
                         .await
@@ -306,8 +333,35 @@ impl Engine {
                 observer.name,
                 started.elapsed().as_millis()
             );
+            if dead_lettered > 0 {
+                span.end("dead_lettered", Some("an action was dead-lettered"));
+            } else {
+                span.end("success", None);
+            }
         }
+        capture.end("done", None);
         report
+    }
+
+    /// A trace context that is not one is delivered without (the telemetry checks it where
+    /// it is used), counted and logged once.
+    fn check_traceparent(&self, event: &Event) {
+        let Some(tp) = &event.traceparent else {
+            return;
+        };
+        if crate::telemetry::valid_traceparent(tp) {
+            return;
+        }
+        self.metrics.traceparent_invalid.inc();
+        if !self.warned_traceparent.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "[observers] event {} carries a traceparent that is not a W3C trace context \
+                 ({:?}): delivered without it (counted in \
+                 fraiseql_observer_traceparent_invalid_total; logged once)",
+                event.id,
+                tp.chars().take(80).collect::<String>()
+            );
+        }
     }
 
     /// Dead-letters `event` for every action of every observer it matches, without running
@@ -481,6 +535,7 @@ impl Engine {
                 new: Some(Value::Object(described)),
                 old: None,
                 backfill: None,
+                traceparent: None,
             },
             origin: DlqOrigin::Undecodable,
             observer: source.to_owned(),
@@ -562,7 +617,7 @@ impl Engine {
                 ),
             )
         })?;
-        match run_with_retries(observer, action.as_ref(), metrics, &entry.event, 0).await {
+        match run_with_retries(observer, action.as_ref(), metrics, &entry.event, 0, None).await {
             Ok(()) => {
                 if self.dlq.remove(id).await? {
                     self.metrics.dlq_size.dec();
@@ -604,12 +659,15 @@ struct Failure {
 
 /// Runs one action under the observer's retry policy, after `failed_attempts` attempts made
 /// elsewhere.
+/// Runs `action` until it succeeds, fails permanently or uses up its attempts; with `spans`,
+/// each attempt is a span under the observer's `condition` span.
 async fn run_with_retries(
     observer: &CompiledObserver,
     action: &dyn Action,
     metrics: &ActionMetrics,
     event: &Event,
     failed_attempts: u32,
+    spans: Option<(&Spans, &Recorded)>,
 ) -> std::result::Result<(), Failure> {
     let max = observer.retry.max_attempts;
     let mut first_failed_at = None;
@@ -626,8 +684,19 @@ async fn run_with_retries(
     }
     for attempt in failed_attempts + 1..=max {
         let started = Instant::now();
-        let outcome = action.execute(event).await;
+        let span = spans.map(|(spans, condition)| spans.action(condition, action.kind(), attempt));
+        let outcome = match &span {
+            Some(span) => span.scope(action.execute(event)).await,
+            None => action.execute(event).await,
+        };
         metrics.duration.observe(started.elapsed().as_secs_f64());
+        if let Some(span) = span {
+            match &outcome {
+                Ok(()) => span.end("success", None),
+                Err(e) if e.retryable && attempt < max => span.end("retry", Some(&e.message)),
+                Err(e) => span.end("failed", Some(&e.message)),
+            }
+        }
         let err: ActionError = match outcome {
             Ok(()) => {
                 metrics.succeeded.inc();

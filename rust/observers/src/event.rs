@@ -77,6 +77,10 @@ pub struct Event {
     /// Set on a row fed by `fraiseql backfill` rather than written by an application.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backfill: Option<Backfill>,
+    /// The W3C trace context the writing transaction attached to its changes, if any (a
+    /// valid one: an invalid one is dropped where the change is read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// What marks a backfilled row: the backfill it belongs to, and the observers it is for
@@ -106,6 +110,7 @@ impl Event {
             new,
             old,
             backfill: None,
+            traceparent: None,
         }
     }
 

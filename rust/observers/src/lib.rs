@@ -20,6 +20,7 @@ pub mod retry;
 pub mod runtime;
 pub mod schema;
 pub mod status;
+pub mod telemetry;
 pub mod transport;
 
 pub use action::{Action, ActionError, FailureReason, NoopAction};

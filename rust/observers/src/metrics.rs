@@ -53,6 +53,8 @@ pub struct Metrics {
     /// has not moved for `stall_warning_secs` with changes pending, or a slot past
     /// `max_retained_wal`.
     pub source_stalled: Gauge,
+    /// Changes whose `traceparent` was not a W3C trace context (delivered without it).
+    pub traceparent_invalid: Counter,
 }
 
 /// The handles one (observer, action) pair updates. Failures are counted per reason, so
@@ -167,6 +169,7 @@ impl Metrics {
             source_batches: Counter::default(),
             source_undecodable: Counter::default(),
             source_stalled: Gauge::default(),
+            traceparent_invalid: Counter::default(),
             registry: Registry::default(),
         }
     }
@@ -260,6 +263,11 @@ impl Metrics {
             name("source_stalled"),
             "1 while the source is stalled (a cursor that does not move, a slot past max_retained_wal)",
             self.source_stalled.clone(),
+        );
+        registry.register(
+            name("traceparent_invalid"),
+            "Changes whose traceparent was not a W3C trace context and was dropped",
+            self.traceparent_invalid.clone(),
         );
     }
 

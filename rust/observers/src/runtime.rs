@@ -38,6 +38,7 @@ use crate::event::EventKind;
 use crate::metrics::{Metrics, RedisMetrics};
 use crate::schema::{EntityDef, Schema};
 use crate::status::{HealthSource, StatusServer};
+use crate::telemetry::{Spans, Telemetry};
 use crate::transport::logical::{LogicalOptions, LogicalSource};
 use crate::transport::memory::MemoryTransport;
 use crate::transport::nats::{self, NatsMetrics, NatsPublisher, NatsSource};
@@ -103,6 +104,7 @@ pub struct Running {
     tasks: Mutex<Vec<JoinHandle<Result<()>>>>,
     status: Mutex<Option<StatusServer>>,
     status_addr: Option<SocketAddr>,
+    telemetry: tokio::sync::Mutex<Option<Telemetry>>,
 }
 
 impl Running {
@@ -143,6 +145,10 @@ impl Running {
         if let Some(status) = status {
             status.stop().await;
         }
+        // The spans of the work just finished, exported before the end.
+        if let Some(telemetry) = self.telemetry.lock().await.take() {
+            telemetry.shutdown().await;
+        }
     }
 }
 
@@ -164,7 +170,10 @@ pub async fn start(
         }
         _ => None,
     };
-    let (engine, dlq) = observer_engine(config, pool.as_ref(), observers, metrics).await?;
+    let telemetry = Telemetry::start(&config.observers.telemetry).await?;
+    let spans = telemetry.as_ref().map(Telemetry::spans).unwrap_or_default();
+    let (engine, dlq) =
+        observer_engine(config, pool.as_ref(), observers, metrics, spans.clone()).await?;
     let capture = match &pool {
         Some(pool) if !logical::readers(config).is_empty() => {
             Some(prepare_capture(config, schema, pool).await?)
@@ -341,6 +350,7 @@ pub async fn start(
         tasks: Mutex::new(tasks),
         status_addr: status.as_ref().map(|s| s.addr),
         status: Mutex::new(status),
+        telemetry: tokio::sync::Mutex::new(telemetry),
     })
 }
 
@@ -503,7 +513,8 @@ impl DeadLetters {
         })?;
         let pool = connect_pool(url, 4).await?;
         let metrics = &instruments.metrics;
-        let (engine, dlq) = observer_engine(config, Some(&pool), observers, metrics).await?;
+        let (engine, dlq) =
+            observer_engine(config, Some(&pool), observers, metrics, Spans::default()).await?;
         Ok(DeadLetters {
             engine,
             dlq,
@@ -608,10 +619,12 @@ async fn observer_engine(
     pool: Option<&PgPool>,
     observers: Vec<ObserverSpec>,
     metrics: &Arc<Metrics>,
+    spans: Spans,
 ) -> Result<(Arc<Engine>, Arc<dyn DeadLetterQueue>)> {
     let dlq = dead_letter_queue(config, pool, metrics).await?;
     let stores = idempotency_stores(pool, &observers).await?;
-    let engine = Engine::new(observers, dlq.clone(), stores.as_ref(), metrics.clone())?;
+    let engine =
+        Engine::new(observers, dlq.clone(), stores.as_ref(), metrics.clone())?.with_spans(spans);
     Ok((Arc::new(engine), dlq))
 }
 

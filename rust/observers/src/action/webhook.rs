@@ -76,11 +76,14 @@ pub const BACKFILL_HEADER: &str = "Fraiseql-Backfill";
 pub const WEBHOOK_ID_HEADER: &str = "webhook-id";
 pub const WEBHOOK_TIMESTAMP_HEADER: &str = "webhook-timestamp";
 pub const WEBHOOK_SIGNATURE_HEADER: &str = "webhook-signature";
+/// The W3C trace context of the attempt (or of the change, when spans are off).
+pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// The prefix of a Standard Webhooks secret.
 const STANDARD_SECRET_PREFIX: &str = "whsec_";
 
 /// Headers set on every request: a configured header of one of these names is an error.
-const RESERVED_HEADERS: [&str; 6] = [
+const RESERVED_HEADERS: [&str; 7] = [
+    TRACEPARENT_HEADER,
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
     BACKFILL_HEADER,
@@ -470,6 +473,9 @@ impl Action for WebhookAction {
             .header(IDEMPOTENCY_HEADER, event.id.as_str());
         if let Some(backfill) = &event.backfill {
             request = request.header(BACKFILL_HEADER, backfill.id.as_str());
+        }
+        if let Some(traceparent) = crate::telemetry::outgoing(event) {
+            request = request.header(TRACEPARENT_HEADER, traceparent);
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)

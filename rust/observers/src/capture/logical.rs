@@ -142,6 +142,7 @@ fn publication_body(schema: &Schema, publication: &str) -> Result<String> {
         })
         .collect::<Vec<_>>();
     sql.push_str(&super::ddl::register_repairs(&repairs));
+    sql.push_str(super::TRACEPARENT_FUNCTION_SQL);
     Ok(sql)
 }
 

@@ -172,6 +172,9 @@ CREATE TABLE IF NOT EXISTS {CHANGE_LOG_TABLE} (
 CREATE INDEX IF NOT EXISTS {CHANGE_LOG_TABLE}_txid_id_idx ON {CHANGE_LOG_TABLE} (txid, id);
 -- Set on rows fed by `fraiseql backfill`: {{"id", "observers"}}.
 ALTER TABLE {CHANGE_LOG_TABLE} ADD COLUMN IF NOT EXISTS backfill jsonb;
+-- The writer's W3C trace context (`SET LOCAL fraiseql.traceparent`), if it set one.
+ALTER TABLE {CHANGE_LOG_TABLE} ADD COLUMN IF NOT EXISTS traceparent text;
+{TRACEPARENT_FUNCTION_SQL}
 
 CREATE TABLE IF NOT EXISTS {CURSOR_TABLE} (
     listener_id text PRIMARY KEY,
@@ -198,8 +201,9 @@ BEGIN
     IF TG_OP = 'UPDATE' AND TG_ARGV[2] = 'skip_unchanged' AND v_new = v_old THEN
         RETURN NULL;
     END IF;
-    INSERT INTO {CHANGE_LOG_TABLE} (entity, event, table_name, new, old)
-    VALUES (TG_ARGV[0], TG_OP, TG_ARGV[3], v_new, v_old)
+    INSERT INTO {CHANGE_LOG_TABLE} (entity, event, table_name, new, old, traceparent)
+    VALUES (TG_ARGV[0], TG_OP, TG_ARGV[3], v_new, v_old,
+            nullif(current_setting('fraiseql.traceparent', true), ''))
     RETURNING id INTO v_id;
     -- One wake-up per transaction: the setting is transaction-local.
     IF TG_ARGV[1] <> '' AND current_setting('fraiseql.notified', true) IS DISTINCT FROM TG_ARGV[1] THEN
@@ -216,12 +220,14 @@ $fraiseql$;
     sql.push_str(&statement_function(
         CAPTURE_INSERTED_FUNCTION,
         "INSERT",
-        "to_jsonb(r), NULL FROM fraiseql_inserted r",
+        "to_jsonb(r), NULL",
+        "fraiseql_inserted r",
     ));
     sql.push_str(&statement_function(
         CAPTURE_DELETED_FUNCTION,
         "DELETE",
-        "NULL, to_jsonb(r) FROM fraiseql_deleted r",
+        "NULL, to_jsonb(r)",
+        "fraiseql_deleted r",
     ));
     for t in entity_triggers(schema)? {
         let args = format!(
@@ -275,8 +281,9 @@ $fraiseql$;
 }
 
 /// A statement-level capture function: the statement's rows from its transition table
-/// (`rows` = the `new, old` columns and the FROM clause), then the one wake-up per transaction.
-fn statement_function(name: &str, event: &str, rows: &str) -> String {
+/// (`rows` = the `new, old` columns, `from` the transition table), then the one wake-up per
+/// transaction.
+fn statement_function(name: &str, event: &str, rows: &str, from: &str) -> String {
     format!(
         r#"
 CREATE OR REPLACE FUNCTION {name}() RETURNS trigger
@@ -285,8 +292,10 @@ DECLARE
     v_id bigint;
 BEGIN
     WITH logged AS (
-        INSERT INTO {CHANGE_LOG_TABLE} (entity, event, table_name, new, old)
-        SELECT TG_ARGV[0], '{event}', TG_ARGV[3], {rows}
+        INSERT INTO {CHANGE_LOG_TABLE} (entity, event, table_name, new, old, traceparent)
+        SELECT TG_ARGV[0], '{event}', TG_ARGV[3], {rows},
+               nullif(current_setting('fraiseql.traceparent', true), '')
+        FROM {from}
         RETURNING id
     )
     SELECT max(id) INTO v_id FROM logged;
@@ -378,16 +387,34 @@ pub async fn uninstall(pool: &PgPool, schema: &Schema) -> Result<()> {
     run_in_transaction(pool, &body, "uninstalling change capture").await
 }
 
-/// Brings a change log of an earlier version up to date (its `backfill` column), so that a
-/// reader can drain it after a switch to logical capture.
+/// Brings a change log of an earlier version up to date (its `backfill` and `traceparent`
+/// columns), so that a reader can drain it after a switch to logical capture.
 pub async fn upgrade_change_log(pool: &PgPool) -> Result<()> {
     run_in_transaction(
         pool,
-        &format!("ALTER TABLE {CHANGE_LOG_TABLE} ADD COLUMN IF NOT EXISTS backfill jsonb"),
+        &format!(
+            "ALTER TABLE {CHANGE_LOG_TABLE} ADD COLUMN IF NOT EXISTS backfill jsonb; \
+             ALTER TABLE {CHANGE_LOG_TABLE} ADD COLUMN IF NOT EXISTS traceparent text"
+        ),
         "updating the change log",
     )
     .await
 }
+
+/// `SELECT fraiseql_traceparent('00-…')` in a transaction attaches a W3C trace context to
+/// its changes, whichever the capture: it sets `fraiseql.traceparent` for the capture
+/// triggers and, where the WAL is logical, writes it into the WAL for logical capture.
+pub(crate) const TRACEPARENT_FUNCTION_SQL: &str = r#"
+CREATE OR REPLACE FUNCTION fraiseql_traceparent(traceparent text) RETURNS void
+LANGUAGE plpgsql AS $fraiseql$
+BEGIN
+    PERFORM set_config('fraiseql.traceparent', traceparent, true);
+    IF current_setting('wal_level') = 'logical' THEN
+        PERFORM pg_logical_emit_message(true, 'fraiseql.traceparent', traceparent);
+    END IF;
+END
+$fraiseql$;
+"#;
 
 /// Runs `body` (several statements) as one transaction: PostgreSQL runs the statements of
 /// one simple-protocol query in a single implicit transaction, all or none.

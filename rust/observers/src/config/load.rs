@@ -439,6 +439,18 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
         }
     }
 
+    if let Some(n) = t.get("telemetry") {
+        if let Some(c) = ctx.table(n, "observers.telemetry") {
+            if let Some(n) = c.get("otlp_endpoint") {
+                o.telemetry.otlp_endpoint = ctx.http_url(n, &c.path("otlp_endpoint"));
+            }
+            if let Some(n) = c.get("service_name") {
+                if let Some(v) = ctx.nonempty(n, &c.path("service_name")) {
+                    o.telemetry.service_name = v;
+                }
+            }
+        }
+    }
     if let Some(n) = t.get("cloudevents") {
         if let Some(c) = ctx.table(n, "observers.cloudevents") {
             if let Some(n) = c.get("source") {

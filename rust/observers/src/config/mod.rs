@@ -173,6 +173,26 @@ pub struct ObserversConfig {
     /// `[observers.cloudevents] source`: the `source` of every CloudEvent (webhooks with
     /// `format = "cloudevents"`, the bridge); `None` = derived from the database.
     pub cloudevents_source: Option<String>,
+    /// `[observers.telemetry]`: spans exported over OTLP.
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[observers.telemetry]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// `otlp_endpoint`: an OTLP/HTTP collector (`http://127.0.0.1:4318`); `None` = no spans.
+    pub otlp_endpoint: Option<String>,
+    /// `service_name` (default `fraiseql`).
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "fraiseql".to_owned(),
+        }
+    }
 }
 
 /// Where events come from.
@@ -695,6 +715,7 @@ impl ObserversConfig {
             redis: RedisConfig::default(),
             handlers: Vec::new(),
             cloudevents_source: None,
+            telemetry: TelemetryConfig::default(),
         }
     }
 }

@@ -52,6 +52,8 @@ struct MessageBody<'a> {
     table: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     backfill: Option<&'a Backfill>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
 }
 
 impl<'a> MessageBody<'a> {
@@ -66,6 +68,7 @@ impl<'a> MessageBody<'a> {
             old: event.old.as_ref(),
             table: &event.table,
             backfill: event.backfill.as_ref(),
+            traceparent: crate::telemetry::outgoing(event),
         }
     }
 }
@@ -135,6 +138,11 @@ pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event,
                 format!("field \"backfill\" must be {{\"id\", \"observers\"}}: {e}")
             })?),
         };
+    // A trace context that is not a string is dropped, not an error: the change goes on.
+    let traceparent = match obj.remove("traceparent") {
+        Some(Value::String(tp)) => Some(tp),
+        _ => None,
+    };
     Ok(Event {
         id,
         entity,
@@ -144,5 +152,6 @@ pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event,
         new,
         old,
         backfill,
+        traceparent,
     })
 }

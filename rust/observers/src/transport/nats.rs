@@ -656,6 +656,9 @@ impl NatsPublisher {
         if let Some(source) = &self.cloudevents {
             cloudevents_headers(&mut headers, event, source);
         }
+        if let Some(traceparent) = crate::telemetry::outgoing(event) {
+            headers.insert("traceparent", traceparent.as_str());
+        }
         self.js
             .send_publish(
                 subject,
@@ -685,7 +688,13 @@ impl NatsPublisher {
                 + event.timestamp.len()
                 + event.key().map_or(0, |k| k.len())
         });
-        let size = payload + MSG_ID_HEADER_OVERHEAD + event.id.len() + backfill + cloudevents;
+        let traceparent = event.traceparent.as_ref().map_or(0, |_| 70);
+        let size = payload
+            + MSG_ID_HEADER_OVERHEAD
+            + event.id.len()
+            + backfill
+            + cloudevents
+            + traceparent;
         if size <= self.check_above {
             return Ok(());
         }

@@ -315,8 +315,8 @@ impl PostgresSource {
         );
         let (log, cursor, current): (bool, bool, bool) = sqlx::query_as(
             "SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL, \
-             EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) \
-                     AND attname = 'backfill' AND NOT attisdropped)",
+             (SELECT count(*) = 2 FROM pg_attribute WHERE attrelid = to_regclass($1) \
+                     AND attname IN ('backfill', 'traceparent') AND NOT attisdropped)",
         )
         .bind(CHANGE_LOG_TABLE)
         .bind(CURSOR_TABLE)
@@ -992,7 +992,7 @@ fn batch_sql() -> String {
         // `txid_text`, not `txid`: ORDER BY resolves a name to an output column first, and
         // ordering by the text would put txid 1000 before 999 (and skip 999's rows when the
         // batch limit cuts between them).
-        "SELECT id, txid::text AS txid_text, entity, event, table_name, new, old, backfill, \
+        "SELECT id, txid::text AS txid_text, entity, event, table_name, new, old, backfill, traceparent, \
          to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS committed_at \
          FROM {CHANGE_LOG_TABLE} \
          WHERE (txid, id) > ($1::text::xid8, $2) \
@@ -1043,6 +1043,10 @@ fn decode_event(row: &PgRow) -> std::result::Result<Event, String> {
         .map(serde_json::from_value)
         .transpose()
         .map_err(|e| format!("column backfill: {e}"))?;
+    let traceparent = row
+        .try_get::<Option<String>, _>("traceparent")
+        .ok()
+        .flatten();
     Ok(Event {
         id: id.to_string(),
         entity: text("entity")?,
@@ -1052,6 +1056,7 @@ fn decode_event(row: &PgRow) -> std::result::Result<Event, String> {
         new,
         old,
         backfill,
+        traceparent,
     })
 }
 

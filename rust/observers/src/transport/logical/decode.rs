@@ -41,6 +41,8 @@ struct Relation {
 struct Transaction {
     commit_lsn: u64,
     timestamp: String,
+    /// Set by a `fraiseql.traceparent` logical message: for the changes after it.
+    traceparent: Option<String>,
     /// Changes seen so far in the transaction.
     seq: u32,
 }
@@ -56,6 +58,8 @@ pub struct Decoder {
 }
 
 pub use crate::capture::backfill::BACKFILL_PREFIX;
+/// The prefix of the logical messages that attach a trace context to a transaction.
+pub const TRACEPARENT_PREFIX: &str = "fraiseql.traceparent";
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -85,6 +89,7 @@ impl Decoder {
         self.txn = Some(Transaction {
             commit_lsn,
             timestamp,
+            traceparent: None,
             seq: 0,
         });
     }
@@ -221,7 +226,16 @@ impl Decoder {
             new: Some(message.row),
             old: None,
             backfill: Some(message.backfill),
+            traceparent: None,
         }));
+    }
+
+    /// A `fraiseql.traceparent` logical message: the trace context of the transaction's
+    /// changes after it (kept as it came; the engine checks it).
+    pub fn traceparent(&mut self, content: &[u8]) {
+        if let Some(txn) = &mut self.txn {
+            txn.traceparent = Some(String::from_utf8_lossy(content).trim().to_owned());
+        }
     }
 
     /// The id of the next change and what can be said of where it is.
@@ -277,6 +291,7 @@ impl Decoder {
             .as_ref()
             .map(|t| t.timestamp.clone())
             .unwrap_or_else(crate::event::now_rfc3339);
+        let traceparent = self.txn.as_ref().and_then(|t| t.traceparent.clone());
         for (n, target) in relation.targets.iter().enumerate() {
             let id = if n == 0 {
                 id.clone()
@@ -292,6 +307,7 @@ impl Decoder {
                 new: new.clone(),
                 old: old.clone(),
                 backfill: None,
+                traceparent: traceparent.clone(),
             }));
         }
     }

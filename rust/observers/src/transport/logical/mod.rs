@@ -512,6 +512,12 @@ impl LogicalSource {
             } if prefix == decode::BACKFILL_PREFIX => {
                 stream.decoder.backfill(&content, &mut batch.payloads)
             }
+            ReplicationEvent::Message {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == decode::TRACEPARENT_PREFIX => stream.decoder.traceparent(&content),
             ReplicationEvent::Commit { end_lsn, .. } => {
                 stream.decoder.commit();
                 self.resume_from = self.resume_from.max(end_lsn.0);
