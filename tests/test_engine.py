@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -349,7 +351,12 @@ def test_health_and_metrics_are_served_over_http(registry: fraiseql.Registry) ->
             assert resp.status == 200
             assert json.load(resp) == {
                 "status": "ok",
-                "observers": {"transport": "in_memory", "connected": True},
+                "observers": {
+                    "transport": "in_memory",
+                    "connected": True,
+                    "oldest_in_flight": None,
+                    "blocked": False,
+                },
             }
         with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
             text = resp.read().decode()
@@ -379,3 +386,105 @@ def test_blocking_sync_handlers_run_concurrently(registry: fraiseql.Registry) ->
             engine.emit("Order", "INSERT", new=order(id=f"o{i}"))
         engine.drain()
     assert peak >= 4, f"blocking handlers ran {peak} at a time"
+
+
+def test_a_sync_handler_past_its_timeout_is_retried_and_its_thread_replaced(
+    registry: fraiseql.Registry,
+) -> None:
+    """The first call sleeps far past `timeout_ms`: the attempt fails with reason `timeout`,
+    the retry succeeds, the sleeping thread is abandoned (counted) and replaced, and the
+    other events never wait for it."""
+    declare_order()
+    calls: list[str] = []
+    finished = threading.Event()
+
+    @fraiseql.subscription(
+        entity_type="Order",
+        operation="create",
+        timeout_ms=200,
+        retry=fraiseql.Retry(max_attempts=2, backoff_strategy="fixed", initial_delay_ms=10),
+    )
+    def slow_once(o: Any) -> None:
+        calls.append(o.id)
+        if o.id == "stuck" and calls.count("stuck") == 1:
+            time.sleep(3)
+            finished.set()
+
+    with fraiseql.Engine() as engine:
+        engine.emit("Order", "INSERT", new=order(id="stuck"))
+        for i in range(20):
+            engine.emit("Order", "INSERT", new=order(id=f"o{i}"))
+        engine.drain()
+        assert not finished.is_set(), "the engine did not wait for the stuck call"
+        assert engine.dlq() == []
+        metrics = engine.metrics()
+    assert calls.count("stuck") == 2 and all(f"o{i}" in calls for i in range(20))
+    assert (
+        'fraiseql_observer_actions_retried_total{observer="slow_once",action="python",reason="timeout"} 1'
+        in metrics
+    )
+    assert "fraiseql_observer_handler_threads_abandoned_total" in metrics
+    abandoned = re.search(r"^fraiseql_observer_handler_threads_abandoned_total (\d+)", metrics, re.MULTILINE)
+    assert abandoned is not None and int(abandoned.group(1)) >= 1
+
+
+def test_an_async_handler_past_its_timeout_is_cancelled_and_dead_lettered(
+    registry: fraiseql.Registry,
+) -> None:
+    declare_order()
+    cancelled: list[str] = []
+
+    @fraiseql.subscription(
+        entity_type="Order", operation="create", timeout_ms=100, retry=fraiseql.Retry(max_attempts=1)
+    )
+    async def never_done(o: Any) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(o.id)
+            raise
+
+    with fraiseql.Engine() as engine:
+        engine.emit("Order", "INSERT", new=order(id="a1"))
+        engine.drain()
+        [dead] = engine.dlq()
+        metrics = engine.metrics()
+    assert cancelled == ["a1"], "the coroutine was cancelled at its timeout"
+    assert "did not finish within its timeout of 100 ms" in dead["error"]
+    assert (
+        'fraiseql_observer_actions_failed_total{observer="never_done",action="python",reason="timeout"} 1'
+        in metrics
+    )
+
+
+def test_health_names_the_observer_event_and_key_that_block(registry: fraiseql.Registry) -> None:
+    declare_order()
+    release = threading.Event()
+
+    @fraiseql.subscription(entity_type="Order", operation="create", timeout_ms=20_000)
+    def waits(o: Any) -> None:
+        release.wait(15)
+
+    config = {"observers": {"backend": "in_memory", "blocked_after_secs": 1}}
+    with fraiseql.Engine(config, http_port=0) as engine:
+        engine.emit("Order", "INSERT", new=order(id="k-42"))
+
+        def health() -> tuple[int, dict[str, Any]]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{engine.http_port}/health", timeout=5) as r:
+                    return r.status, json.load(r)
+            except urllib.error.HTTPError as e:
+                return e.code, json.load(e)
+
+        deadline = time.monotonic() + 10
+        while health()[0] != 503:
+            assert time.monotonic() < deadline, health()
+            time.sleep(0.1)
+        body = health()[1]["observers"]
+        assert body["blocked"] is True
+        oldest = body["oldest_in_flight"]
+        assert (oldest["observer"], oldest["key"], oldest["entity"]) == ("waits", "k-42", "Order")
+        assert oldest["for_secs"] >= 1
+        release.set()
+        engine.drain()
+        assert health()[0] == 200

@@ -106,7 +106,13 @@ def test_engine_consumes_spec_messages_once_each(registry: fraiseql.Registry, fr
             with urllib.request.urlopen(f"http://127.0.0.1:{engine.http_port}/health", timeout=5) as resp:
                 health = json.load(resp)
         assert sorted(seen) == [("evt-0", 150.0), ("evt-2", 300.0)]
-        assert health["observers"] == {"transport": "nats", "connected": True, "stream": f"fq_{suffix}"}
+        assert health["observers"] == {
+            "transport": "nats",
+            "connected": True,
+            "stream": f"fq_{suffix}",
+            "oldest_in_flight": None,
+            "blocked": False,
+        }
         assert "fraiseql_nats_messages_received_total 3" in metrics
     finally:
         asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))

@@ -555,3 +555,34 @@ def _captured(url: str, table: str, mode: str) -> bool:
             sql = "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass"
         row = conn.execute(sql, (table,)).fetchone()
     return row is not None and row[0] > 0
+
+
+def test_a_stop_waits_at_most_shutdown_timeout_then_leaves_the_rest_for_redelivery(
+    tmp_path: Path, registry: fraiseql.Registry, fraiseql_database_url: str, table: tuple[str, str]
+) -> None:
+    """A handler still running when the engine stops is given `shutdown_timeout_secs`; then
+    the stop goes on without it, its change unacknowledged, and the next start runs it again."""
+    entity, name = table
+    declare(entity, name)
+    started, done = threading.Event(), threading.Event()
+    runs: list[str] = []
+
+    def slow(o: Any) -> None:
+        runs.append(o.id)
+        if len(runs) == 1:
+            started.set()
+            time.sleep(5)
+            done.set()
+
+    fraiseql.subscription(entity_type=entity, operation="create", name="slow_stop", timeout_ms=60_000)(slow)
+    config = pg_config(fraiseql_database_url)
+    config["observers"]["shutdown_timeout_secs"] = 1
+    config["observers"]["postgres"] = {"capture": "trigger", "listener_id": f"stop_{name}"}
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        with fraiseql.Engine(config):
+            conn.execute(f"INSERT INTO {name} (id) VALUES ('s1')")
+            assert started.wait(20)
+        assert not done.is_set(), "the stop did not wait for the handler to finish"
+        with fraiseql.Engine(config):
+            wait_until(lambda: len(runs) >= 2)
+    assert runs == ["s1", "s1"], "delivered again after the stop left it unacknowledged"

@@ -110,6 +110,8 @@ def test_sql_rows_fire_a_python_observer_through_the_stream(
             "stream": names["stream"],
             "capture_gaps": [],  # the forwarder's captured tables are all captured
             "backfills": [],
+            "oldest_in_flight": None,
+            "blocked": False,
         }
         assert "fraiseql_redis_entries_forwarded_total 3" in metrics
         assert "fraiseql_redis_entries_received_total 3" in metrics

@@ -271,11 +271,14 @@ def subscription(
     checkpoint: Checkpoint | None = None,
     retry: Retry | None = None,
     name: str | None = None,
+    timeout_ms: int | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Runs the decorated function (sync or `async def`) for each matching change.
 
     The function receives an instance of the entity type; if it takes a second parameter it
     also receives the `fraiseql.Event`. `topic` is informational (the NATS subject suffix).
+    A call that takes longer than `timeout_ms` (default 30 s) fails with reason `timeout`
+    and is retried under `retry`.
     """
     entity = _entity_name(entity_type)
     event = _event(operation, "operation")
@@ -294,6 +297,7 @@ def subscription(
                 "checkpoint": _checkpoint(checkpoint),
                 "function": fn,
                 "topic": topic,
+                "timeout_ms": timeout_ms,
                 "origin": origin,
             }
         )
@@ -312,9 +316,11 @@ def observer(
     handler: Callable[..., Any] | None = None,
     retry: Retry | None = None,
     checkpoint: Checkpoint | None = None,
+    timeout_ms: int | None = None,
 ) -> None:
     """Declares an observer made of built-in actions (`fraiseql.webhook/slack/email`) and/or a
-    Python `handler`. Same fields as a `[[observers.handlers]]` table."""
+    Python `handler`. Same fields as a `[[observers.handlers]]` table; `timeout_ms` bounds
+    one call of `handler` (default 30 s)."""
     actions = list(actions or [])
     if not actions and handler is None:
         raise ValueError(f"observer {name!r} needs at least one action or a handler")
@@ -331,6 +337,7 @@ def observer(
             "checkpoint": _checkpoint(checkpoint),
             "actions": actions or None,
             "function": handler,
+            "timeout_ms": timeout_ms,
             "origin": _origin(),
         }
     )

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::action::{Action, ActionError};
+use crate::action::{Action, ActionError, FailureReason};
 use crate::checkpoint::{CheckpointStrategy, IdempotencyStore, IdempotencyStores, ListenerConfig};
 use crate::condition::Condition;
 use crate::config::HandlerConfig;
@@ -159,7 +159,76 @@ pub struct Engine {
     origin: DlqOrigin,
     spans: Spans,
     warned_traceparent: AtomicBool,
+    shutdown_timeout: std::time::Duration,
+    in_flight: InFlight,
 }
+
+/// The events being processed: what `/health` reports when one takes too long.
+#[derive(Default)]
+struct InFlight {
+    next: std::sync::atomic::AtomicU64,
+    events: std::sync::Mutex<HashMap<u64, Processing>>,
+}
+
+/// One event being processed, and the observer it is at.
+#[derive(Debug, Clone)]
+pub struct Processing {
+    pub event_id: String,
+    pub entity: String,
+    pub key: Option<String>,
+    pub observer: Option<String>,
+    pub since: Instant,
+}
+
+/// Removes an event from the in-flight set however its processing ends.
+struct Tracked<'a> {
+    set: &'a InFlight,
+    slot: u64,
+}
+
+impl Tracked<'_> {
+    fn at(&self, observer: &str) {
+        if let Some(p) = self
+            .set
+            .events
+            .lock()
+            .expect("in-flight lock")
+            .get_mut(&self.slot)
+        {
+            p.observer = Some(observer.to_owned());
+        }
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        self.set
+            .events
+            .lock()
+            .expect("in-flight lock")
+            .remove(&self.slot);
+    }
+}
+
+impl InFlight {
+    fn track(&self, event: &Event) -> Tracked<'_> {
+        let slot = self.next.fetch_add(1, Ordering::Relaxed);
+        self.events.lock().expect("in-flight lock").insert(
+            slot,
+            Processing {
+                event_id: event.id.clone(),
+                entity: event.entity.clone(),
+                key: event.key(),
+                observer: None,
+                since: Instant::now(),
+            },
+        );
+        Tracked { set: self, slot }
+    }
+}
+
+/// `[observers] shutdown_timeout_secs` by default.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A backfilled row goes only to the observers its backfill names (all, if it names none).
 fn backfill_is_for(event: &Event, observer: &str) -> bool {
@@ -236,7 +305,31 @@ impl Engine {
             origin: DlqOrigin::Observer,
             spans: Spans::default(),
             warned_traceparent: AtomicBool::new(false),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            in_flight: InFlight::default(),
         })
+    }
+
+    /// The event processed for the longest time now, if any.
+    pub fn oldest_in_flight(&self) -> Option<Processing> {
+        self.in_flight
+            .events
+            .lock()
+            .expect("in-flight lock")
+            .values()
+            .min_by_key(|p| p.since)
+            .cloned()
+    }
+
+    /// How long a stopping source waits for the deliveries running (`[observers]
+    /// shutdown_timeout_secs`); what has not finished by then is left unacknowledged.
+    pub fn with_shutdown_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    pub fn shutdown_timeout(&self) -> std::time::Duration {
+        self.shutdown_timeout
     }
 
     /// Records spans of what it does (see [`crate::telemetry`]).
@@ -273,11 +366,13 @@ impl Engine {
             return report;
         };
         let capture = self.spans.capture(event);
+        let tracked = self.in_flight.track(event);
         for &i in &slots[kind_slot(event.event)] {
             let observer = &self.observers[i];
             if !backfill_is_for(event, &observer.name) {
                 continue;
             }
+            tracked.at(&observer.name);
             let matched = observer
                 .condition
                 .as_ref()
@@ -685,9 +780,22 @@ async fn run_with_retries(
     for attempt in failed_attempts + 1..=max {
         let started = Instant::now();
         let span = spans.map(|(spans, condition)| spans.action(condition, action.kind(), attempt));
+        let limit = action.timeout();
+        let timed = async {
+            tokio::time::timeout(limit, action.execute(event))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ActionError::retryable(format!(
+                        "{} did not finish within its timeout of {} ms",
+                        action.describe(),
+                        limit.as_millis()
+                    ))
+                    .with_reason(FailureReason::Timeout))
+                })
+        };
         let outcome = match &span {
-            Some(span) => span.scope(action.execute(event)).await,
-            None => action.execute(event).await,
+            Some(span) => span.scope(timed).await,
+            None => timed.await,
         };
         metrics.duration.observe(started.elapsed().as_secs_f64());
         if let Some(span) = span {

@@ -25,6 +25,14 @@ fn action_latency_histogram() -> Histogram {
     Histogram::new(ACTION_DURATION_BUCKETS)
 }
 
+/// Threads running a host-language handler that outlived its timeout, left to finish on
+/// their own and replaced (`fraiseql_observer_handler_threads_abandoned_total`). Process-wide:
+/// the handlers' thread pool is.
+pub fn abandoned_handler_threads() -> &'static Counter {
+    static COUNTER: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
+    COUNTER.get_or_init(Counter::default)
+}
+
 pub struct Metrics {
     registry: Registry,
     pub events_received: Counter,
@@ -264,6 +272,13 @@ impl Metrics {
             "1 while the source is stalled (a cursor that does not move, a slot past max_retained_wal)",
             self.source_stalled.clone(),
         );
+        if dlq {
+            registry.register(
+                name("handler_threads_abandoned"),
+                "Handler threads that outlived their timeout, left to finish and replaced",
+                abandoned_handler_threads().clone(),
+            );
+        }
         registry.register(
             name("traceparent_invalid"),
             "Changes whose traceparent was not a W3C trace context and was dropped",

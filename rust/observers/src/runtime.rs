@@ -328,6 +328,17 @@ pub async fn start(
         }
         _ => health,
     };
+    let blocked_after = Duration::from_secs(config.observers.blocked_after_secs);
+    tasks.push(tokio::spawn(watch_in_flight(
+        engine.clone(),
+        blocked_after,
+        stop_rx.clone(),
+    )));
+    let health: Arc<dyn HealthSource> = Arc::new(Watched {
+        inner: health,
+        engine: engine.clone(),
+        blocked_after,
+    });
     let status = match &options.status {
         Some((host, port)) => {
             Some(StatusServer::start(host, *port, metrics.clone(), health).await?)
@@ -437,6 +448,90 @@ async fn after_drain(
         tracing::info!("[observers] the change log is drained; reading the WAL");
     }
     source.run(engine, stop).await
+}
+
+/// A source's health with what the engine is processing: 503 while an event has been
+/// processed for longer than `blocked_after`, whatever the cause (a slow handler, a stuck
+/// key, an action that does not return).
+struct Watched {
+    inner: Arc<dyn HealthSource>,
+    engine: Arc<Engine>,
+    blocked_after: Duration,
+}
+
+impl Watched {
+    fn blocked(&self) -> Option<crate::engine::Processing> {
+        self.engine
+            .oldest_in_flight()
+            .filter(|p| p.since.elapsed() >= self.blocked_after)
+    }
+}
+
+fn describe_processing(p: &crate::engine::Processing) -> Value {
+    json!({
+        "event_id": p.event_id,
+        "entity": p.entity,
+        "key": p.key,
+        "observer": p.observer,
+        "for_secs": (p.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    })
+}
+
+impl HealthSource for Watched {
+    fn observers(&self) -> Value {
+        let mut observers = self.inner.observers();
+        let oldest = self.engine.oldest_in_flight();
+        observers["oldest_in_flight"] = oldest.as_ref().map_or(Value::Null, describe_processing);
+        observers["blocked"] = Value::Bool(self.blocked().is_some());
+        observers
+    }
+
+    fn databases(&self) -> Option<Value> {
+        self.inner.databases()
+    }
+
+    fn healthy(&self) -> bool {
+        self.inner.healthy() && self.blocked().is_none()
+    }
+}
+
+/// Says in the log, once per event, when an event has been processed for longer than
+/// `blocked_after`, and when processing moves again.
+async fn watch_in_flight(
+    engine: Arc<Engine>,
+    blocked_after: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut reported: Option<String> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            changed = stop.changed() => if changed.is_err() || *stop.borrow() { return Ok(()) },
+        }
+        let blocked = engine
+            .oldest_in_flight()
+            .filter(|p| p.since.elapsed() >= blocked_after);
+        match (&blocked, &reported) {
+            (Some(p), seen) if seen.as_deref() != Some(p.event_id.as_str()) => {
+                tracing::warn!(
+                    "[observers] event {} ({} key {}) has been processed for {:.0}s, at observer \
+                     {}: /health is 503 until it finishes (blocked_after_secs = {})",
+                    p.event_id,
+                    p.entity,
+                    p.key.as_deref().unwrap_or("-"),
+                    p.since.elapsed().as_secs_f64(),
+                    p.observer.as_deref().unwrap_or("-"),
+                    blocked_after.as_secs()
+                );
+                reported = Some(p.event_id.clone());
+            }
+            (None, Some(_)) => {
+                tracing::info!("[observers] processing moves again");
+                reported = None;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A source's health with the capture guard's gaps.
@@ -623,8 +718,9 @@ async fn observer_engine(
 ) -> Result<(Arc<Engine>, Arc<dyn DeadLetterQueue>)> {
     let dlq = dead_letter_queue(config, pool, metrics).await?;
     let stores = idempotency_stores(pool, &observers).await?;
-    let engine =
-        Engine::new(observers, dlq.clone(), stores.as_ref(), metrics.clone())?.with_spans(spans);
+    let engine = Engine::new(observers, dlq.clone(), stores.as_ref(), metrics.clone())?
+        .with_spans(spans)
+        .with_shutdown_timeout(Duration::from_secs(config.observers.shutdown_timeout_secs));
     Ok((Arc::new(engine), dlq))
 }
 
@@ -703,7 +799,11 @@ impl Forwarder<'_> {
         let bridge = &self.config.observers.bridge;
         let specs = bridge::bridge_observers(self.schema, self.publisher.clone(), self.listener_id);
         let engine = Arc::new(
-            Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?.forwarding(),
+            Engine::new(specs, dlq, &MemoryIdempotencyStores::default(), metrics)?
+                .forwarding()
+                .with_shutdown_timeout(Duration::from_secs(
+                    self.config.observers.shutdown_timeout_secs,
+                )),
         );
         if self.capture == Some(Mode::Logical) {
             let options = LogicalOptions::for_reader(

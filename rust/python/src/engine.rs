@@ -151,11 +151,16 @@ fn prepare(
     for o in declared {
         let mut actions: Vec<Arc<dyn Action>> = Vec::new();
         if let Some((function, is_async)) = o.function {
+            let timeout = o.handler.timeout_ms.map_or(
+                fraiseql_observers::action::DEFAULT_ACTION_TIMEOUT,
+                std::time::Duration::from_millis,
+            );
             actions.push(Arc::new(PythonHandler::new(
                 o.handler.name.clone(),
                 function,
                 is_async,
                 event_loop.clone(),
+                timeout,
             )));
         }
         if build_actions {

@@ -9,7 +9,9 @@
 //! on tokio without the GIL.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use fraiseql_observers::{Action, ActionError, Event, FailureReason};
@@ -39,10 +41,19 @@ enum Reply {
 struct Job {
     invoke: Arc<Py<PyAny>>,
     is_async: bool,
+    timeout: Duration,
     locals: Option<TaskLocals>,
     event: Event,
     reply: oneshot::Sender<Reply>,
+    state: Arc<AtomicU8>,
 }
+
+const QUEUED: u8 = 0;
+const RUNNING: u8 = 1;
+const CANCELLED: u8 = 2;
+
+/// At most this many threads beyond [`CALLER_THREADS`] replace abandoned ones at a time.
+const MAX_REPLACEMENTS: usize = 64;
 
 /// Calls waiting for a Python thread. Jobs are taken one at a time, so a thread blocked in
 /// a slow handler holds only that job and the others go to idle threads.
@@ -50,6 +61,8 @@ struct Job {
 struct PythonCallers {
     queue: Mutex<VecDeque<Job>>,
     ready: Condvar,
+    /// Threads serving the queue, abandoned ones included until they return.
+    threads: AtomicUsize,
 }
 
 impl PythonCallers {
@@ -60,6 +73,26 @@ impl PythonCallers {
 
     fn pop(&self) -> Option<Job> {
         self.queue.lock().expect("caller queue lock").pop_front()
+    }
+
+    /// A sync handler outlived its timeout on a pool thread: that thread is left to finish
+    /// (Python cannot stop it), and another serves the queue meanwhile, so the pool keeps its
+    /// size; the extra thread ends after its next job once the stuck one is back.
+    fn abandon(&'static self, name: &str) {
+        fraiseql_observers::metrics::abandoned_handler_threads().inc();
+        let threads = self.threads.load(Ordering::SeqCst);
+        if threads >= CALLER_THREADS + MAX_REPLACEMENTS {
+            tracing::error!(
+                "[observer] python:{name} outlived its timeout; {threads} handler threads are \
+                 busy and no more are started: handlers will wait for one to return"
+            );
+            return;
+        }
+        tracing::warn!(
+            "[observer] python:{name} outlived its timeout: its thread is left to finish, and \
+             another one takes the queue"
+        );
+        spawn_caller(self);
     }
 
     fn wait_for_work(&self) {
@@ -76,31 +109,59 @@ fn callers() -> &'static PythonCallers {
     static STARTED: Once = Once::new();
     let callers = CALLERS.get_or_init(PythonCallers::default);
     STARTED.call_once(|| {
-        for n in 0..CALLER_THREADS {
-            std::thread::Builder::new()
-                .name(format!("fraiseql-python-{n}"))
-                .spawn(move || caller_loop(callers))
-                .expect("cannot start a Python caller thread");
+        for _ in 0..CALLER_THREADS {
+            spawn_caller(callers);
         }
     });
     callers
 }
 
+fn spawn_caller(callers: &'static PythonCallers) {
+    let n = callers.threads.fetch_add(1, Ordering::SeqCst);
+    std::thread::Builder::new()
+        .name(format!("fraiseql-python-{n}"))
+        .spawn(move || caller_loop(callers))
+        .expect("cannot start a Python caller thread");
+}
+
 /// Waits for work, then keeps the GIL for as long as there is work queued: the GIL changes
-/// hands once per burst, not once per event.
+/// hands once per burst, not once per event. A thread beyond the pool's size (one that
+/// replaced an abandoned one, or the abandoned one once it is back) ends after a job.
 fn caller_loop(callers: &'static PythonCallers) {
     loop {
         callers.wait_for_work();
-        Python::attach(|py| {
+        let surplus = Python::attach(|py| {
             while let Some(job) = callers.pop() {
+                // A call given up on before it started is not run late.
+                if job
+                    .state
+                    .compare_exchange(QUEUED, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_err()
+                {
+                    continue;
+                }
                 let reply = run_job(py, &job);
                 let _ = job.reply.send(reply);
+                if callers.threads.load(Ordering::SeqCst) > CALLER_THREADS {
+                    return true;
+                }
             }
+            false
         });
+        if surplus
+            && callers
+                .threads
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                    (t > CALLER_THREADS).then(|| t - 1)
+                })
+                .is_ok()
+        {
+            return;
+        }
     }
 }
 
-fn run_job(py: Python<'_>, job: &Job) -> Reply {
+fn run_job<'py>(py: Python<'py>, job: &Job) -> Reply {
     let called = call(py, &job.invoke, &job.event);
     if !job.is_async {
         return Reply::Done(called.map(drop).map_err(|e| {
@@ -112,7 +173,13 @@ fn run_job(py: Python<'_>, job: &Job) -> Reply {
             "the engine has no asyncio loop for async handlers",
         )));
     };
+    // asyncio.wait_for cancels the coroutine at its timeout, inside the loop.
+    let timed = |coroutine: Bound<'py, PyAny>| -> PyResult<Bound<'py, PyAny>> {
+        py.import("asyncio")?
+            .call_method1("wait_for", (coroutine, job.timeout.as_secs_f64()))
+    };
     match called
+        .and_then(timed)
         .and_then(|coroutine| pyo3_async_runtimes::into_future_with_locals(locals, coroutine))
     {
         Ok(future) => Reply::Pending(Box::pin(future)),
@@ -153,6 +220,7 @@ fn traceback_text(py: Python<'_>, err: &PyErr) -> String {
 
 pub struct PythonHandler {
     name: String,
+    timeout: Duration,
     /// Called as `invoke(new, old, id, entity, event, table, timestamp)`; the Python front
     /// wraps the user's function so it receives an entity instance (and the event).
     invoke: Arc<Py<PyAny>>,
@@ -161,9 +229,16 @@ pub struct PythonHandler {
 }
 
 impl PythonHandler {
-    pub fn new(name: String, invoke: Py<PyAny>, is_async: bool, event_loop: LoopSlot) -> Self {
+    pub fn new(
+        name: String,
+        invoke: Py<PyAny>,
+        is_async: bool,
+        event_loop: LoopSlot,
+        timeout: Duration,
+    ) -> Self {
         PythonHandler {
             name,
+            timeout,
             invoke: Arc::new(invoke),
             is_async,
             event_loop,
@@ -181,26 +256,58 @@ impl Action for PythonHandler {
         format!("python:{}", self.name)
     }
 
+    /// The handler's own timeout ends a call first (below); this is the engine's backstop.
+    fn timeout(&self) -> Duration {
+        self.timeout + Duration::from_secs(1)
+    }
+
     async fn execute(&self, event: &Event) -> Result<(), ActionError> {
         let (reply, answer) = oneshot::channel();
+        let state = Arc::new(AtomicU8::new(QUEUED));
         let job = Job {
             invoke: self.invoke.clone(),
             is_async: self.is_async,
+            timeout: self.timeout,
             locals: self.event_loop.get().cloned(),
             event: event.clone(),
             reply,
+            state: state.clone(),
         };
         callers().push(job);
-        let reply = answer
-            .await
-            .map_err(|_| ActionError::retryable("the Python caller dropped the call"))?;
+        let reply = match tokio::time::timeout(self.timeout, answer).await {
+            Ok(reply) => {
+                reply.map_err(|_| ActionError::retryable("the Python caller dropped the call"))?
+            }
+            Err(_) => {
+                let was = state.swap(CANCELLED, Ordering::SeqCst);
+                if was == RUNNING && !self.is_async {
+                    callers().abandon(&self.name);
+                }
+                return Err(ActionError::retryable(format!(
+                    "python:{} did not return within its timeout of {} ms",
+                    self.name,
+                    self.timeout.as_millis()
+                ))
+                .with_reason(FailureReason::Timeout));
+            }
+        };
         match reply {
             Reply::Done(outcome) => outcome,
             Reply::Pending(future) => match future.await {
                 Ok(_) => Ok(()),
                 Err(e) => Err(Python::attach(|py| {
-                    ActionError::retryable(traceback_text(py, &e))
-                        .with_reason(FailureReason::Exception)
+                    let timed_out = e.is_instance_of::<pyo3::exceptions::PyTimeoutError>(py);
+                    if timed_out {
+                        ActionError::retryable(format!(
+                            "python:{} did not finish within its timeout of {} ms",
+                            self.name,
+                            self.timeout.as_millis()
+                        ))
+                        .with_reason(FailureReason::Timeout)
+                    } else {
+                        ActionError::retryable(traceback_text(py, &e))
+                            .with_reason(FailureReason::Exception)
+                    }
                 })),
             },
         }

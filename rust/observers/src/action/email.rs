@@ -272,6 +272,12 @@ impl Action for EmailAction {
         format!("Email to {}", self.shown_to)
     }
 
+    /// Connecting, TLS and each SMTP command have their own timeout; a whole delivery gets
+    /// a minute.
+    fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(60)
+    }
+
     async fn execute(&self, event: &Event) -> std::result::Result<(), ActionError> {
         let message = self.message(event)?;
         let transport = &self

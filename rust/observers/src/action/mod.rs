@@ -142,7 +142,15 @@ pub trait Action: Send + Sync {
     }
     /// One attempt. Retries are the engine's business.
     async fn execute(&self, event: &Event) -> Result<(), ActionError>;
+    /// How long one attempt may take: the engine gives up on it after this (a failure of
+    /// reason `timeout`, retried under the observer's policy).
+    fn timeout(&self) -> std::time::Duration {
+        DEFAULT_ACTION_TIMEOUT
+    }
 }
+
+/// The timeout of an action that sets none (Python handlers' default too).
+pub const DEFAULT_ACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Does nothing, successfully. Used by benchmarks and as a placeholder in tests.
 #[derive(Debug, Default, Clone, Copy)]

@@ -113,6 +113,10 @@ impl Action for SlackAction {
         format!("Slack notification{}", self.target())
     }
 
+    fn timeout(&self) -> Duration {
+        self.timeout + Duration::from_millis(500)
+    }
+
     async fn execute(&self, event: &Event) -> std::result::Result<(), ActionError> {
         let body = self.render_payload(event);
         tracing::debug!("[observer] Sending Slack notification{}", self.target());

@@ -464,6 +464,11 @@ impl Action for WebhookAction {
         format!("Webhook to {}", self.shown)
     }
 
+    /// The request's own timeout ends an attempt first; this is the backstop.
+    fn timeout(&self) -> Duration {
+        self.timeout + Duration::from_millis(500)
+    }
+
     async fn execute(&self, event: &Event) -> std::result::Result<(), ActionError> {
         let body = self.render_body(event);
         let mut request = self

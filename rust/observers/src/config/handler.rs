@@ -199,6 +199,13 @@ pub(crate) fn handler(
         Some(n) => checkpoint(ctx, n, &t.path("checkpoint")),
         None => Some(CheckpointConfig::AtLeastOnce),
     };
+    // The observer's own function (a Python handler): how long one call may take.
+    let timeout_ms = match t.get("timeout_ms") {
+        Some(n) => ctx
+            .int(n, &t.path("timeout_ms"), Range::Between(1, 86_400_000))
+            .map(|v| Some(u64::try_from(v).unwrap_or(u64::MAX))),
+        None => Some(None),
+    };
 
     let actions = match t.get("actions") {
         Some(n) => {
@@ -248,6 +255,7 @@ pub(crate) fn handler(
         retry: retry?,
         checkpoint: checkpoint?,
         actions: actions?,
+        timeout_ms: timeout_ms?,
         origin,
     })
 }

@@ -347,6 +347,20 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
             o.auto_install = v;
         }
     }
+    if let Some(n) = t.get("shutdown_timeout_secs") {
+        if let Some(v) = ctx.int(
+            n,
+            &t.path("shutdown_timeout_secs"),
+            Range::Between(0, 86_400),
+        ) {
+            o.shutdown_timeout_secs = u64::try_from(v).unwrap_or(30);
+        }
+    }
+    if let Some(n) = t.get("blocked_after_secs") {
+        if let Some(v) = ctx.int(n, &t.path("blocked_after_secs"), Range::Between(1, 86_400)) {
+            o.blocked_after_secs = u64::try_from(v).unwrap_or(60);
+        }
+    }
     if let Some(n) = t.get("max_concurrency") {
         if let Some(v) = ctx.int(n, &t.path("max_concurrency"), Range::Positive) {
             o.max_concurrency = usize::try_from(v).unwrap_or(usize::MAX);

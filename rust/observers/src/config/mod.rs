@@ -156,6 +156,12 @@ pub struct ObserversConfig {
     pub auto_install: bool,
     /// `max_concurrency`: actions running at once (default 256).
     pub max_concurrency: usize,
+    /// `shutdown_timeout_secs`: how long a stop waits for the events being processed (default
+    /// 30); what has not finished is left unacknowledged and delivered again.
+    pub shutdown_timeout_secs: u64,
+    /// `blocked_after_secs`: `/health` turns 503, naming the observer, event and key, when an
+    /// event has been processed for this long (default 60).
+    pub blocked_after_secs: u64,
     /// `queue_capacity`: bounded event queue (default 10 000).
     pub queue_capacity: usize,
     /// `notify_channel` (default `fraiseql_changes`).
@@ -485,6 +491,9 @@ pub struct HandlerConfig {
     pub checkpoint: CheckpointConfig,
     /// At least one action.
     pub actions: Vec<ActionConfig>,
+    /// `timeout_ms`: how long one call of the observer's own function (a Python handler)
+    /// may take; `None` = 30 s.
+    pub timeout_ms: Option<u64>,
     /// Where it was declared, e.g. `fraiseql.toml:12`.
     pub origin: String,
 }
@@ -707,6 +716,8 @@ impl ObserversConfig {
             http_port: 8080,
             auto_install: true,
             max_concurrency: 256,
+            shutdown_timeout_secs: 30,
+            blocked_after_secs: 60,
             queue_capacity: 10_000,
             notify_channel: DEFAULT_NOTIFY_CHANNEL.to_string(),
             nats: NatsConfig::default(),

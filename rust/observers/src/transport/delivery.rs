@@ -188,6 +188,8 @@ pub async fn run<S: Source>(
     let mut stopping = false;
     // After a failed fetch, when to fetch again. The deliveries in flight go on meanwhile.
     let mut retry_at: Option<tokio::time::Instant> = None;
+    // Once stopping: how long the deliveries running may take to finish.
+    let mut give_up_at = tokio::time::Instant::now();
     loop {
         while running.len() < max_concurrency {
             let Some((batch, delivery)) = waiting.next() else {
@@ -228,7 +230,18 @@ pub async fn run<S: Source>(
             changed = shutdown.changed(), if !stopping => {
                 if changed.is_err() || *shutdown.borrow() {
                     stopping = true;
+                    give_up_at = tokio::time::Instant::now() + ctx.engine.shutdown_timeout();
                 }
+            }
+            () = tokio::time::sleep_until(give_up_at), if stopping && !running.is_empty() => {
+                tracing::warn!(
+                    "{}: {} deliveries still running after shutdown_timeout_secs ({:?}); left \
+                     unacknowledged, they will be delivered again",
+                    ctx.name,
+                    running.len(),
+                    ctx.engine.shutdown_timeout()
+                );
+                break;
             }
             Some((batch, outcome)) = running.next(), if !running.is_empty() => {
                 let mut again = batches.settled(batch, outcome);
