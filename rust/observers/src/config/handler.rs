@@ -199,6 +199,39 @@ pub(crate) fn handler(
         Some(n) => checkpoint(ctx, n, &t.path("checkpoint")),
         None => Some(CheckpointConfig::AtLeastOnce),
     };
+    let ordering = match t.get("ordering") {
+        Some(n) => ctx
+            .choice(n, &t.path("ordering"), &["per_key", "none"], parse_ordering)
+            .map(Some),
+        None => Some(None),
+    };
+    let order_key = match t.get("order_key") {
+        Some(n) => {
+            let path = t.path("order_key");
+            ctx.array(n, &path, "an array of column names, e.g. [\"id\"]")
+                .and_then(|items| {
+                    let mut columns = Vec::with_capacity(items.len());
+                    for (i, item) in items.iter().enumerate() {
+                        let p = format!("{path}[{i}]");
+                        let column = ctx.nonempty(item, &p)?;
+                        if !is_env_name(&column.to_ascii_uppercase()) {
+                            ctx.error(
+                                &p,
+                                item.line,
+                                format!(
+                                    "expected a column name (letters, digits and _), found {}",
+                                    quote_short(&column)
+                                ),
+                            );
+                            return None;
+                        }
+                        columns.push(column);
+                    }
+                    Some(Some(columns))
+                })
+        }
+        None => Some(None),
+    };
     // The observer's own function (a Python handler): how long one call may take.
     let timeout_ms = match t.get("timeout_ms") {
         Some(n) => ctx
@@ -256,6 +289,8 @@ pub(crate) fn handler(
         checkpoint: checkpoint?,
         actions: actions?,
         timeout_ms: timeout_ms?,
+        ordering: ordering?,
+        order_key: order_key?,
         origin,
     })
 }
@@ -731,4 +766,13 @@ fn email(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<EmailConfig> {
         smtp_password_env,
         tls: tls?,
     })
+}
+
+/// `per_key` | `none` (any case; `per-key` too).
+pub(super) fn parse_ordering(s: &str) -> Option<super::Ordering> {
+    match s.to_ascii_lowercase().replace('-', "_").as_str() {
+        "per_key" => Some(super::Ordering::PerKey),
+        "none" => Some(super::Ordering::None),
+        _ => None,
+    }
 }

@@ -347,6 +347,16 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
             o.auto_install = v;
         }
     }
+    if let Some(n) = t.get("ordering") {
+        if let Some(v) = ctx.choice(
+            n,
+            &t.path("ordering"),
+            &["per_key", "none"],
+            handler::parse_ordering,
+        ) {
+            o.ordering = v;
+        }
+    }
     if let Some(n) = t.get("shutdown_timeout_secs") {
         if let Some(v) = ctx.int(
             n,

@@ -156,6 +156,8 @@ pub struct ObserversConfig {
     pub auto_install: bool,
     /// `max_concurrency`: actions running at once (default 256).
     pub max_concurrency: usize,
+    /// `ordering`: the default of observers that do not say (default `per_key`).
+    pub ordering: Ordering,
     /// `shutdown_timeout_secs`: how long a stop waits for the events being processed (default
     /// 30); what has not finished is left unacknowledged and delivered again.
     pub shutdown_timeout_secs: u64,
@@ -494,6 +496,11 @@ pub struct HandlerConfig {
     /// `timeout_ms`: how long one call of the observer's own function (a Python handler)
     /// may take; `None` = 30 s.
     pub timeout_ms: Option<u64>,
+    /// `ordering`: `None` = `[observers] ordering`.
+    pub ordering: Option<Ordering>,
+    /// `order_key`: the columns whose values make the key changes are ordered by (default
+    /// `["id"]`).
+    pub order_key: Option<Vec<String>>,
     /// Where it was declared, e.g. `fraiseql.toml:12`.
     pub origin: String,
 }
@@ -633,6 +640,16 @@ pub struct WebhookConfig {
     pub timeout_ms: u64,
 }
 
+/// Whether an observer sees the changes of one key in commit order (`ordering`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ordering {
+    /// Changes of one key, one at a time, in commit order; different keys in parallel.
+    #[default]
+    PerKey,
+    /// Any order, all in parallel.
+    None,
+}
+
 /// The body a webhook sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WebhookFormat {
@@ -716,6 +733,7 @@ impl ObserversConfig {
             http_port: 8080,
             auto_install: true,
             max_concurrency: 256,
+            ordering: Ordering::PerKey,
             shutdown_timeout_secs: 30,
             blocked_after_secs: 60,
             queue_capacity: 10_000,

@@ -19,8 +19,9 @@
 //! PostgreSQL source's checkpoint is its cursor, which [`Committer::commit`] stores once every
 //! delivery fetched with it, and before it, is done — in fetch order.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::BuildHasherDefault;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,6 +180,8 @@ pub async fn run<S: Source>(
     let committer = source.committer();
     let mut batches = Batches::default();
     let mut waiting = Waiting::<S::Delivery>::default();
+    let mut keys = Keys::<S::Delivery>::default();
+    let max_held = max_concurrency.saturating_mul(MAX_HELD_PER_SLOT);
     let mut running = FuturesUnordered::new();
     let mut backoff = Backoff::new(FETCH_RETRY);
     let mut idle = Some(source);
@@ -192,10 +195,10 @@ pub async fn run<S: Source>(
     let mut give_up_at = tokio::time::Instant::now();
     loop {
         while running.len() < max_concurrency {
-            let Some((batch, delivery)) = waiting.next() else {
+            let Some((batch, delivery, key)) = keys.next(&mut waiting, &ctx.engine) else {
                 break;
             };
-            running.push(settle(ctx.clone(), batch, delivery));
+            running.push(settle(ctx.clone(), batch, delivery, key));
         }
         if batches.front_done() {
             batches.commit_done(committer.as_ref(), &ctx.name).await;
@@ -203,14 +206,17 @@ pub async fn run<S: Source>(
         if stopping && running.is_empty() {
             break;
         }
-        if closed && running.is_empty() && waiting.is_empty() {
+        if closed && running.is_empty() && waiting.is_empty() && keys.is_empty() {
             break;
         }
-        let room = max_concurrency.saturating_sub(running.len() + waiting.len());
-        let wanted = match read_ahead {
-            None => room > 0,
-            Some(ahead) => batches.len() <= ahead,
-        };
+        let room = max_concurrency.saturating_sub(running.len() + waiting.len() + keys.ready());
+        // Deliveries held behind a busy key are bounded too: past the limit, no more is
+        // fetched until a key moves.
+        let wanted = keys.held() < max_held
+            && match read_ahead {
+                None => room > 0,
+                Some(ahead) => batches.len() <= ahead,
+            };
         let backing_off = retry_at.is_some_and(|t| t > tokio::time::Instant::now());
         if fetching.is_none() && !closed && !stopping && wanted && !backing_off {
             retry_at = None;
@@ -243,10 +249,12 @@ pub async fn run<S: Source>(
                 );
                 break;
             }
-            Some((batch, outcome)) = running.next(), if !running.is_empty() => {
+            Some((batch, outcome, key)) = running.next(), if !running.is_empty() => {
+                keys.release(key);
                 let mut again = batches.settled(batch, outcome);
                 // Whatever else has finished too, without another turn of the loop.
-                while let Some(Some((batch, outcome))) = running.next().now_or_never() {
+                while let Some(Some((batch, outcome, key))) = running.next().now_or_never() {
+                    keys.release(key);
                     again |= batches.settled(batch, outcome);
                 }
                 if again {
@@ -281,7 +289,10 @@ pub async fn run<S: Source>(
         }
         if stopping {
             // Not started: handed back to the source, for this instance or another.
-            while let Some((_, delivery)) = waiting.next() {
+            for delivery in keys
+                .drain()
+                .chain(std::iter::from_fn(|| waiting.next().map(|(_, d)| d)))
+            {
                 delivery.redeliver().await;
             }
         }
@@ -324,8 +335,14 @@ enum Outcome {
     Redelivered,
 }
 
-/// Processes one delivery to the end and settles it with the source.
-async fn settle<D: Delivery>(ctx: Arc<Context>, batch: u64, delivery: D) -> (u64, Outcome) {
+/// Processes one delivery to the end and settles it with the source; hands its ordering
+/// key back, for the next delivery of that key.
+async fn settle<D: Delivery>(
+    ctx: Arc<Context>,
+    batch: u64,
+    delivery: D,
+    key: Option<u64>,
+) -> (u64, Outcome, Option<u64>) {
     let in_flight = &ctx.engine.metrics().events_in_flight;
     in_flight.inc();
     let verdict = decide(&ctx, &delivery).await;
@@ -340,7 +357,7 @@ async fn settle<D: Delivery>(ctx: Arc<Context>, batch: u64, delivery: D) -> (u64
         }
     };
     in_flight.dec();
-    (batch, outcome)
+    (batch, outcome, key)
 }
 
 /// How to settle a delivery; `None`: hand it out again.
@@ -493,6 +510,119 @@ impl<D> Waiting<D> {
 
     fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// Deliveries held per key, beyond `max_concurrency` deliveries, at most this many times
+/// `max_concurrency`.
+const MAX_HELD_PER_SLOT: usize = 4;
+
+/// Per-key order: a delivery whose key (the engine's [`Engine::order_key`]) is being
+/// processed waits behind it, in fetch order, and starts when it is done; other keys go on.
+/// A delivery whose processing ends — processed, dead-lettered or handed out again — frees
+/// its key.
+struct Keys<D> {
+    /// Keys being processed, with the deliveries waiting behind each.
+    busy: HashMap<u64, VecDeque<(u64, D)>, BuildHasherDefault<KeyHasher>>,
+    /// Deliveries whose key became free: they start before anything fetched later.
+    ready: VecDeque<(u64, D, Option<u64>)>,
+    held: usize,
+}
+
+/// Keys are hashes already: used as they are.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl<D> Default for Keys<D> {
+    fn default() -> Self {
+        Keys {
+            busy: HashMap::default(),
+            ready: VecDeque::new(),
+            held: 0,
+        }
+    }
+}
+
+impl<D: Delivery> Keys<D> {
+    /// The next delivery that may start, and its key.
+    fn next(&mut self, waiting: &mut Waiting<D>, engine: &Engine) -> Option<(u64, D, Option<u64>)> {
+        if let Some(ready) = self.ready.pop_front() {
+            return Some(ready);
+        }
+        while let Some((batch, delivery)) = waiting.next() {
+            let key = match delivery.payload() {
+                Payload::Event(event) => engine.order_key(event),
+                Payload::Undecodable(_) => None,
+            };
+            let Some(key) = key else {
+                return Some((batch, delivery, None));
+            };
+            match self.busy.get_mut(&key) {
+                Some(behind) => {
+                    behind.push_back((batch, delivery));
+                    self.held += 1;
+                }
+                None => {
+                    self.busy.insert(key, VecDeque::new());
+                    return Some((batch, delivery, Some(key)));
+                }
+            }
+        }
+        None
+    }
+
+    /// The delivery of `key` is done: the next one of that key may start.
+    fn release(&mut self, key: Option<u64>) {
+        let Some(key) = key else {
+            return;
+        };
+        let next = self.busy.get_mut(&key).and_then(VecDeque::pop_front);
+        match next {
+            Some((batch, delivery)) => {
+                self.held -= 1;
+                self.ready.push_back((batch, delivery, Some(key)));
+            }
+            None => {
+                self.busy.remove(&key);
+            }
+        }
+    }
+
+    fn ready(&self) -> usize {
+        self.ready.len()
+    }
+
+    fn held(&self) -> usize {
+        self.held
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ready.is_empty() && self.held == 0
+    }
+
+    /// Everything not started, for a stop.
+    fn drain(&mut self) -> impl Iterator<Item = D> + '_ {
+        self.held = 0;
+        let held: Vec<D> = self
+            .busy
+            .values_mut()
+            .flat_map(|q| q.drain(..).map(|(_, d)| d))
+            .collect();
+        self.ready.drain(..).map(|(_, d, _)| d).chain(held)
     }
 }
 
