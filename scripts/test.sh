@@ -4,11 +4,20 @@
 # plus format, lint and type checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+stage() { printf '\n==> %s\n' "$*" >&2; }
+stage "setup"
 bash scripts/setup.sh
+stage "cargo fmt --check"
 cargo fmt --all -- --check
+stage "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+stage "cargo test (unit, doc and live tests)"
 cargo test --workspace --quiet
+stage "ruff"
 .venv/bin/ruff check python tests examples
+stage "mypy"
 .venv/bin/mypy
+stage "stubtest"
 .venv/bin/python -m mypy.stubtest fraiseql._native
+stage "pytest (live services)"
 .venv/bin/python -m pytest "$@"

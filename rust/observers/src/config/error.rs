@@ -40,8 +40,25 @@ impl ConfigError {
     }
 }
 
+impl ConfigError {
+    /// A problem that is not the config's (a schema or condition error), to list with them:
+    /// shown as its message alone.
+    pub fn other(message: impl Into<String>) -> Self {
+        Self {
+            file: String::new(),
+            key: String::new(),
+            line: None,
+            column: None,
+            message: message.into(),
+        }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.file.is_empty() && self.key.is_empty() {
+            return f.write_str(&self.message);
+        }
         f.write_str(&self.file)?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;

@@ -347,6 +347,22 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
             o.auto_install = v;
         }
     }
+    if let Some(n) = t.get("http_host") {
+        if let Some(v) = ctx.nonempty(n, &t.path("http_host")) {
+            if v.parse::<std::net::IpAddr>().is_ok() || v == "localhost" {
+                o.http_host = v;
+            } else {
+                ctx.error(
+                    &t.path("http_host"),
+                    n.line,
+                    format!(
+                        "expected an IP address to bind (127.0.0.1, 0.0.0.0, ::), found {}",
+                        super::node::quote_short(&v)
+                    ),
+                );
+            }
+        }
+    }
     if let Some(n) = t.get("ordering") {
         if let Some(v) = ctx.choice(
             n,

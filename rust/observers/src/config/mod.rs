@@ -152,6 +152,9 @@ pub struct ObserversConfig {
     pub run_bridge: bool,
     /// `http_port` for `/health` and `/metrics` (default 8080).
     pub http_port: u16,
+    /// `http_host`: the address the status server binds (default `127.0.0.1`: this machine
+    /// only; `0.0.0.0` for every interface).
+    pub http_host: String,
     /// `auto_install` the change-capture SQL at startup (default true).
     pub auto_install: bool,
     /// `max_concurrency`: actions running at once (default 256).
@@ -731,6 +734,7 @@ impl ObserversConfig {
             max_dlq_size: None,
             run_bridge: false,
             http_port: 8080,
+            http_host: "127.0.0.1".to_string(),
             auto_install: true,
             max_concurrency: 256,
             ordering: Ordering::PerKey,

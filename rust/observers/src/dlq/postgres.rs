@@ -163,6 +163,23 @@ impl PgDeadLetterQueue {
     /// Two simultaneous `CREATE TABLE IF NOT EXISTS` of one name can fail on the catalog's
     /// unique index, so creators (other queues, other processes) take the advisory lock.
     async fn ensure_table(&self) -> Result<()> {
+        // Up to date already (the common case, and every read-only `fraiseql dlq` command):
+        // no DDL.
+        let current: bool = sqlx::query_scalar(
+            "SELECT COALESCE((SELECT NOT a.attnotnull FROM pg_attribute a \
+                              WHERE a.attrelid = to_regclass('fraiseql_dead_letters') \
+                                AND a.attname = 'event' AND NOT a.attisdropped), false) \
+                AND EXISTS (SELECT 1 FROM pg_attribute a \
+                            WHERE a.attrelid = to_regclass('fraiseql_dead_letters') \
+                              AND a.attname = 'raw' AND NOT a.attisdropped) \
+                AND to_regclass('fraiseql_dead_letters_created_at_idx') IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        if current {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         for sql in [LOCK_SQL, CREATE_SQL, CREATE_INDEX_SQL]
             .into_iter()
