@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs fraiseql into it with its test tools, building the
-# native extension with maturin. Needs only: python3 (3.11+) with venv/pip, and cargo.
+# native extension with maturin, and Chromium for the browser tests. Needs only: python3 (3.11+)
+# with venv/pip, cargo, and apt-get (as root) or an installed chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,4 +19,14 @@ step "building fraiseql's Rust extension and installing it with its test tools (
 # failed install fails the script (pipefail).
 .venv/bin/python -m pip install --progress-bar on -e ".[test]" 2>&1 \
   | { grep --line-buffered -vE '^(Requirement already satisfied|  Using cached|  Obtaining|Looking in)' || true; }
+# The console's browser tests drive Debian's Chromium (Playwright's own download is not used).
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    step "installing Chromium for the console's browser tests (apt-get install chromium)"
+    apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+  else
+    step "Chromium is missing: install it (e.g. sudo apt-get install chromium) for the console's browser tests"
+  fi
+fi
 step "ready: .venv/bin/fraiseql"

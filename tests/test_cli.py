@@ -74,7 +74,7 @@ def test_check_applies_the_template_checks_that_run_applies(tmp_path: Path) -> N
     (tmp_path / "fraiseql.toml").write_text(
         '[observers]\nbackend = "in_memory"\n\n[[observers.handlers]]\nname = "notify"\n'
         'entity = "Order"\nevent = "INSERT"\nactions = [{ type = "webhook", url = "http://x.test/", '
-        "body_template = '{\"o\": \"{{ordr_id}}\"}' }]\n"
+        'body_template = \'{"o": "{{ordr_id}}"}\' }]\n'
     )
     out = run("check", cwd=tmp_path)
     assert out.returncode == 1
@@ -86,7 +86,10 @@ def test_run_says_when_it_is_ready_and_when_it_stopped(tmp_path: Path) -> None:
     with subprocess.Popen([*FRAISEQL, "run"], cwd=tmp_path, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
         line = read_stderr_until(proc, "ready: ")
-        assert re.search(r"ready: 0 observers, health on http://127\.0\.0\.1:\d+/health", line), line
+        assert re.search(
+            r"ready: 0 observers, health on http://127\.0\.0\.1:\d+/health, console on http://127\.0\.0\.1:\d+/",
+            line,
+        ), line
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert "[observers] stopped" in proc.stderr.read()

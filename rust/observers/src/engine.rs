@@ -14,9 +14,10 @@ use crate::action::{Action, ActionError, FailureReason};
 use crate::checkpoint::{CheckpointStrategy, IdempotencyStore, IdempotencyStores, ListenerConfig};
 use crate::condition::Condition;
 use crate::config::HandlerConfig;
-use crate::dlq::{DeadLetterQueue, DlqEntry, DlqOrigin, PushOutcome};
+use crate::dlq::{DeadLetterQueue, DlqEntry, DlqOrigin, PushOutcome, RetryFailure};
 use crate::error::{DeadLetterErrorKind, Error, Result};
 use crate::schema::Schema;
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::event::{now_rfc3339, Event, EventKind, Undecodable};
@@ -24,6 +25,7 @@ use crate::event::{now_rfc3339, Event, EventKind, Undecodable};
 /// The action name of dead-letter entries that hold undecodable input.
 pub const UNDECODABLE_ACTION: &str = "decode";
 use crate::metrics::{ActionMetrics, Metrics, ObserverMetrics};
+use crate::recent::{ObserverOutcome, Outcome, Recent, RecentEvent};
 use crate::retry::RetryPolicy;
 use crate::telemetry::{Recorded, Spans};
 
@@ -144,6 +146,9 @@ impl ObserverSpec {
 
 struct CompiledObserver {
     name: String,
+    entity: String,
+    event: EventKind,
+    ordering: Option<Vec<String>>,
     condition: Option<Condition>,
     retry: RetryPolicy,
     idempotency: Option<Arc<dyn IdempotencyStore>>,
@@ -180,6 +185,9 @@ pub struct Engine {
     /// entity → per event kind, the columns that key per-key order (`None`: no observer
     /// of it asks for order).
     order: HashMap<String, [Option<Vec<String>>; 3]>,
+    /// The last events processed and what each observer did with them, for the console;
+    /// `None` (the default) keeps nothing.
+    recent: Option<Recent>,
 }
 
 /// The events being processed: what `/health` reports when one takes too long.
@@ -325,6 +333,9 @@ impl Engine {
             observers.push(CompiledObserver {
                 metrics: metrics.observer(&spec.listener.listener_id),
                 name: spec.listener.listener_id,
+                entity: spec.entity,
+                event: spec.event,
+                ordering: spec.ordering,
                 condition: spec.condition,
                 retry: spec.retry,
                 idempotency,
@@ -342,6 +353,7 @@ impl Engine {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             in_flight: InFlight::default(),
             order,
+            recent: None,
         })
     }
 
@@ -416,8 +428,11 @@ impl Engine {
     pub async fn process_after(&self, event: &Event, failed_attempts: u32) -> ProcessReport {
         self.metrics.events_received.inc();
         self.check_traceparent(event);
+        let received = Instant::now();
+        let mut outcomes = self.recent.as_ref().map(|_| Vec::new());
         let mut report = ProcessReport::default();
         let Some(slots) = self.index.get(event.entity.as_str()) else {
+            self.record_recent(event, received, outcomes);
             tracing::debug!(
                 "[observer] event {} ({} {}) matches no observer: none observes {}",
                 event.id,
@@ -442,12 +457,14 @@ impl Engine {
             let span = self.spans.condition(&capture, &observer.name, matched);
             if !matched {
                 span.end("no match", None);
+                note(&mut outcomes, observer, Outcome::NoMatch);
                 continue;
             }
             report.matched += 1;
             observer.metrics.matched.inc();
             if !self.claim(observer, event, &mut report).await {
                 span.end("duplicate", None);
+                note(&mut outcomes, observer, Outcome::Duplicate);
                 continue;
             }
             let started = Instant::now();
@@ -495,8 +512,15 @@ impl Engine {
             } else {
                 span.end("success", None);
             }
+            let outcome = match (unstored, dead_lettered) {
+                (0, 0) => Outcome::Delivered,
+                (0, _) => Outcome::DeadLettered,
+                _ => Outcome::Unstored,
+            };
+            note(&mut outcomes, observer, outcome);
         }
         capture.end("done", None);
+        self.record_recent(event, received, outcomes);
         if report.matched == 0 {
             tracing::debug!(
                 "[observer] event {} ({} {}) matches no observer",
@@ -506,6 +530,41 @@ impl Engine {
             );
         }
         report
+    }
+
+    fn record_recent(
+        &self,
+        event: &Event,
+        received: Instant,
+        outcomes: Option<Vec<ObserverOutcome>>,
+    ) {
+        if let (Some(recent), Some(outcomes)) = (&self.recent, outcomes) {
+            recent.record(event, received, outcomes);
+        }
+    }
+
+    /// Keeps the last `capacity` events processed and what each observer did with them
+    /// ([`Self::recent_events`]).
+    pub fn with_recent(mut self, capacity: usize) -> Self {
+        self.recent = Some(Recent::new(capacity));
+        self
+    }
+
+    /// The last events processed, newest first (empty unless [`Self::with_recent`]).
+    pub fn recent_events(&self, limit: usize) -> Vec<RecentEvent> {
+        self.recent
+            .as_ref()
+            .map(|r| r.newest(limit))
+            .unwrap_or_default()
+    }
+
+    /// Each observer as the console shows it: what it watches, its condition, its actions
+    /// and their counts so far.
+    pub fn overview(&self) -> Vec<ObserverOverview> {
+        self.observers
+            .iter()
+            .map(CompiledObserver::overview)
+            .collect()
     }
 
     /// A trace context that is not one is delivered without (the telemetry checks it where
@@ -790,18 +849,12 @@ impl Engine {
                 Ok(true)
             }
             Err(failure) => {
-                let updated = DlqEntry {
+                let failure = RetryFailure {
                     error: failure.error,
-                    attempts: entry.attempts + failure.attempts,
+                    attempts: entry.attempts.saturating_add(failure.attempts),
                     last_failed_at: now_rfc3339(),
-                    ..entry
                 };
-                // Replace in place: remove then push keeps the queue's bound honest.
-                self.dlq.remove(id).await?;
-                self.metrics.dlq_size.dec();
-                if let PushOutcome::Stored(_) = self.dlq.push(updated).await? {
-                    self.metrics.dlq_size.inc();
-                }
+                self.dlq.record_failure(id, &failure).await?;
                 Ok(false)
             }
         }
@@ -812,6 +865,75 @@ impl Engine {
         let n = self.dlq.purge().await?;
         self.metrics.dlq_size.set(0);
         Ok(n)
+    }
+}
+
+/// Records what `observer` did with the event, when recent events are kept.
+fn note(
+    outcomes: &mut Option<Vec<ObserverOutcome>>,
+    observer: &CompiledObserver,
+    outcome: Outcome,
+) {
+    if let Some(outcomes) = outcomes {
+        outcomes.push(ObserverOutcome {
+            observer: observer.name.clone(),
+            outcome,
+        });
+    }
+}
+
+/// One observer as the console shows it. Actions are shown by their safe description (a
+/// webhook's URL without credentials or query, a Python handler's name): never a secret.
+#[derive(Debug, Clone, Serialize)]
+pub struct ObserverOverview {
+    pub name: String,
+    pub entity: String,
+    pub event: EventKind,
+    pub condition: Option<String>,
+    /// The columns of per-key order, or `None` (any order).
+    pub ordering: Option<Vec<String>>,
+    pub effectively_once: bool,
+    pub max_attempts: u32,
+    pub matched: u64,
+    pub duplicates: u64,
+    pub actions: Vec<ActionOverview>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionOverview {
+    pub kind: String,
+    pub description: String,
+    pub succeeded: u64,
+    /// Used up their attempts or failed permanently (dead-lettered).
+    pub failed: u64,
+    /// Attempts that failed and were tried again.
+    pub retried: u64,
+}
+
+impl CompiledObserver {
+    fn overview(&self) -> ObserverOverview {
+        ObserverOverview {
+            name: self.name.clone(),
+            entity: self.entity.clone(),
+            event: self.event,
+            condition: self.condition.as_ref().map(|c| c.source().to_owned()),
+            ordering: self.ordering.clone(),
+            effectively_once: self.idempotency.is_some(),
+            max_attempts: self.retry.max_attempts,
+            matched: self.metrics.matched.get(),
+            duplicates: self.metrics.duplicates.get(),
+            actions: self
+                .actions
+                .iter()
+                .map(|(action, metrics)| ActionOverview {
+                    kind: action.kind().to_owned(),
+                    description: action.describe(),
+                    succeeded: metrics.succeeded.get(),
+                    failed: metrics.failed_total(),
+                    retried: metrics.retried_total(),
+                })
+                .collect(),
+        }
     }
 }
 

@@ -145,6 +145,9 @@ pub enum DeadLetterErrorKind {
     ObserverGone,
     /// There is no durable queue to work on (no database).
     NoDatabase,
+    /// The entry is being retried already (by this process): a second retry would deliver
+    /// it twice.
+    InProgress,
     /// Reading or writing the queue failed.
     Storage,
 }

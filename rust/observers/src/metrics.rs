@@ -92,6 +92,23 @@ impl ActionMetrics {
     pub fn retried(&self, reason: FailureReason) {
         self.retried.get_or_create(&self.with_reason(reason)).inc();
     }
+
+    /// Failures so far, of every reason.
+    pub fn failed_total(&self) -> u64 {
+        self.total(&self.failed)
+    }
+
+    /// Retried attempts so far, of every reason.
+    pub fn retried_total(&self) -> u64 {
+        self.total(&self.retried)
+    }
+
+    fn total(&self, family: &Family<Labels, Counter>) -> u64 {
+        FailureReason::ALL
+            .iter()
+            .map(|&reason| family.get_or_create(&self.with_reason(reason)).get())
+            .sum()
+    }
 }
 
 /// The handles one observer updates.

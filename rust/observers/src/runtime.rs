@@ -10,6 +10,7 @@
 //! The PyO3 binding, the Rust example (`examples/embed.rs`), the tests and the benchmarks all
 //! start the engine through here.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +30,8 @@ use crate::checkpoint::{
     CheckpointStrategy, IdempotencyStores, MemoryIdempotencyStores, PgIdempotencyStore,
     PgIdempotencyStores,
 };
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, ConfigError, ConfigErrors};
+use crate::console::{Console, RECENT_EVENTS};
 pub use crate::database::connect_pool;
 use crate::dlq::{DeadLetterQueue, DlqEntry, DlqOrigin, MemoryDlq, PgDeadLetterQueue};
 use crate::engine::{Engine, ObserverSpec};
@@ -163,6 +165,7 @@ pub async fn start(
     let config_schema = capture_schema(config, schema)?;
     let schema = &config_schema;
     let metrics = &instruments.metrics;
+    let admin_token = admin_token(config, &|var| std::env::var(var).ok())?;
     // The in-memory backend keeps everything in process memory, a database or not.
     let pool = match &config.database.url {
         Some(url) if config.observers.backend != Backend::InMemory => {
@@ -172,8 +175,16 @@ pub async fn start(
     };
     let telemetry = Telemetry::start(&config.observers.telemetry).await?;
     let spans = telemetry.as_ref().map(Telemetry::spans).unwrap_or_default();
-    let (engine, dlq) =
-        observer_engine(config, pool.as_ref(), observers, metrics, spans.clone()).await?;
+    let recent = options.status.is_some().then_some(RECENT_EVENTS);
+    let (engine, dlq) = observer_engine(
+        config,
+        pool.as_ref(),
+        observers,
+        metrics,
+        spans.clone(),
+        recent,
+    )
+    .await?;
     let capture = match &pool {
         Some(pool) if !logical::readers(config).is_empty() => {
             Some(prepare_capture(config, schema, pool).await?)
@@ -339,12 +350,6 @@ pub async fn start(
         engine: engine.clone(),
         blocked_after,
     });
-    let status = match &options.status {
-        Some((host, port)) => {
-            Some(StatusServer::start(host, *port, metrics.clone(), health).await?)
-        }
-        None => None,
-    };
     let dead_letters = Arc::new(DeadLetters {
         engine: engine.clone(),
         dlq,
@@ -352,7 +357,23 @@ pub async fn start(
         schema: schema.clone(),
         metrics: metrics.clone(),
         forwarder: instruments.forwarder.clone(),
+        retrying: Mutex::default(),
     });
+    let status = match &options.status {
+        Some((host, port)) => {
+            let console = Console::new(
+                engine.clone(),
+                dead_letters.clone(),
+                metrics.clone(),
+                health.clone(),
+                admin_token.as_deref(),
+            );
+            let server =
+                StatusServer::start(host, *port, metrics.clone(), health, Some(console)).await?;
+            Some(server)
+        }
+        None => None,
+    };
     Ok(Running {
         engine,
         dead_letters,
@@ -588,6 +609,20 @@ pub struct DeadLetters {
     metrics: Arc<Metrics>,
     /// A forwarder's retries are counted as its, not as the observers'.
     forwarder: Arc<Metrics>,
+    /// The entries being retried: a second retry of one of them is refused, not run twice.
+    retrying: Mutex<HashSet<u64>>,
+}
+
+/// Holds an entry's place in [`DeadLetters::retrying`] while it is retried.
+struct Retrying<'a> {
+    set: &'a Mutex<HashSet<u64>>,
+    id: u64,
+}
+
+impl Drop for Retrying<'_> {
+    fn drop(&mut self) {
+        self.set.lock().expect("retrying lock").remove(&self.id);
+    }
 }
 
 impl DeadLetters {
@@ -608,8 +643,15 @@ impl DeadLetters {
         })?;
         let pool = connect_pool(url, 4).await?;
         let metrics = &instruments.metrics;
-        let (engine, dlq) =
-            observer_engine(config, Some(&pool), observers, metrics, Spans::default()).await?;
+        let (engine, dlq) = observer_engine(
+            config,
+            Some(&pool),
+            observers,
+            metrics,
+            Spans::default(),
+            None,
+        )
+        .await?;
         Ok(DeadLetters {
             engine,
             dlq,
@@ -617,6 +659,7 @@ impl DeadLetters {
             schema: capture_schema(config, schema)?,
             metrics: metrics.clone(),
             forwarder: instruments.forwarder.clone(),
+            retrying: Mutex::default(),
         })
     }
 
@@ -631,8 +674,10 @@ impl DeadLetters {
 
     /// Re-runs a dead letter: an observer's action, or a change the bridge or the Redis
     /// forwarder could not publish (published again through a publisher of its own). Ok(false)
-    /// when it failed again (the entry stays, with the new error).
+    /// when it failed again (the entry stays, with the new error). An entry this process is
+    /// retrying already is refused (`InProgress`): running it twice would deliver it twice.
     pub async fn retry(&self, id: u64) -> Result<bool> {
+        let _held = self.hold_for_retry(id)?;
         let entry = self.dlq.get(id).await?;
         match entry.map(|e| e.origin) {
             Some(DlqOrigin::Forwarder) => {
@@ -647,6 +692,32 @@ impl DeadLetters {
             }
             _ => self.engine.retry_dead_letter(id).await,
         }
+    }
+
+    fn hold_for_retry(&self, id: u64) -> Result<Retrying<'_>> {
+        if !self.retrying.lock().expect("retrying lock").insert(id) {
+            return Err(Error::dead_letter(
+                DeadLetterErrorKind::InProgress,
+                format!("entry {id} is being retried already"),
+            ));
+        }
+        Ok(Retrying {
+            set: &self.retrying,
+            id,
+        })
+    }
+
+    /// Newest first: see [`DeadLetterQueue::search`].
+    pub async fn search(&self, text: &str, limit: usize) -> Result<Vec<DlqEntry>> {
+        self.dlq.search(text, limit).await
+    }
+
+    pub async fn get(&self, id: u64) -> Result<Option<DlqEntry>> {
+        self.dlq.get(id).await
+    }
+
+    pub async fn len(&self) -> Result<usize> {
+        self.dlq.len().await
     }
 
     /// Removes the entries with these ids; returns how many there were.
@@ -691,6 +762,37 @@ pub fn capture_schema(config: &Config, declared: &Schema) -> Result<Schema> {
     Schema::new(entities)
 }
 
+/// The shortest admin token accepted: a guessable token would guard retry and purge.
+const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
+/// The console's admin token, from the variable `[observers] admin_token_env` names: read at
+/// start, so a name without a value fails the start rather than the first retry.
+fn admin_token(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<String>> {
+    let Some(var) = &config.observers.admin_token_env else {
+        return Ok(None);
+    };
+    let problem = match env(var) {
+        Some(token) if token.trim().chars().count() >= MIN_ADMIN_TOKEN_CHARS => {
+            return Ok(Some(token.trim().to_owned()));
+        }
+        Some(token) if token.trim().is_empty() => format!("environment variable {var} is empty"),
+        Some(_) => format!(
+            "the token in {var} is shorter than {MIN_ADMIN_TOKEN_CHARS} characters; use a \
+             random one, e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`"
+        ),
+        None => format!(
+            "environment variable {var} is not set (it holds the token the console's retry \
+             and purge need)"
+        ),
+    };
+    Err(Error::Config(ConfigErrors(vec![ConfigError::new(
+        "environment",
+        "observers.admin_token_env",
+        None,
+        problem,
+    )])))
+}
+
 fn no_database() -> Error {
     Error::connect(
         ConnectErrorKind::InvalidSettings,
@@ -715,12 +817,16 @@ async fn observer_engine(
     observers: Vec<ObserverSpec>,
     metrics: &Arc<Metrics>,
     spans: Spans,
+    recent: Option<usize>,
 ) -> Result<(Arc<Engine>, Arc<dyn DeadLetterQueue>)> {
     let dlq = dead_letter_queue(config, pool, metrics).await?;
     let stores = idempotency_stores(pool, &observers).await?;
-    let engine = Engine::new(observers, dlq.clone(), stores.as_ref(), metrics.clone())?
+    let mut engine = Engine::new(observers, dlq.clone(), stores.as_ref(), metrics.clone())?
         .with_spans(spans)
         .with_shutdown_timeout(Duration::from_secs(config.observers.shutdown_timeout_secs));
+    if let Some(capacity) = recent {
+        engine = engine.with_recent(capacity);
+    }
     Ok((Arc::new(engine), dlq))
 }
 

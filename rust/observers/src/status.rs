@@ -1,4 +1,5 @@
-//! The status server: `GET /health` and `GET /metrics` on `[observers] http_port`.
+//! The status server: `GET /health` and `GET /metrics` on `[observers] http_port`, and the
+//! operator console (`/`, `/api/`) when the engine runs one (see [`crate::console`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
@@ -45,6 +47,7 @@ impl StatusServer {
         port: u16,
         metrics: Arc<Metrics>,
         health: Arc<dyn HealthSource>,
+        console: Option<Console>,
     ) -> Result<StatusServer> {
         let listener = TcpListener::bind((host, port)).await.map_err(|e| {
             Error::Transport(format!(
@@ -54,10 +57,13 @@ impl StatusServer {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Transport(e.to_string()))?;
-        let app = Router::new()
+        let mut app = Router::new()
             .route("/health", get(health_handler))
             .route("/metrics", get(metrics_handler))
             .with_state(AppState { metrics, health });
+        if let Some(console) = console {
+            app = app.merge(console.routes());
+        }
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, app)

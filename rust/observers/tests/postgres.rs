@@ -833,6 +833,20 @@ impl fraiseql_observers::DeadLetterQueue for FlakyDlq {
     ) -> fraiseql_observers::Result<Vec<fraiseql_observers::DlqEntry>> {
         self.inner.list(limit).await
     }
+    async fn search(
+        &self,
+        text: &str,
+        limit: usize,
+    ) -> fraiseql_observers::Result<Vec<fraiseql_observers::DlqEntry>> {
+        self.inner.search(text, limit).await
+    }
+    async fn record_failure(
+        &self,
+        id: u64,
+        failure: &fraiseql_observers::dlq::RetryFailure,
+    ) -> fraiseql_observers::Result<bool> {
+        self.inner.record_failure(id, failure).await
+    }
     async fn get(
         &self,
         id: u64,

@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use fraiseql_observers::dlq::{DlqOrigin, PushOutcome};
+use fraiseql_observers::dlq::{DlqOrigin, PushOutcome, RetryFailure};
 use fraiseql_observers::event::now_rfc3339;
 use fraiseql_observers::{
     Action, ActionError, CheckpointStrategy, DeadLetterQueue, DlqEntry, Engine, Event, EventKind,
-    ListenerConfig, MemoryIdempotencyStores, Metrics, ObserverSpec, PgDeadLetterQueue,
+    ListenerConfig, MemoryDlq, MemoryIdempotencyStores, Metrics, ObserverSpec, PgDeadLetterQueue,
 };
 use serde_json::json;
 use tokio::sync::Barrier;
@@ -515,4 +515,77 @@ async fn a_table_of_the_previous_version_is_migrated_and_read() {
     stored(dlq.push(entry(4)).await.unwrap());
     assert_eq!(dlq.len().await.unwrap(), 4);
     db.cleanup().await;
+}
+
+/// Search and a failed retry's record behave the same in PostgreSQL and in memory.
+async fn search_and_record_failure(dlq: &dyn DeadLetterQueue) {
+    let mut ids = Vec::new();
+    for e in [
+        {
+            let mut e = entry(1);
+            e.event.new = Some(json!({"id": 1, "note": "Needle\u{0}in a haystack"}));
+            e
+        },
+        DlqEntry {
+            origin: DlqOrigin::Undecodable,
+            raw: Some(vec![0, 0xff, b'x']),
+            ..entry(2)
+        },
+        {
+            let mut e = entry(3);
+            e.error = "100% failed_at 'o''clock' \\ done".into();
+            e
+        },
+    ] {
+        ids.push(stored(dlq.push(e).await.unwrap()));
+    }
+    let found = |text: &'static str, limit: usize| async move {
+        dlq.search(text, limit)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect::<Vec<_>>()
+    };
+    // Newest first; case-insensitive over observer, action, error, event id and the event.
+    assert_eq!(found("", 10).await, [ids[2], ids[1], ids[0]]);
+    assert_eq!(found("", 2).await, [ids[2], ids[1]]);
+    assert_eq!(found("NEEDLE", 10).await, [ids[0]]);
+    assert_eq!(found("obs2", 10).await, [ids[1]]);
+    assert_eq!(found("HANDLER_3", 10).await, [ids[2]]);
+    // LIKE's wildcards and quotes are plain characters.
+    assert_eq!(found("100%", 10).await, [ids[2]]);
+    assert_eq!(found("_at 'o''c", 10).await, [ids[2]]);
+    assert_eq!(found("%", 10).await, [ids[2]]);
+    // A NUL is stored escaped in the event's JSON: searching for one finds nothing.
+    assert!(found("\0", 10).await.is_empty());
+    assert!(found("no such text", 10).await.is_empty());
+
+    let failure = RetryFailure {
+        error: "HTTP 503\0again".into(),
+        attempts: 9,
+        last_failed_at: "2026-12-07T08:00:00.000001Z".into(),
+    };
+    assert!(dlq.record_failure(ids[0], &failure).await.unwrap());
+    let kept = dlq.get(ids[0]).await.unwrap().unwrap();
+    assert_eq!(kept.id, ids[0], "the entry keeps its id");
+    assert_eq!(kept.attempts, 9);
+    assert_eq!(kept.last_failed_at, failure.last_failed_at);
+    assert!(kept.error.starts_with("HTTP 503") && kept.error.ends_with("again"));
+    assert_eq!(kept.first_failed_at, "2024-05-01T12:00:00.123456Z");
+    assert!(!dlq.record_failure(ids[2] + 1000, &failure).await.unwrap());
+    assert_eq!(dlq.len().await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn search_and_a_failed_retry_in_postgres() {
+    let db = test_db().await;
+    let dlq = PgDeadLetterQueue::new(db.pool.clone(), None).await.unwrap();
+    search_and_record_failure(&dlq).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn search_and_a_failed_retry_in_memory() {
+    search_and_record_failure(&MemoryDlq::new(None)).await;
 }

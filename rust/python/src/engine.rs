@@ -735,7 +735,8 @@ impl PyEngine {
         let plural = if observers == 1 { "" } else { "s" };
         match started.status_addr() {
             Some(addr) => tracing::info!(
-                "ready: {observers} observer{plural}, health on http://{addr}/health"
+                "ready: {observers} observer{plural}, health on http://{addr}/health, \
+                 console on http://{addr}/"
             ),
             None => tracing::info!("ready: {observers} observer{plural}"),
         }

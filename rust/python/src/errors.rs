@@ -147,6 +147,12 @@ create_exception!(
 );
 create_exception!(
     fraiseql,
+    RetryInProgressError,
+    DeadLetterError,
+    "The entry is being retried already: a second retry would deliver it twice."
+);
+create_exception!(
+    fraiseql,
     EngineError,
     FraiseQLError,
     "The engine was used in a state that does not allow it."
@@ -233,6 +239,7 @@ fn dead_letter_class(kind: DeadLetterErrorKind) -> Class {
         DeadLetterErrorKind::Undecodable => |py| py.get_type::<UndecodableEntryError>(),
         DeadLetterErrorKind::ObserverGone => |py| py.get_type::<ObserverGoneError>(),
         DeadLetterErrorKind::NoDatabase => |py| py.get_type::<NoDatabaseError>(),
+        DeadLetterErrorKind::InProgress => |py| py.get_type::<RetryInProgressError>(),
         DeadLetterErrorKind::Storage => |py| py.get_type::<DeadLetterError>(),
     }
 }
@@ -243,6 +250,7 @@ fn dead_letter_label(kind: DeadLetterErrorKind) -> &'static str {
         DeadLetterErrorKind::Undecodable => "undecodable",
         DeadLetterErrorKind::ObserverGone => "observer_gone",
         DeadLetterErrorKind::NoDatabase => "no_database",
+        DeadLetterErrorKind::InProgress => "in_progress",
         DeadLetterErrorKind::Storage => "storage",
     }
 }
@@ -303,5 +311,6 @@ classes!(
     UndecodableEntryError,
     ObserverGoneError,
     NoDatabaseError,
+    RetryInProgressError,
     EngineError,
 );

@@ -382,6 +382,9 @@ fn load_main(ctx: &mut Ctx<'_>, root: &Node, cfg: &mut Config, prov: &mut Proven
             o.shutdown_timeout_secs = u64::try_from(v).unwrap_or(30);
         }
     }
+    if let Some(n) = t.get("admin_token_env") {
+        o.admin_token_env = ctx.env_name(n, &t.path("admin_token_env"));
+    }
     if let Some(n) = t.get("blocked_after_secs") {
         if let Some(v) = ctx.int(n, &t.path("blocked_after_secs"), Range::Between(1, 86_400)) {
             o.blocked_after_secs = u64::try_from(v).unwrap_or(60);

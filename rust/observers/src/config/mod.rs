@@ -167,6 +167,9 @@ pub struct ObserversConfig {
     /// `blocked_after_secs`: `/health` turns 503, naming the observer, event and key, when an
     /// event has been processed for this long (default 60).
     pub blocked_after_secs: u64,
+    /// `admin_token_env`: the variable holding the token the console's mutations (retry,
+    /// purge) need as `Authorization: Bearer …`; `None`: the console is read-only.
+    pub admin_token_env: Option<String>,
     /// `queue_capacity`: bounded event queue (default 10 000).
     pub queue_capacity: usize,
     /// `notify_channel` (default `fraiseql_changes`).
@@ -740,6 +743,7 @@ impl ObserversConfig {
             ordering: Ordering::PerKey,
             shutdown_timeout_secs: 30,
             blocked_after_secs: 60,
+            admin_token_env: None,
             queue_capacity: 10_000,
             notify_channel: DEFAULT_NOTIFY_CHANNEL.to_string(),
             nats: NatsConfig::default(),

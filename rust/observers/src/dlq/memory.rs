@@ -3,7 +3,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{DeadLetterQueue, DlqEntry, PushOutcome};
+use super::{DeadLetterQueue, DlqEntry, PushOutcome, RetryFailure};
 use crate::error::Result;
 
 /// Dead-letter queue in process memory, used when no database is configured.
@@ -53,8 +53,32 @@ impl DeadLetterQueue for MemoryDlq {
         Ok(self.lock().entries.values().take(limit).cloned().collect())
     }
 
+    async fn search(&self, text: &str, limit: usize) -> Result<Vec<DlqEntry>> {
+        let lowercase = text.to_lowercase();
+        Ok(self
+            .lock()
+            .entries
+            .values()
+            .rev()
+            .filter(|e| e.contains(&lowercase))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
     async fn get(&self, id: u64) -> Result<Option<DlqEntry>> {
         Ok(self.lock().entries.get(&id).cloned())
+    }
+
+    async fn record_failure(&self, id: u64, failure: &RetryFailure) -> Result<bool> {
+        let mut inner = self.lock();
+        let Some(entry) = inner.entries.get_mut(&id) else {
+            return Ok(false);
+        };
+        entry.error.clone_from(&failure.error);
+        entry.attempts = failure.attempts;
+        entry.last_failed_at.clone_from(&failure.last_failed_at);
+        Ok(true)
     }
 
     async fn remove(&self, id: u64) -> Result<bool> {

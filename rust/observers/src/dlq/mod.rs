@@ -73,6 +73,22 @@ pub struct DlqEntry {
     pub raw: Option<Vec<u8>>,
 }
 
+impl DlqEntry {
+    /// Whether `lowercase` (already lowercased) is in its observer, action, error, event id
+    /// or event as JSON: what [`DeadLetterQueue::search`] looks at.
+    pub fn contains(&self, lowercase: &str) -> bool {
+        if lowercase.is_empty() {
+            return true;
+        }
+        let has = |s: &str| s.to_lowercase().contains(lowercase);
+        has(&self.observer)
+            || has(&self.action)
+            || has(&self.error)
+            || has(&self.event.id)
+            || serde_json::to_string(&self.event).is_ok_and(|json| has(&json))
+    }
+}
+
 /// `raw` as text where it is text, base64 where it is not.
 mod raw_bytes {
     use base64::Engine as _;
@@ -112,6 +128,15 @@ mod raw_bytes {
     }
 }
 
+/// What a failed retry changes in its entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryFailure {
+    pub error: String,
+    /// The entry's attempts in all, this retry's included.
+    pub attempts: u32,
+    pub last_failed_at: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushOutcome {
     Stored(u64),
@@ -124,7 +149,13 @@ pub trait DeadLetterQueue: Send + Sync {
     async fn push(&self, entry: DlqEntry) -> Result<PushOutcome>;
     /// Oldest first.
     async fn list(&self, limit: usize) -> Result<Vec<DlqEntry>>;
+    /// Newest first, at most `limit`: the entries whose observer, action, error, event id or
+    /// event (as JSON) contain `text`, ignoring case; every entry when `text` is empty.
+    async fn search(&self, text: &str, limit: usize) -> Result<Vec<DlqEntry>>;
     async fn get(&self, id: u64) -> Result<Option<DlqEntry>>;
+    /// A retry of entry `id` failed again: keeps the entry (and its id) with the new error,
+    /// attempts and `last_failed_at`. False when it is not there any more (purged meanwhile).
+    async fn record_failure(&self, id: u64, failure: &RetryFailure) -> Result<bool>;
     async fn remove(&self, id: u64) -> Result<bool>;
     /// Removes the entries with these ids; returns how many there were.
     async fn remove_many(&self, ids: &[u64]) -> Result<usize> {

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 
-use super::{DeadLetterQueue, DlqEntry, DlqOrigin, PushOutcome};
+use super::{DeadLetterQueue, DlqEntry, DlqOrigin, PushOutcome, RetryFailure};
 use crate::error::{DeadLetterErrorKind, Error, Result};
 use crate::event::Event;
 
@@ -126,6 +126,7 @@ pub struct PgDeadLetterQueue {
     insert_sql: String,
     bounded_insert_sql: String,
     list_sql: String,
+    search_sql: String,
     get_sql: String,
 }
 
@@ -148,6 +149,14 @@ impl PgDeadLetterQueue {
             ),
             list_sql: format!(
                 "SELECT {SELECT_COLUMNS} FROM fraiseql_dead_letters ORDER BY id LIMIT $1"
+            ),
+            // A scan: the queue is capped at a size meant for inspection, and `strpos` needs
+            // no escaping of `%` and `_` as LIKE would.
+            search_sql: format!(
+                "SELECT {SELECT_COLUMNS} FROM fraiseql_dead_letters WHERE $1 = '' OR \
+                 strpos(lower(concat_ws(' ', observer, action, error, event_id, \
+                 COALESCE(convert_from(payload, 'UTF8'), event::text))), lower($1)) > 0 \
+                 ORDER BY id DESC LIMIT $2"
             ),
             get_sql: format!("SELECT {SELECT_COLUMNS} FROM fraiseql_dead_letters WHERE id = $1"),
         };
@@ -377,6 +386,21 @@ impl DeadLetterQueue for PgDeadLetterQueue {
             .collect()
     }
 
+    async fn search(&self, text: &str, limit: usize) -> Result<Vec<DlqEntry>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // PostgreSQL text cannot hold NUL; the text columns hold U+FFFD in its place.
+        let text = text.replace('\0', "\u{FFFD}");
+        sqlx::query(&self.search_sql)
+            .bind(text)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(entry_from_row)
+            .collect()
+    }
+
     async fn get(&self, id: u64) -> Result<Option<DlqEntry>> {
         let Ok(id) = i64::try_from(id) else {
             return Ok(None);
@@ -389,6 +413,25 @@ impl DeadLetterQueue for PgDeadLetterQueue {
             .as_ref()
             .map(entry_from_row)
             .transpose()
+    }
+
+    async fn record_failure(&self, id: u64, failure: &RetryFailure) -> Result<bool> {
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(false);
+        };
+        let attempts = i32::try_from(failure.attempts).unwrap_or(i32::MAX);
+        let done = sqlx::query(
+            "UPDATE fraiseql_dead_letters SET error = $2, attempts = $3, \
+             last_failed_at = $4::timestamptz WHERE id = $1",
+        )
+        .bind(id)
+        .bind(without_nul(&failure.error))
+        .bind(attempts)
+        .bind(&failure.last_failed_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn remove(&self, id: u64) -> Result<bool> {
