@@ -81,6 +81,30 @@ def test_check_applies_the_template_checks_that_run_applies(tmp_path: Path) -> N
     assert "body_template" in out.stderr and "ordr_id" in out.stderr, out.stderr
 
 
+def test_check_and_run_refuse_a_literal_of_the_wrong_type_for_a_declared_field(tmp_path: Path) -> None:
+    """`status > 1000` on a `str` field never matches: an error before anything runs."""
+    (tmp_path / "schema.py").write_text(
+        "from typing import Optional\nimport fraiseql\nfrom fraiseql.scalars import ID\n"
+        "@fraiseql.type\nclass Order:\n    id: ID\n    status: str\n    total: Optional[float]\n"
+        "    is_vip: bool\n    meta: dict\n"
+        "fraiseql.observer(name='big', entity='Order', event='INSERT',\n"
+        "    condition=\"meta == 1 && id != 'x' && status > 1000\", handler=print)\n"
+    )
+    (tmp_path / "fraiseql.toml").write_text('[observers]\nbackend = "in_memory"\nhttp_port = 0\n')
+    for command in (["check"], ["run", "--events", "/dev/null"]):
+        out = run(*command, cwd=tmp_path)
+        assert out.returncode == 1, (command, out.stderr)
+        assert (
+            "`status` is declared as text but is compared with the number 1000 at line 1, column "
+            "36: a text value never equals or orders with a number (write '1000' to compare text)"
+        ) in out.stderr, (command, out.stderr)
+    (tmp_path / "schema.py").write_text(
+        (tmp_path / "schema.py").read_text().replace("status > 1000", "total > 1000 && is_vip == true")
+    )
+    out = run("check", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+
+
 def test_run_says_when_it_is_ready_and_when_it_stopped(tmp_path: Path) -> None:
     (tmp_path / "fraiseql.toml").write_text('[observers]\nbackend = "in_memory"\nhttp_port = 0\n')
     with subprocess.Popen([*FRAISEQL, "run"], cwd=tmp_path, stderr=subprocess.PIPE, text=True) as proc:

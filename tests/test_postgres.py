@@ -504,24 +504,40 @@ def test_backfill_feeds_existing_rows_to_a_webhook_marked_and_resumable(
         f'event = "UPDATE"\nactions = [{{ type = "webhook", url = "{webhook_sink.url}/upd" }}]\n'
     )
     cli = [sys.executable, "-m", "fraiseql.cli"]
-    bad = subprocess.run([*cli, "backfill", entity, "--observer", f"upd_{suffix}"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [*cli, "backfill", entity, "--observer", f"upd_{suffix}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 1
     assert f"observer `upd_{suffix}` observes UPDATE of `{entity}`" in bad.stderr, bad.stderr
-    typo = subprocess.run([*cli, "backfill", entity + "x"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60)
+    typo = subprocess.run(
+        [*cli, "backfill", entity + "x"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert f"no entity `{entity}x` is declared (did you mean `{entity}`?)" in typo.stderr, typo.stderr
     with subprocess.Popen([*cli, "run"], cwd=tmp_path, stderr=subprocess.PIPE, text=True) as engine:
         try:
             wait_until(lambda: _captured(url, name, mode), timeout=60)
-            out = subprocess.run([*cli, "backfill", entity, "--where", "total > 5", "--chunk", "10"],
-                                 cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            out = subprocess.run(
+                [*cli, "backfill", entity, "--where", "total > 5", "--chunk", "10"],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert out.returncode == 0, out.stderr
             assert "backfill " in out.stdout and ": 90 rows sent" in out.stdout, out.stdout
             assert "90 of 90 rows sent (100%)" in out.stderr, out.stderr
             got = webhook_sink.wait_for(90, timeout=60)
-            again = subprocess.run([*cli, "backfill", entity, "--where", "total > 5"], cwd=tmp_path,
-                                   capture_output=True, text=True, timeout=60)
+            again = subprocess.run(
+                [*cli, "backfill", entity, "--where", "total > 5"],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert "had already finished (90 rows)" in again.stdout, again.stdout
 
             def listed() -> list[dict[str, Any]]:
@@ -586,3 +602,57 @@ def test_a_stop_waits_at_most_shutdown_timeout_then_leaves_the_rest_for_redelive
         with fraiseql.Engine(config):
             wait_until(lambda: len(runs) >= 2)
     assert runs == ["s1", "s1"], "delivered again after the stop left it unacknowledged"
+
+
+def test_a_renamed_column_is_reported_not_silently_never_matched(
+    registry: fraiseql.Registry, capture: tuple[str, str], webhook_sink: Any
+) -> None:
+    """`ALTER TABLE … RENAME COLUMN total TO amount` under a running observer whose condition
+    and template read `total`: logged once, counted, and listed in /health. With either
+    capture."""
+    mode, url = capture
+    suffix = uuid.uuid4().hex[:8]
+    entity, name = f"Drift{suffix}", f"tb_drift{suffix}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {name} (id text primary key, status text, total numeric, email text)")
+    declare(entity, name)
+    fraiseql.observer(
+        name="big",
+        entity=entity,
+        event="INSERT",
+        condition="total > 10",
+        actions=[fraiseql.webhook(url=webhook_sink.url, body_template='{"total": {{total}}}')],
+    )
+    config = {
+        "database": {"url": url},
+        "observers": {
+            "backend": "postgres",
+            "postgres": {"capture": mode, "listener_id": f"drift_{suffix}"},
+        },
+    }
+    try:
+        with fraiseql.Engine(config, http_port=0) as engine, psycopg.connect(url, autocommit=True) as conn:
+            health_url = f"http://127.0.0.1:{engine.http_port}/health"
+            conn.execute(f"INSERT INTO {name} VALUES ('a', 'new', 50, 'a@x.io')")
+            webhook_sink.wait_for(1)
+            with urllib.request.urlopen(health_url, timeout=5) as r:
+                assert "missing_fields" not in json.load(r)["observers"]
+            conn.execute(f"ALTER TABLE {name} RENAME COLUMN total TO amount")
+            conn.execute(f"INSERT INTO {name} VALUES ('b', 'new', 60, 'b@x.io'), ('c', 'new', 70, 'c@x.io')")
+            wait_until(lambda: 'field="total"} 2' in engine.metrics())
+            with urllib.request.urlopen(health_url, timeout=5) as r:
+                assert r.status == 200  # a warning, not an outage
+                [missing] = json.load(r)["observers"]["missing_fields"]
+            metrics = engine.metrics()
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {name}")
+            if mode == "logical":
+                conn.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE slot_name LIKE %s AND NOT active",
+                    (f"%drift_{suffix}%",),
+                )
+    assert (missing["observer"], missing["entity"], missing["field"]) == ("big", entity, "total")
+    assert 'fraiseql_observer_missing_fields_total{observer="big",field="total"} 2' in metrics
+    assert len(webhook_sink.requests) == 1  # the renamed column's rows never matched

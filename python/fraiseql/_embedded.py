@@ -100,7 +100,11 @@ def initdb(bin_dir: Path, data: Path, cwd: Path, run_as: dict[str, object], *, d
 
 
 def _port_free(port: int) -> bool:
+    """Whether a server could listen on ``port``. With SO_REUSEADDR, as PostgreSQL binds: the
+    connections of the last run, closed by the server, leave the port in TIME_WAIT for a
+    minute, which must not count as taken (it did, and the URL changed between runs)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:

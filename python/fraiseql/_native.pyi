@@ -99,7 +99,7 @@ _Source = tuple[str, str] | None
 def check(
     main: _Source = None,
     runtime_file: _Source = None,
-    entities: list[tuple[str, str, list[str]]] | None = None,
+    entities: list[tuple[str, str, list[str], list[tuple[str, str]]]] | None = None,
     observers: list[dict[str, Any]] | None = None,
 ) -> dict[str, list[str]]: ...
 def config_facts(main: _Source = None, runtime_file: _Source = None) -> dict[str, Any]: ...
@@ -107,14 +107,14 @@ def database_url(main: _Source = None, runtime_file: _Source = None) -> str | No
 def db_install(
     main: _Source = None,
     runtime_file: _Source = None,
-    entities: list[tuple[str, str, list[str]]] | None = None,
+    entities: list[tuple[str, str, list[str], list[tuple[str, str]]]] | None = None,
     uninstall: bool = False,
     print_only: bool = False,
 ) -> str: ...
 def backfill(
     main: _Source,
     runtime_file: _Source,
-    entities: list[tuple[str, str, list[str]]],
+    entities: list[tuple[str, str, list[str], list[tuple[str, str]]]],
     observers: list[dict[str, Any]],
     entity: str,
     filter: str | None = None,
@@ -138,7 +138,7 @@ class Publisher:
         main: _Source = None,
         runtime_file: _Source = None,
         config: Mapping[str, Any] | None = None,
-        entities: list[tuple[str, str, list[str]]] | None = None,
+        entities: list[tuple[str, str, list[str], list[tuple[str, str]]]] | None = None,
     ) -> Publisher: ...
     def publish(
         self,
@@ -164,7 +164,7 @@ class Engine:
         main: _Source = None,
         runtime_file: _Source = None,
         config: Mapping[str, Any] | None = None,
-        entities: list[tuple[str, str, list[str]]] | None = None,
+        entities: list[tuple[str, str, list[str], list[tuple[str, str]]]] | None = None,
         observers: list[dict[str, Any]] | None = None,
     ) -> Engine: ...
     def start(self, event_loop: Any = None, http_port: int | None = None) -> None: ...

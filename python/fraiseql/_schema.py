@@ -92,6 +92,7 @@ class EntityInfo:
     table: str
     fields: tuple[str, ...]
     converters: Mapping[str, Callable[[Any], Any]]
+    kinds: Mapping[str, str]
 
 
 def _converter(annotation: Any) -> Callable[[Any], Any] | None:
@@ -108,6 +109,23 @@ def _converter(annotation: Any) -> Callable[[Any], Any] | None:
         return lambda v: uuid.UUID(v) if isinstance(v, str) else v
     if annotation is decimal.Decimal:
         return lambda v: decimal.Decimal(str(v)) if isinstance(v, (int, float, str)) else v
+    return None
+
+
+def _json_kind(annotation: Any) -> str | None:
+    """The JSON kind a field of this type holds in a captured row, when there is one:
+    `text`, `number` or `boolean` (`Optional[X]` is X's; dates and UUIDs are text)."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _json_kind(args[0]) if len(args) == 1 else None
+    annotation = getattr(annotation, "__supertype__", annotation)  # NewType("ID", str) is str
+    if annotation is bool:
+        return "boolean"
+    if annotation in (int, float, decimal.Decimal):
+        return "number"
+    if annotation in (str, _dt.datetime, _dt.date, _dt.time, uuid.UUID):
+        return "text"
     return None
 
 
@@ -146,11 +164,13 @@ class Registry:
             )
         self.observers.append(decl)
 
-    def entities(self) -> list[tuple[str, str, list[str]]]:
+    def entities(self) -> list[tuple[str, str, list[str], list[tuple[str, str]]]]:
+        """Each type as the engine takes it: name, table, fields, and the JSON kind of the
+        fields whose type has one (conditions comparing them with a literal are checked)."""
         out = []
         for cls in self.types.values():
             info: EntityInfo = cls.__fraiseql_entity__  # type: ignore[attr-defined]
-            out.append((info.name, info.table, list(info.fields)))
+            out.append((info.name, info.table, list(info.fields), list(info.kinds.items())))
         return out
 
     def clear(self) -> None:
@@ -210,7 +230,8 @@ def type_(
         fields = tuple(n for n in inspect.get_annotations(c) if not n.startswith("_"))
         entity = name or c.__name__
         converters = {f: conv for f in fields if (conv := _converter(hints.get(f))) is not None}
-        info = EntityInfo(entity, table or default_table(entity), fields, converters)
+        kinds = {f: kind for f in fields if (kind := _json_kind(hints.get(f))) is not None}
+        info = EntityInfo(entity, table or default_table(entity), fields, converters, kinds)
         c.__fraiseql_entity__ = info  # type: ignore[attr-defined]
         if "__init__" not in c.__dict__:
             c.__init__ = _init  # type: ignore[method-assign]

@@ -130,6 +130,7 @@ fn schema() -> Schema {
         name: "Bench".into(),
         table: "tb_bench".into(),
         fields: vec![],
+        kinds: Vec::new(),
     }])
     .unwrap()
 }

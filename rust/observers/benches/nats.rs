@@ -177,6 +177,7 @@ fn schema() -> Schema {
         name: "Order".into(),
         table: "tb_order".into(),
         fields: Vec::new(),
+        kinds: Vec::new(),
     }])
     .unwrap()
 }

@@ -116,6 +116,7 @@ fn schema() -> Schema {
         name: "Bench".into(),
         table: "tb_bench".into(),
         fields: vec![],
+        kinds: Vec::new(),
     }])
     .unwrap()
 }

@@ -52,6 +52,7 @@ async fn main() -> fraiseql_observers::Result<()> {
         name: "Order".into(),
         table: "tb_order".into(),
         fields: vec!["id".into(), "total".into()],
+        kinds: Vec::new(),
     }])?;
 
     // Default: fast, no deduplication. Effectively-once records an idempotency key (here in

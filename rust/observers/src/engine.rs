@@ -56,6 +56,9 @@ pub struct ObserverSpec {
     /// Per-key order: the columns whose values key the changes this observer sees one at a
     /// time, in commit order (default `["id"]`); `None`: any order.
     pub ordering: Option<Vec<String>>,
+    /// Its entity is a declared type: a change without a field its condition or templates
+    /// read is reported (schema drift) rather than silently never matching.
+    pub check_fields: bool,
 }
 
 impl ObserverSpec {
@@ -70,6 +73,7 @@ impl ObserverSpec {
             retry: RetryPolicy::default(),
             actions: Vec::new(),
             ordering: Some(default_order_key()),
+            check_fields: false,
         }
     }
 
@@ -90,13 +94,15 @@ impl ObserverSpec {
         let condition = match &handler.condition {
             Some(expr) => {
                 let fields = entity.map(|e| e.fields.as_slice());
-                Some(
-                    Condition::compile(expr, fields).map_err(|source| Error::Condition {
-                        observer: handler.name.clone(),
-                        origin: handler.origin.clone(),
-                        source: Box::new(source),
-                    })?,
-                )
+                let compiled = Condition::compile(expr, fields).and_then(|c| {
+                    c.check_kinds(|field| entity.and_then(|e| e.kind(field)))?;
+                    Ok(c)
+                });
+                Some(compiled.map_err(|source| Error::Condition {
+                    observer: handler.name.clone(),
+                    origin: handler.origin.clone(),
+                    source: Box::new(source),
+                })?)
             }
             None => None,
         };
@@ -116,6 +122,7 @@ impl ObserverSpec {
                     Some(handler.order_key.clone().unwrap_or_else(default_order_key))
                 }
             },
+            check_fields: entity.is_some(),
         })
     }
 
@@ -154,6 +161,9 @@ struct CompiledObserver {
     idempotency: Option<Arc<dyn IdempotencyStore>>,
     actions: Vec<(Arc<dyn Action>, ActionMetrics)>,
     metrics: ObserverMetrics,
+    /// The top-level fields its condition and templates read, checked on every change when
+    /// its entity is declared (empty otherwise).
+    reads: Box<[Box<str>]>,
 }
 
 /// What happened to one event.
@@ -188,7 +198,24 @@ pub struct Engine {
     /// The last events processed and what each observer did with them, for the console;
     /// `None` (the default) keeps nothing.
     recent: Option<Recent>,
+    /// (observer, field) pairs seen missing from a captured change, first time first.
+    missing_fields: std::sync::Mutex<Vec<MissingField>>,
 }
+
+/// A field an observer reads that a captured change did not have: a column renamed or
+/// dropped under a running observer (schema drift).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MissingField {
+    pub observer: String,
+    pub entity: String,
+    pub field: String,
+    /// The first change seen without it.
+    pub event_id: String,
+    pub first_seen: String,
+}
+
+/// At most this many (observer, field) pairs are kept for `/health`; all are counted.
+const MAX_MISSING_FIELDS: usize = 100;
 
 /// The events being processed: what `/health` reports when one takes too long.
 #[derive(Default)]
@@ -322,6 +349,11 @@ impl Engine {
                     Some(stores.store_for(idempotency_table))
                 }
             };
+            let reads = if spec.check_fields {
+                fields_read(&spec)
+            } else {
+                Box::default()
+            };
             let actions = spec
                 .actions
                 .into_iter()
@@ -340,6 +372,7 @@ impl Engine {
                 retry: spec.retry,
                 idempotency,
                 actions,
+                reads,
             });
         }
         Ok(Engine {
@@ -350,6 +383,7 @@ impl Engine {
             origin: DlqOrigin::Observer,
             spans: Spans::default(),
             warned_traceparent: AtomicBool::new(false),
+            missing_fields: std::sync::Mutex::default(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             in_flight: InFlight::default(),
             order,
@@ -450,6 +484,7 @@ impl Engine {
                 continue;
             }
             tracked.at(&observer.name);
+            self.check_fields_present(observer, event);
             let matched = observer
                 .condition
                 .as_ref()
@@ -565,6 +600,51 @@ impl Engine {
             .iter()
             .map(CompiledObserver::overview)
             .collect()
+    }
+
+    /// Reports each field `observer` reads that the change's row lacks: logged once per
+    /// observer and field, counted every time, listed by [`Engine::missing_fields`].
+    #[inline]
+    fn check_fields_present(&self, observer: &CompiledObserver, event: &Event) {
+        let Some(Value::Object(row)) = event.row() else {
+            return;
+        };
+        for field in observer.reads.iter().filter(|f| !row.contains_key(&***f)) {
+            self.metrics.missing_field(&observer.name, field);
+            let mut seen = self.missing_fields.lock().expect("missing fields lock");
+            if seen
+                .iter()
+                .any(|m| m.observer == observer.name && m.field == **field)
+            {
+                continue;
+            }
+            tracing::warn!(
+                "[observer] {}: change {} of {} has no field `{field}`, which its condition or \
+                 a template reads (a column renamed or dropped?): its condition cannot match \
+                 and templates render it empty (counted in \
+                 fraiseql_observer_missing_fields_total; logged once per observer and field)",
+                observer.name,
+                event.id,
+                event.entity
+            );
+            if seen.len() < MAX_MISSING_FIELDS {
+                seen.push(MissingField {
+                    observer: observer.name.clone(),
+                    entity: event.entity.clone(),
+                    field: field.to_string(),
+                    event_id: event.id.clone(),
+                    first_seen: now_rfc3339(),
+                });
+            }
+        }
+    }
+
+    /// The fields observers read that captured changes lacked, first seen first.
+    pub fn missing_fields(&self) -> Vec<MissingField> {
+        self.missing_fields
+            .lock()
+            .expect("missing fields lock")
+            .clone()
     }
 
     /// A trace context that is not one is delivered without (the telemetry checks it where
@@ -880,6 +960,19 @@ fn note(
             outcome,
         });
     }
+}
+
+/// The distinct top-level fields an observer's condition and templates read.
+fn fields_read(spec: &ObserverSpec) -> Box<[Box<str>]> {
+    let mut fields: Vec<Box<str>> = Vec::new();
+    let condition = spec.condition.iter().flat_map(|c| c.referenced_fields());
+    let templates = spec.actions.iter().flat_map(|a| a.fields());
+    for field in condition.map(str::to_owned).chain(templates) {
+        if !fields.iter().any(|f| **f == *field) {
+            fields.push(field.into());
+        }
+    }
+    fields.into_boxed_slice()
 }
 
 /// One observer as the console shows it. Actions are shown by their safe description (a

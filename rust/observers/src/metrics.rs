@@ -63,6 +63,8 @@ pub struct Metrics {
     pub source_stalled: Gauge,
     /// Changes whose `traceparent` was not a W3C trace context (delivered without it).
     pub traceparent_invalid: Counter,
+    /// Changes without a field an observer reads, by observer and field (schema drift).
+    pub missing_fields: Family<Labels, Counter>,
 }
 
 /// The handles one (observer, action) pair updates. Failures are counted per reason, so
@@ -195,6 +197,7 @@ impl Metrics {
             source_undecodable: Counter::default(),
             source_stalled: Gauge::default(),
             traceparent_invalid: Counter::default(),
+            missing_fields: Family::default(),
             registry: Registry::default(),
         }
     }
@@ -301,6 +304,20 @@ impl Metrics {
             "Changes whose traceparent was not a W3C trace context and was dropped",
             self.traceparent_invalid.clone(),
         );
+        registry.register(
+            name("missing_fields"),
+            "Changes without a field an observer's condition or template reads (a renamed or dropped column)",
+            self.missing_fields.clone(),
+        );
+    }
+
+    /// A change without `field`, which `observer` reads.
+    pub fn missing_field(&self, observer: &str, field: &str) {
+        let labels = vec![
+            ("observer".to_owned(), observer.to_owned()),
+            ("field".to_owned(), field.to_owned()),
+        ];
+        self.missing_fields.get_or_create(&labels).inc();
     }
 
     pub fn observer(&self, observer: &str) -> ObserverMetrics {

@@ -504,6 +504,11 @@ impl HealthSource for Watched {
         let oldest = self.engine.oldest_in_flight();
         observers["oldest_in_flight"] = oldest.as_ref().map_or(Value::Null, describe_processing);
         observers["blocked"] = Value::Bool(self.blocked().is_some());
+        // Schema drift is a warning, not an outage: listed, without a 503.
+        let missing = self.engine.missing_fields();
+        if !missing.is_empty() {
+            observers["missing_fields"] = serde_json::to_value(missing).unwrap_or_default();
+        }
         observers
     }
 
@@ -756,6 +761,7 @@ pub fn capture_schema(config: &Config, declared: &Schema) -> Result<Schema> {
                 name: h.entity.clone(),
                 table: h.table.clone(),
                 fields: Vec::new(),
+                kinds: Vec::new(),
             });
         }
     }

@@ -3,11 +3,55 @@
 use crate::error::{Error, Result};
 
 /// One `@fraiseql.type`: entity name, table, declared fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EntityDef {
     pub name: String,
     pub table: String,
     pub fields: Vec<String>,
+    /// The JSON kind of the fields whose declared type has one (`str` is text, `int`,
+    /// `float` and `Decimal` are numbers, `bool` a boolean); the others are not checked.
+    pub kinds: Vec<(String, FieldKind)>,
+}
+
+impl EntityDef {
+    /// The declared JSON kind of `field`, if its type has one.
+    pub fn kind(&self, field: &str) -> Option<FieldKind> {
+        self.kinds.iter().find(|(f, _)| f == field).map(|(_, k)| *k)
+    }
+}
+
+/// What a field holds in a captured row, as far as its declared type says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    Text,
+    Number,
+    Boolean,
+}
+
+impl FieldKind {
+    /// `text`, `number` or `boolean`: the names Python passes and messages use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FieldKind::Text => "text",
+            FieldKind::Number => "number",
+            FieldKind::Boolean => "boolean",
+        }
+    }
+}
+
+impl std::str::FromStr for FieldKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<FieldKind, String> {
+        match s {
+            "text" => Ok(FieldKind::Text),
+            "number" => Ok(FieldKind::Number),
+            "boolean" => Ok(FieldKind::Boolean),
+            other => Err(format!(
+                "unknown field kind {other:?} (expected text, number or boolean)"
+            )),
+        }
+    }
 }
 
 /// `Order` → `tb_order`, `OrderItem` → `tb_order_item`.
@@ -94,6 +138,7 @@ mod tests {
             name: "Order".into(),
             table: "tb_order".into(),
             fields: vec!["id".into()],
+            kinds: Vec::new(),
         }])
         .unwrap();
         let err = schema.resolve("o", "Ordr").unwrap_err().to_string();

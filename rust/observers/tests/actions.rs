@@ -47,6 +47,7 @@ fn order_entity() -> EntityDef {
             "note".into(),
             "customer".into(),
         ],
+        kinds: Vec::new(),
     }
 }
 

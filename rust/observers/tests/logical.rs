@@ -48,6 +48,7 @@ fn schema() -> Schema {
         name: "Order".into(),
         table: "tb_order".into(),
         fields: vec![],
+        kinds: Vec::new(),
     }])
     .unwrap()
 }
@@ -366,6 +367,7 @@ async fn values_match_what_trigger_capture_writes() {
         name: "Kinds".into(),
         table: "tb_kinds".into(),
         fields: vec![],
+        kinds: Vec::new(),
     }])
     .unwrap();
     let reader = reader(&db, "kinds");

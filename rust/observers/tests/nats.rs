@@ -344,6 +344,7 @@ async fn a_change_the_bridge_cannot_publish_is_sent_bridge_attempts_times_in_all
         name: "Order".into(),
         table: "tb_order".into(),
         fields: Vec::new(),
+        kinds: Vec::new(),
     }])
     .unwrap();
     let dlq = Arc::new(MemoryDlq::new(None));
@@ -449,6 +450,7 @@ async fn dlq_retry_publishes_a_dead_lettered_bridge_change_again() {
         name: "Order".into(),
         table: "tb_order".into(),
         fields: Vec::new(),
+        kinds: Vec::new(),
     }])
     .unwrap();
     let dlq: Arc<dyn DeadLetterQueue> = Arc::new(MemoryDlq::new(None));

@@ -56,6 +56,7 @@ fn schema() -> Schema {
         name: "Order".into(),
         table: "tb_order".into(),
         fields: vec!["id".into(), "status".into(), "total".into(), "note".into()],
+        kinds: Vec::new(),
     }])
     .unwrap()
 }
@@ -271,6 +272,7 @@ async fn hostile_and_missing_names_are_rejected() {
         name: "Order".into(),
         table: "tb_order; DROP TABLE tb_order".into(),
         fields: vec![],
+        kinds: Vec::new(),
     }])
     .unwrap();
     let err = capture::install(&db.pool, &hostile, CHANNEL)

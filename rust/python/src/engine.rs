@@ -89,11 +89,17 @@ pub(crate) fn entity_defs(entities: &Bound<'_, PyList>) -> PyResult<Vec<EntityDe
     entities
         .iter()
         .map(|e| {
-            let (name, table, fields): (String, String, Vec<String>) = e.extract()?;
+            let (name, table, fields, kinds): (String, String, Vec<String>, Vec<(String, String)>) =
+                e.extract()?;
+            let kinds = kinds
+                .into_iter()
+                .map(|(field, kind)| Ok((field, kind.parse().map_err(PyValueError::new_err)?)))
+                .collect::<PyResult<_>>()?;
             Ok(EntityDef {
                 name,
                 table,
                 fields,
+                kinds,
             })
         })
         .collect()

@@ -61,6 +61,7 @@ impl Backlog {
             name: "Order".into(),
             table: "tb_order".into(),
             fields: Vec::new(),
+            kinds: Vec::new(),
         }])
         .unwrap();
         capture::install_with(&pool, &schema, &CaptureOptions::new("bench_changes"))

@@ -268,6 +268,14 @@ impl Action for EmailAction {
         "email"
     }
 
+    fn fields(&self) -> Vec<String> {
+        self.subject
+            .fields()
+            .chain(self.body.fields())
+            .map(str::to_owned)
+            .collect()
+    }
+
     fn describe(&self) -> String {
         format!("Email to {}", self.shown_to)
     }

@@ -140,6 +140,11 @@ pub trait Action: Send + Sync {
     fn describe(&self) -> String {
         self.kind().to_owned()
     }
+    /// The top-level row fields its templates read: a captured change without one of them
+    /// is reported (schema drift), see `Engine`.
+    fn fields(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// One attempt. Retries are the engine's business.
     async fn execute(&self, event: &Event) -> Result<(), ActionError>;
     /// How long one attempt may take: the engine gives up on it after this (a failure of

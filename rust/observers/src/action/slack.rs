@@ -109,6 +109,10 @@ impl Action for SlackAction {
         "slack"
     }
 
+    fn fields(&self) -> Vec<String> {
+        self.message.fields().map(str::to_owned).collect()
+    }
+
     fn describe(&self) -> String {
         format!("Slack notification{}", self.target())
     }

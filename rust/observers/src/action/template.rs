@@ -200,6 +200,14 @@ impl Template {
         })
     }
 
+    /// The top-level row fields it reads (`{{customer.name}}` reads `customer`).
+    pub(crate) fn fields(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|segment| match segment {
+            Segment::Field { path, .. } => path.first().map(String::as_str),
+            _ => None,
+        })
+    }
+
     /// Renders the template for `event`. The name of the first placeholder without a value is
     /// stored in `missing` (if it is still `None`).
     pub(crate) fn render(&self, event: &Event, missing: &mut Option<String>) -> String {
@@ -412,6 +420,7 @@ mod tests {
                 "total".into(),
                 "customer".into(),
             ],
+            kinds: Vec::new(),
         }
     }
 

@@ -460,6 +460,14 @@ impl Action for WebhookAction {
         "webhook"
     }
 
+    fn fields(&self) -> Vec<String> {
+        self.body
+            .iter()
+            .flat_map(Template::fields)
+            .map(str::to_owned)
+            .collect()
+    }
+
     fn describe(&self) -> String {
         format!("Webhook to {}", self.shown)
     }

@@ -464,6 +464,7 @@ mod tests {
             name: "Order".into(),
             table: table.into(),
             fields: vec![],
+            kinds: Vec::new(),
         }])
         .unwrap()
     }

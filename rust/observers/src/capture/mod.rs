@@ -436,6 +436,7 @@ mod tests {
             name: name.into(),
             table: table.into(),
             fields: vec![],
+            kinds: Vec::new(),
         }])
         .unwrap()
     }

@@ -31,7 +31,9 @@ use std::fmt;
 
 use serde_json::Value;
 
-use eval::{Node, Rows};
+use eval::{Lit, Node, Rows};
+
+use crate::schema::FieldKind;
 
 /// A compiled condition.
 #[derive(Debug, Clone)]
@@ -40,6 +42,17 @@ pub struct Condition {
     root: Node,
     /// Distinct top-level fields referenced, in order of first appearance.
     fields: Box<[Box<str>]>,
+    /// Top-level fields compared with a literal, for [`Condition::check_kinds`].
+    comparisons: Box<[Compared]>,
+}
+
+#[derive(Debug, Clone)]
+struct Compared {
+    field: Box<str>,
+    kind: FieldKind,
+    literal: Box<str>,
+    line: usize,
+    column: usize,
 }
 
 impl Condition {
@@ -69,10 +82,51 @@ impl Condition {
                 names.push(u.name.into());
             }
         }
+        let comparisons = parsed
+            .comparisons
+            .iter()
+            .map(|c| Compared {
+                field: c.field.into(),
+                kind: match c.literal {
+                    Lit::Str(_) => FieldKind::Text,
+                    Lit::Num(_) => FieldKind::Number,
+                    Lit::Bool(_) | Lit::Null => FieldKind::Boolean,
+                },
+                literal: c.text.into(),
+                line: c.at.line,
+                column: c.at.column,
+            })
+            .collect();
         Ok(Condition {
             source: expr.into(),
             root: parsed.root,
             fields: names.into_boxed_slice(),
+            comparisons,
+        })
+    }
+
+    /// Checks each top-level field compared with a literal against the field's declared
+    /// kind (`kind_of`; `None`: not declared, not checked). `status > 1000` on a text
+    /// `status` is never true, whatever the row: it is an error, not a silent no-match.
+    pub fn check_kinds(
+        &self,
+        kind_of: impl Fn(&str) -> Option<FieldKind>,
+    ) -> Result<(), ConditionError> {
+        let Some((c, declared)) = self.comparisons.iter().find_map(|c| {
+            kind_of(&c.field)
+                .filter(|declared| *declared != c.kind)
+                .map(|declared| (c, declared))
+        }) else {
+            return Ok(());
+        };
+        Err(ConditionError::KindMismatch {
+            field: c.field.to_string(),
+            declared,
+            literal: c.literal.to_string(),
+            literal_kind: c.kind,
+            line: c.line,
+            column: c.column,
+            source_line: source_line(&self.source, c.line),
         })
     }
 
@@ -129,24 +183,60 @@ pub enum ConditionError {
         suggestion: Option<String>,
         known: Vec<String>,
     },
+    /// A field of a declared type compared with a literal of another kind.
+    #[error(
+        "`{field}` is declared as {declared} but is compared with the {literal_kind} {literal} at \
+         line {line}, column {column}: a {declared} value never equals or orders with a \
+         {literal_kind}{hint}\n  {source_line}\n  {caret}",
+        declared = .declared.as_str(),
+        literal_kind = .literal_kind.as_str(),
+        hint = KindHint(*.declared, .literal),
+        caret = Caret(.source_line, *.column)
+    )]
+    KindMismatch {
+        field: String,
+        declared: FieldKind,
+        literal: String,
+        literal_kind: FieldKind,
+        line: usize,
+        column: usize,
+        source_line: String,
+    },
+}
+
+/// How to write the literal for the field's kind, where there is an obvious way.
+struct KindHint<'a>(FieldKind, &'a str);
+
+impl fmt::Display for KindHint<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unquoted = self.1.trim_matches(|c| c == '\'' || c == '"');
+        match self.0 {
+            FieldKind::Text => write!(f, " (write '{unquoted}' to compare text)"),
+            FieldKind::Number if unquoted.parse::<f64>().is_ok() => {
+                write!(f, " (write {unquoted} to compare numbers)")
+            }
+            FieldKind::Boolean => f.write_str(" (compare with true or false)"),
+            FieldKind::Number => Ok(()),
+        }
+    }
 }
 
 impl ConditionError {
     /// 1-based line of the error.
     pub fn line(&self) -> usize {
         match self {
-            ConditionError::Syntax { line, .. } | ConditionError::UnknownField { line, .. } => {
-                *line
-            }
+            ConditionError::Syntax { line, .. }
+            | ConditionError::UnknownField { line, .. }
+            | ConditionError::KindMismatch { line, .. } => *line,
         }
     }
 
     /// 1-based column of the error, in characters.
     pub fn column(&self) -> usize {
         match self {
-            ConditionError::Syntax { column, .. } | ConditionError::UnknownField { column, .. } => {
-                *column
-            }
+            ConditionError::Syntax { column, .. }
+            | ConditionError::UnknownField { column, .. }
+            | ConditionError::KindMismatch { column, .. } => *column,
         }
     }
 
@@ -154,7 +244,8 @@ impl ConditionError {
     pub fn source_line(&self) -> &str {
         match self {
             ConditionError::Syntax { source_line, .. }
-            | ConditionError::UnknownField { source_line, .. } => source_line,
+            | ConditionError::UnknownField { source_line, .. }
+            | ConditionError::KindMismatch { source_line, .. } => source_line,
         }
     }
 }

@@ -20,9 +20,20 @@ pub(super) struct FieldUse<'a> {
     pub at: Pos,
 }
 
+/// A top-level field compared with a literal (`status == 'shipped'`, `1000 < total`), for
+/// the check against the field's declared type.
+pub(super) struct LiteralComparison<'a> {
+    pub field: &'a str,
+    pub literal: Lit,
+    /// The literal as written, and where.
+    pub text: &'a str,
+    pub at: Pos,
+}
+
 pub(super) struct Parsed<'a> {
     pub root: Node,
     pub uses: Vec<FieldUse<'a>>,
+    pub comparisons: Vec<LiteralComparison<'a>>,
 }
 
 pub(super) fn parse(src: &str) -> Result<Parsed<'_>, ConditionError> {
@@ -31,6 +42,7 @@ pub(super) fn parse(src: &str) -> Result<Parsed<'_>, ConditionError> {
         toks: tokenize(src),
         i: 0,
         uses: Vec::new(),
+        comparisons: Vec::new(),
         depth: 0,
     };
     if p.cur().tok == Tok::Eof {
@@ -51,7 +63,11 @@ pub(super) fn parse(src: &str) -> Result<Parsed<'_>, ConditionError> {
         );
         return Err(p.error_at(cur.start, msg));
     }
-    Ok(Parsed { root, uses: p.uses })
+    Ok(Parsed {
+        root,
+        uses: p.uses,
+        comparisons: p.comparisons,
+    })
 }
 
 struct Parser<'a> {
@@ -59,6 +75,7 @@ struct Parser<'a> {
     toks: Vec<Token<'a>>,
     i: usize,
     uses: Vec<FieldUse<'a>>,
+    comparisons: Vec<LiteralComparison<'a>>,
     /// Current nesting of `!` and `(`, bounded to keep recursion (parse and evaluate) shallow.
     depth: usize,
 }
@@ -154,12 +171,15 @@ impl<'a> Parser<'a> {
     }
 
     fn cmp(&mut self) -> Result<Node, ConditionError> {
+        let lhs_start = self.cur().clone();
         let lhs = self.unary()?;
         let Some(op) = cmp_op(&self.cur_checked()?.tok) else {
             return Ok(lhs);
         };
         self.advance();
+        let rhs_start = self.cur().clone();
         let rhs = self.unary()?;
+        self.note_literal_comparison([(&lhs_start, &lhs), (&rhs_start, &rhs)]);
         let next = self.cur_checked()?;
         if cmp_op(&next.tok).is_some() {
             return Err(self.error_at(
@@ -171,6 +191,31 @@ impl<'a> Parser<'a> {
             ));
         }
         Ok(Node::comparison(op, lhs, rhs))
+    }
+
+    /// Records `field op literal` (either way round) where the field is a top-level one and
+    /// the literal is written as one token and is not `null` (which any field may be).
+    fn note_literal_comparison(&mut self, sides: [(&Token<'a>, &Node); 2]) {
+        let field = sides
+            .iter()
+            .find_map(|(start, node)| match (&start.tok, node) {
+                (Tok::Ident(name), Node::Field { path, .. }) if path.len() == 1 => Some(*name),
+                _ => None,
+            });
+        let literal = sides
+            .iter()
+            .find_map(|(start, node)| match (&start.tok, node) {
+                (Tok::Lit(_), Node::Lit(lit)) if *lit != Lit::Null => Some((*start, lit)),
+                _ => None,
+            });
+        if let (Some(field), Some((token, literal))) = (field, literal) {
+            self.comparisons.push(LiteralComparison {
+                field,
+                literal: literal.clone(),
+                text: token.text,
+                at: token.start,
+            });
+        }
     }
 
     fn unary(&mut self) -> Result<Node, ConditionError> {

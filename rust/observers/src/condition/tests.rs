@@ -820,3 +820,69 @@ fn nesting_is_bounded() {
         "nested too deeply",
     );
 }
+
+fn kind_of(field: &str) -> Option<crate::schema::FieldKind> {
+    use crate::schema::FieldKind;
+    match field {
+        "status" => Some(FieldKind::Text),
+        "total" => Some(FieldKind::Number),
+        "is_premium" => Some(FieldKind::Boolean),
+        _ => None,
+    }
+}
+
+fn kinds(src: &str) -> Result<(), String> {
+    c(src).check_kinds(kind_of).map_err(|e| e.to_string())
+}
+
+#[test]
+fn literals_of_the_declared_kind_pass() {
+    for src in [
+        "status == 'shipped' && total > 1000 && is_premium == true",
+        "1000 < total || 'a' <= status",
+        "status.old == 'pending' && status.changed() && status == 'approved'",
+        "status == null && total != null && is_premium != null",
+        "total >= -5.5e3 && note == 7 && customer.address.zip == 'x'", // undeclared, nested
+        "status == total",                                             // no literal
+        "(status) == 1",                                               // parenthesised: not checked
+    ] {
+        assert_eq!(kinds(src), Ok(()), "{src}");
+    }
+}
+
+#[test]
+fn a_literal_of_another_kind_is_an_error_at_the_literal() {
+    assert_eq!(
+        kinds("status > 1000").unwrap_err(),
+        "`status` is declared as text but is compared with the number 1000 at line 1, column 10: \
+         a text value never equals or orders with a number (write '1000' to compare text)\n  \
+         status > 1000\n           ^"
+    );
+    let e = kinds("is_premium && total > '1000'").unwrap_err();
+    assert!(
+        e.starts_with(
+            "`total` is declared as number but is compared with the text '1000' at line 1, \
+             column 23: a number value never equals or orders with a text (write 1000 to compare \
+             numbers)"
+        ),
+        "{e}"
+    );
+    let e = kinds("status == 'x' &&\n  1 == is_premium").unwrap_err();
+    assert!(e.contains("`is_premium` is declared as boolean but is compared with the number 1 at line 2, column 3"), "{e}");
+    assert!(e.contains("(compare with true or false)"), "{e}");
+    let e = kinds("total == 'many'").unwrap_err();
+    assert!(
+        e.contains("never equals or orders with a text\n"),
+        "no hint for a word: {e}"
+    );
+    let e = kinds("status.old == false").unwrap_err();
+    assert!(
+        e.contains("`status` is declared as text but is compared with the boolean false"),
+        "{e}"
+    );
+    let err = c("status > 1000").check_kinds(kind_of).unwrap_err();
+    assert_eq!(
+        (err.line(), err.column(), err.source_line()),
+        (1, 10, "status > 1000")
+    );
+}
