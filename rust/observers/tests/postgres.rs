@@ -806,6 +806,50 @@ async fn the_source_reconnects_after_its_connections_are_killed() {
     db.cleanup().await;
 }
 
+/// Only the connection that stores the cursor is killed: the reader reads on and never
+/// rewinds, so the next batch's cursor must be stored on a new connection (it was only
+/// logged, and an idle reader stayed behind and stalled until another change came).
+#[tokio::test]
+async fn a_killed_cursor_connection_is_replaced_when_the_next_batch_is_stored() {
+    let db = test_db().await;
+    install(&db).await;
+    let recorder = Arc::new(Recorder::default());
+    let running = Running::start(&db.url, "cursor_conn", engine(&recorder)).await;
+    running.wait_until("healthy", |h| h.healthy()).await;
+    db.pool
+        .execute("INSERT INTO tb_order (note) VALUES ('before')")
+        .await
+        .unwrap();
+    recorder.wait_for(1).await;
+    running
+        .wait_until("the cursor stored", |h| {
+            h.observers()["events_delivered"] == 1
+        })
+        .await;
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() \
+           AND application_name = 'fraiseql cursor cursor_conn'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "the cursor store's connection");
+    db.pool
+        .execute("INSERT INTO tb_order (note) SELECT 'after' FROM generate_series(1, 5)")
+        .await
+        .unwrap();
+    recorder.wait_for(6).await;
+    running
+        .wait_until("the cursor saved again", |h| {
+            h.observers()["lag_rows"] == 0 && h.observers()["events_delivered"] == 6
+        })
+        .await;
+    assert_eq!(recorder.events().len(), 6, "nothing read twice");
+    running.stop().await;
+    db.cleanup().await;
+}
+
 /// A dead-letter queue that fails while `down` is set (a database that went away), else
 /// keeps entries in memory.
 struct FlakyDlq {

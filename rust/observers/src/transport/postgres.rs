@@ -774,7 +774,9 @@ impl Source for PostgresSource {
             options: self
                 .connect_options
                 .clone()
-                .options([("synchronous_commit", "off")]),
+                .options([("synchronous_commit", "off")])
+                // Named, so that an operator (and a test) can tell it in pg_stat_activity.
+                .application_name(&format!("fraiseql cursor {}", self.options.listener_id)),
             listener_id: self.options.listener_id.clone(),
             conn: tokio::sync::Mutex::new(None),
             committed: self.committed.clone(),
@@ -878,22 +880,22 @@ struct CursorStore {
 impl Committer<BatchEnd> for CursorStore {
     async fn commit(&self, end: BatchEnd) -> Result<()> {
         let mut conn = self.conn.lock().await;
-        if conn.is_none() {
-            *conn = Some(
-                PgConnection::connect_with(&self.options)
-                    .await
-                    .map_err(|e| Error::Transport(format!("cannot store the cursor: {e}")))?,
-            );
-        }
-        let stored = save_cursor(
-            conn.as_mut().expect("connected"),
-            &self.listener_id,
-            end.cursor,
-        )
-        .await;
-        if let Err(e) = stored {
-            *conn = None;
-            return Err(Error::Transport(format!("cannot store the cursor: {e}")));
+        // A connection the server closed (a restart, pg_terminate_backend) is found dead only
+        // when used: store again on a new one before giving up. A cursor not stored stays
+        // behind until a later batch stores one, so an idle reader would look stalled.
+        let mut attempt = 0;
+        loop {
+            match self.store(&mut conn, end.cursor).await {
+                Ok(()) => break,
+                Err(e) if attempt + 1 < COMMIT_ATTEMPTS => {
+                    tracing::debug!(
+                        "cannot store the cursor ({e}); trying again on a new connection"
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                }
+                Err(e) => return Err(Error::Transport(format!("cannot store the cursor: {e}"))),
+            }
         }
         {
             let mut committed = self.committed.lock().expect("cursor lock");
@@ -905,6 +907,29 @@ impl Committer<BatchEnd> for CursorStore {
         self.health.progressed();
         self.metrics.source_batches.inc();
         Ok(())
+    }
+}
+
+/// Tries to store a batch's cursor this many times, each on a live connection.
+const COMMIT_ATTEMPTS: u32 = 3;
+
+impl CursorStore {
+    /// Stores `cursor` on the store's connection, connecting first if it has none; a failed
+    /// store drops the connection.
+    async fn store(
+        &self,
+        conn: &mut Option<PgConnection>,
+        cursor: Cursor,
+    ) -> std::result::Result<(), sqlx::Error> {
+        if conn.is_none() {
+            *conn = Some(PgConnection::connect_with(&self.options).await?);
+        }
+        let stored =
+            save_cursor(conn.as_mut().expect("connected"), &self.listener_id, cursor).await;
+        if stored.is_err() {
+            *conn = None;
+        }
+        stored
     }
 }
 

@@ -469,7 +469,11 @@ impl LogicalSource {
         let Batch {
             payloads,
             checkpoint,
+            committed,
         } = batch;
+        if let Some(end) = committed {
+            self.resume_from = self.resume_from.max(end);
+        }
         let checkpoint = checkpoint.filter(|lsn| *lsn > self.handed);
         if payloads.is_empty() && checkpoint.is_none() {
             return Ok(Fetch::Idle);
@@ -520,7 +524,7 @@ impl LogicalSource {
             } if prefix == decode::TRACEPARENT_PREFIX => stream.decoder.traceparent(&content),
             ReplicationEvent::Commit { end_lsn, .. } => {
                 stream.decoder.commit();
-                self.resume_from = self.resume_from.max(end_lsn.0);
+                batch.committed = Some(end_lsn.0);
                 batch.checkpoint = Some(end_lsn.0);
             }
             // The server has sent everything before `wal_end`: with no transaction under way,
@@ -606,6 +610,10 @@ impl LogicalSource {
 struct Batch {
     payloads: Vec<delivery::Payload>,
     checkpoint: Option<u64>,
+    /// The end of the last transaction it completes: where a new session resumes once the
+    /// batch is handed to the loop (not before: a session lost while a batch is gathered
+    /// drops the batch, and its transactions must be streamed again).
+    committed: Option<u64>,
 }
 
 /// Where a batch lets the slot move (the end of the last transaction it completes, or a
