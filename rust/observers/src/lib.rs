@@ -15,6 +15,9 @@ pub mod dlq;
 pub mod engine;
 pub mod error;
 pub mod event;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod recent;
 pub mod redact;

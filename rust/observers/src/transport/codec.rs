@@ -128,7 +128,12 @@ pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event,
         EventKind::Update => (data, old),
         EventKind::Delete => (None, old.or(data)),
     };
-    if new.is_none() && old.is_none() {
+    // An INSERT or UPDATE needs its new row, a DELETE its old one.
+    let row = match kind {
+        EventKind::Delete => &old,
+        EventKind::Insert | EventKind::Update => &new,
+    };
+    if row.is_none() {
         return Err("missing field \"data\"".into());
     }
     let backfill =

@@ -1062,8 +1062,7 @@ fn decode_event(row: &PgRow) -> std::result::Result<Event, String> {
     };
     let id: i64 = row.try_get("id").map_err(|e| format!("column id: {e}"))?;
     let kind: EventKind = text("event")?.parse()?;
-    let (new, old) = (json("new")?, json("old")?);
-    check_rows(kind, new.as_ref(), old.as_ref())?;
+    let (new, old) = change_rows(kind, json("new")?, json("old")?)?;
     let backfill = json("backfill")?
         .map(serde_json::from_value)
         .transpose()
@@ -1114,6 +1113,22 @@ fn check_rows(kind: EventKind, new: Option<&Value>, old: Option<&Value>) -> Resu
         EventKind::Delete => shape("old", old, true)?,
     }
     Ok(())
+}
+
+/// The rows of a change of `kind`, checked by [`check_rows`]. A row the kind does not carry (a
+/// `new` on a DELETE, an `old` on an INSERT: only a hand-written row has one) is dropped, as
+/// the NATS and Redis codec drops it, so that [`Event::row`] is the change's own row.
+pub(crate) fn change_rows(
+    kind: EventKind,
+    new: Option<Value>,
+    old: Option<Value>,
+) -> Result<(Option<Value>, Option<Value>), String> {
+    check_rows(kind, new.as_ref(), old.as_ref())?;
+    Ok(match kind {
+        EventKind::Insert => (new, None),
+        EventKind::Update => (new, old),
+        EventKind::Delete => (None, old),
+    })
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -1266,6 +1281,23 @@ mod tests {
         assert!(check_rows(EventKind::Delete, Some(&row), None).is_err());
         // A JSON null in the column is a row that is not one.
         assert!(check_rows(EventKind::Insert, Some(&Value::Null), None).is_err());
+    }
+
+    /// Found by the `changelog` fuzz target: a DELETE whose `new` column held a jsonb `null`
+    /// became an event whose row (`Event::row`, what conditions and templates read) was that
+    /// `null` rather than the deleted row.
+    #[test]
+    fn a_row_the_change_does_not_carry_is_dropped() {
+        let row = json!({"id": "ord_1"});
+        let (new, old) =
+            change_rows(EventKind::Delete, Some(Value::Null), Some(row.clone())).unwrap();
+        assert_eq!((new, old), (None, Some(row.clone())));
+        let (new, old) =
+            change_rows(EventKind::Insert, Some(row.clone()), Some(json!([1]))).unwrap();
+        assert_eq!((new, old), (Some(row.clone()), None));
+        let both = change_rows(EventKind::Update, Some(row.clone()), Some(row.clone())).unwrap();
+        assert_eq!(both, (Some(row.clone()), Some(row)));
+        assert!(change_rows(EventKind::Delete, Some(json!({"id": 1})), None).is_err());
     }
 
     #[test]

@@ -32,8 +32,8 @@
 //! (pgoutput protocol 1: transactions are not streamed while they run, so nothing
 //! uncommitted ever reaches the engine).
 
-mod decode;
-mod value;
+pub(crate) mod decode;
+pub(crate) mod value;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
