@@ -39,7 +39,8 @@ dict() {
 if [ $# -gt 0 ]; then
   targets=("$@")
 else
-  mapfile -t targets < <(cargo fuzz list)
+  # shellcheck disable=SC2207 # target names have no spaces
+  targets=($(cargo fuzz list))
 fi
 step "building ${#targets[@]} fuzz targets"
 cargo fuzz build
