@@ -113,13 +113,18 @@ fn parse_array(text: &str, element: u32) -> Option<Value> {
         _ => text,
     };
     let mut chars = body.char_indices().peekable();
-    let value = parse_level(body, &mut chars, element)?;
+    let value = parse_level(body, &mut chars, element, MAX_DIMENSIONS)?;
     chars.next().is_none().then_some(value)
 }
 
 type Chars<'a> = std::iter::Peekable<std::str::CharIndices<'a>>;
 
-fn parse_level(text: &str, chars: &mut Chars<'_>, element: u32) -> Option<Value> {
+/// PostgreSQL's `MAXDIM`: an array has at most this many dimensions, so deeper nesting is not
+/// an array literal (and would recurse without bound).
+const MAX_DIMENSIONS: usize = 6;
+
+fn parse_level(text: &str, chars: &mut Chars<'_>, element: u32, depth: usize) -> Option<Value> {
+    let depth = depth.checked_sub(1)?;
     if chars.next()?.1 != '{' {
         return None;
     }
@@ -130,7 +135,7 @@ fn parse_level(text: &str, chars: &mut Chars<'_>, element: u32) -> Option<Value>
     }
     loop {
         let item = match chars.peek()?.1 {
-            '{' => parse_level(text, chars, element)?,
+            '{' => parse_level(text, chars, element, depth)?,
             '"' => {
                 chars.next();
                 let mut s = String::new();
@@ -239,5 +244,12 @@ mod tests {
         for bad in ["{1,2", "{", "}", "{\"a}", "{1}x", "", "[1:2]"] {
             assert_eq!(to_json(1007, bad), json!(bad), "{bad}");
         }
+        // At most six dimensions, as in PostgreSQL; deeper text stays text (without recursing
+        // into a stack overflow).
+        assert_eq!(to_json(1007, "{{{{{{1}}}}}}"), json!([[[[[[1]]]]]]));
+        let deep = format!("{}{}", "{".repeat(7), "}".repeat(7));
+        assert_eq!(to_json(1007, &deep), json!(deep));
+        let deeper = "{".repeat(100_000);
+        assert_eq!(to_json(1007, &deeper), json!(deeper));
     }
 }
