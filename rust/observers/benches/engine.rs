@@ -17,24 +17,35 @@ use serde_json::json;
 const EVENTS: usize = 1_000_000;
 
 fn engine(checkpoint: CheckpointStrategy) -> Arc<Engine> {
-    let spec = ObserverSpec::new(
+    engine_as_run(checkpoint, false, false)
+}
+
+/// As `run` sets it up: on a declared type the fields the condition reads are checked on
+/// every change (`check_fields`); with the status server on, the console's recent events
+/// are kept (`recent`).
+fn engine_as_run(checkpoint: CheckpointStrategy, check_fields: bool, recent: bool) -> Arc<Engine> {
+    let mut spec = ObserverSpec::new(
         ListenerConfig::new("on_high_value_order", checkpoint),
         "Order",
         EventKind::Insert,
     )
     .condition(Condition::compile("total > 1000 && is_premium == true", None).unwrap())
     .action(Arc::new(NoopAction));
+    spec.check_fields = check_fields;
     let metrics = Arc::new(Metrics::new());
     let dlq = Arc::new(MemoryDlq::new(None));
-    Arc::new(
-        Engine::new(
-            vec![spec],
-            dlq,
-            &MemoryIdempotencyStores::default(),
-            metrics,
-        )
-        .unwrap(),
+    let engine = Engine::new(
+        vec![spec],
+        dlq,
+        &MemoryIdempotencyStores::default(),
+        metrics,
     )
+    .unwrap();
+    Arc::new(if recent {
+        engine.with_recent(fraiseql_observers::console::RECENT_EVENTS)
+    } else {
+        engine
+    })
 }
 
 /// One observer of UPDATEs with `action`, ordered per key (`id`) or not.
@@ -187,6 +198,15 @@ fn main() {
         "  engine, AtLeastOnce, no-op action         {}",
         rate(at_least_once)
     );
+    for (label, check_fields, recent) in [
+        ("same, fields checked                     ", true, false),
+        ("same, recent events kept (console)       ", false, true),
+        ("same, both (as `run` with the console)   ", true, true),
+    ] {
+        let engine = engine_as_run(CheckpointStrategy::AtLeastOnce, check_fields, recent);
+        let took = rt.block_on(through_engine(engine, events()));
+        println!("  {label} {}", rate(took));
+    }
     let once = CheckpointStrategy::EffectivelyOnce {
         idempotency_table: "bench_keys".into(),
     };

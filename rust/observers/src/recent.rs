@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::event::{now_rfc3339, Event, EventKind};
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::event::{Event, EventKind};
 
 /// What one observer did with one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -65,7 +67,8 @@ fn shortened(key: String) -> String {
 /// The ring of recent events.
 pub(crate) struct Recent {
     capacity: usize,
-    events: Mutex<VecDeque<RecentEvent>>,
+    /// Each with when it was processed, formatted only when read (off the per-event path).
+    events: Mutex<VecDeque<(DateTime<Utc>, RecentEvent)>>,
 }
 
 impl Recent {
@@ -83,7 +86,7 @@ impl Recent {
             event: event.event,
             key: event.key().map(shortened),
             timestamp: event.timestamp.clone(),
-            processed_at: now_rfc3339(),
+            processed_at: String::new(),
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             backfill: event.backfill.is_some(),
             outcomes,
@@ -92,12 +95,20 @@ impl Recent {
         if events.len() == self.capacity {
             events.pop_front();
         }
-        events.push_back(recent);
+        events.push_back((Utc::now(), recent));
     }
 
     /// Newest first, at most `limit`.
     pub(crate) fn newest(&self, limit: usize) -> Vec<RecentEvent> {
         let events = self.events.lock().expect("recent events lock");
-        events.iter().rev().take(limit).cloned().collect()
+        events
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|(at, recent)| RecentEvent {
+                processed_at: at.to_rfc3339_opts(SecondsFormat::Micros, true),
+                ..recent.clone()
+            })
+            .collect()
     }
 }
