@@ -509,7 +509,8 @@ async fn a_graceful_restart_resumes_after_the_confirmed_position() {
         )
         .await;
     }
-    first.wait_for(10).await;
+    let seen = first.wait_for(10).await;
+    assert_eq!(totals(&seen), (1..=10).collect::<Vec<_>>(), "{seen:?}");
     running.stop().await;
     // Written while no engine runs.
     exec(

@@ -61,6 +61,10 @@ use crate::transport::delivery::{self, sleep_or_stop, Committer, Fetch, Source};
 use crate::transport::postgres::{publish_first, PgDelivery};
 use crate::transport::Publisher;
 
+/// How long a fetch waits for the rest of a transaction it has the start of before it hands
+/// what it has.
+const REST_OF_TRANSACTION_WAIT: Duration = Duration::from_millis(100);
+
 /// How often the confirmed position is reported to the server (at most).
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the slot's retained WAL and lag are read for `/health` and `/metrics`.
@@ -464,7 +468,18 @@ impl LogicalSource {
                 break;
             }
             let stream = self.stream.as_mut().expect("a session is open");
-            next = stream.client.recv().now_or_never();
+            next = match stream.client.recv().now_or_never() {
+                Some(event) => Some(event),
+                // Half a transaction has arrived: its end follows at once, and only its end
+                // lets the slot move. Handing half would leave the position behind what
+                // was processed (a stop then, or a crash, delivers it again).
+                None if stream.decoder.in_transaction() => {
+                    tokio::time::timeout(REST_OF_TRANSACTION_WAIT, stream.client.recv())
+                        .await
+                        .ok()
+                }
+                None => None,
+            };
         }
         let Batch {
             payloads,
