@@ -667,3 +667,110 @@ def test_a_renamed_column_is_reported_not_silently_never_matched(
     assert (missing["observer"], missing["entity"], missing["field"]) == ("big", entity, "total")
     assert 'fraiseql_observer_missing_fields_total{observer="big",field="total"} 2' in metrics
     assert len(webhook_sink.requests) == 1  # the renamed column's rows never matched
+
+
+def test_a_handler_that_kills_the_engine_is_dead_lettered_after_three_runs(
+    tmp_path: Path, capture: tuple[str, str]
+) -> None:
+    """A Python handler that calls `os._exit(7)` on one row: `fraiseql run` dies on it, and
+    on each start after it runs that row alone; the third death is the last — the next start
+    dead-letters the row without running it, with the reason, and every other row is
+    delivered. With either capture."""
+    mode, fraiseql_database_url = capture
+    suffix = uuid.uuid4().hex[:8]
+    entity, name, observer = f"Poison{suffix}", f"tb_poison{suffix}", f"poisoned_{suffix}"
+    seen, runs = tmp_path / "seen.txt", tmp_path / "runs.txt"
+    (tmp_path / "fraiseql.toml").write_text(
+        f'[database]\nurl = "{fraiseql_database_url}"\n\n[observers]\nbackend = "postgres"\n'
+        f'http_port = 0\n\n[observers.postgres]\nlistener_id = "poison_{suffix}"\n'
+        f'capture = "{mode}"\n'
+    )
+    (tmp_path / "schema.py").write_text(
+        "import os\nimport fraiseql\n"
+        f"@fraiseql.type(table={name!r}, name={entity!r})\nclass T:\n    id: int\n"
+        f"@fraiseql.subscription(entity_type={entity!r}, operation='create')\n"
+        f"def {observer}(t):\n"
+        "    if t.id == 13:\n"
+        f"        with open({str(runs)!r}, 'a') as f:\n"
+        "            f.write('ran\\n')\n"
+        "        os._exit(7)\n"
+        f"    with open({str(seen)!r}, 'a') as f:\n"
+        "        f.write(f'{t.id}\\n')\n"
+    )
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {name} (id int primary key)")
+    cli = [sys.executable, "-m", "fraiseql.cli"]
+    installed = subprocess.run(
+        [*cli, "db", "install"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert installed.returncode == 0, installed.stderr
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute(f"INSERT INTO {name} SELECT g FROM generate_series(1, 40) g")
+
+    def lines(path: Path) -> list[str]:
+        return path.read_text().split() if path.exists() else []
+
+    others = {str(i) for i in range(1, 41) if i != 13}
+
+    def dead_lettered() -> bool:
+        with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            if conn.execute("SELECT to_regclass('fraiseql_dead_letters')").fetchone() == (None,):
+                return False
+            return bool(entry_ids(conn))
+
+    def entry_ids(conn: psycopg.Connection[Any]) -> list[int]:
+        rows = conn.execute("SELECT id FROM fraiseql_dead_letters WHERE observer = %s", (observer,))
+        return [row[0] for row in rows]
+
+    # Three deaths, or four when the row was read after the last write of the range handed
+    # out (written at most once a second): then the next run records it first.
+    deaths: list[str] = []
+    log = tmp_path / "run.log"
+    while True:
+        with (
+            log.open("w") as stderr_file,
+            subprocess.Popen([*cli, "run"], cwd=tmp_path, stderr=stderr_file) as run,
+        ):
+            try:
+                wait_until(lambda: run.poll() is not None or dead_lettered(), timeout=60)
+                if run.poll() is None:
+                    wait_until(lambda: set(lines(seen)) == others, timeout=60)
+            finally:
+                if run.poll() is None:
+                    run.terminate()
+                    run.wait(30)
+        if run.returncode != 7:
+            break
+        deaths.append(log.read_text())
+        assert len(lines(runs)) == len(deaths)
+        assert len(deaths) <= 4, "the poison row was run a fifth time"
+    stderr = log.read_text()
+    assert run.returncode == 0, stderr[-2000:]
+    assert len(deaths) in (3, 4), len(deaths)
+    for died in deaths[-2:]:
+        assert "running it alone" in died, died[-2000:]
+    assert len(lines(runs)) == len(deaths), "not run again once dead-lettered"
+    assert "dead-lettered without running it again" in stderr
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        [entry_id] = entry_ids(conn)
+    entry = json.loads(
+        subprocess.run(
+            [*cli, "dlq", "show", str(entry_id)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    )
+    assert entry["event"]["new"]["id"] == 13
+    assert entry["error"] == (
+        "the engine stopped (killed or crashed) while processing it at least 3 times; "
+        "dead-lettered without running it again"
+    )
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM fraiseql_deliveries WHERE source LIKE %s", (f"%poison_{suffix}",)
+        ).fetchone() == (0,), "a clean stop leaves nothing suspect"
+        conn.execute(f"DROP TABLE {name}")
+        # The dead-letter table is shared with the other tests of this database.
+        conn.execute("DELETE FROM fraiseql_dead_letters WHERE observer = %s", (observer,))

@@ -21,6 +21,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 mod pg;
+mod poison;
 mod services;
 
 use pg::TestDb;
@@ -953,5 +954,47 @@ async fn switching_from_trigger_to_logical_capture_loses_and_repeats_nothing() {
     .unwrap();
     assert_eq!(triggers, 0, "writers no longer pay for triggers");
     running.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_kills_the_engine_every_time_is_dead_lettered_not_run_for_ever() {
+    use fraiseql_observers::DeadLetterQueue as _;
+    let db = test_db().await;
+    let reader = reader(&db, "poison");
+    install(&db, &[&reader]).await;
+    // One transaction: confirmed only at its end, so each run streams it from its start.
+    exec(
+        &db,
+        "INSERT INTO tb_order (total) SELECT g FROM generate_series(1, 40) g",
+    )
+    .await;
+    let poison = Arc::new(poison::Poison::default());
+    let dlq = Arc::new(MemoryDlq::new(None));
+    for run in 1..=3 {
+        let running = Running::start(&db, options(&reader), poison::engine(&poison, &dlq)).await;
+        poison
+            .wait_until(&format!("run {run} of the poison row"), |p| p.runs() == run)
+            .await;
+        running.crash().await;
+    }
+    assert_eq!(dlq.len().await.unwrap(), 0);
+    let running = Running::start(&db, options(&reader), poison::engine(&poison, &dlq)).await;
+    let others: Vec<i64> = (1..=40).filter(|t| *t != poison::POISON_TOTAL).collect();
+    poison
+        .wait_until("the other rows", |p| p.others_seen() == others)
+        .await;
+    poison::wait_for_a_dead_letter(&dlq).await;
+    settle().await;
+    assert_eq!(poison.runs(), 3, "never run a fourth time");
+    let entries = dlq.list(10).await.unwrap();
+    assert_eq!(entries.len(), 1, "only the poison row: {entries:?}");
+    assert_eq!(entries[0].error, poison::DEAD_LETTER_REASON);
+    running.stop().await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM fraiseql_deliveries")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "a clean stop leaves nothing suspect");
     db.cleanup().await;
 }

@@ -21,6 +21,7 @@ use fraiseql_observers::{
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+mod poison;
 mod services;
 
 fn nats_url() -> String {
@@ -211,7 +212,8 @@ async fn stream_and_consumer_get_the_configured_limits() {
     assert_eq!(ci.durable_name.as_deref(), Some(cfg.consumer_name.as_str()));
     assert_eq!(ci.ack_policy, jetstream::consumer::AckPolicy::Explicit);
     assert_eq!(ci.ack_wait, Duration::from_secs(7));
-    assert_eq!(ci.max_deliver, 4);
+    // One more than configured: the engine dead-letters that delivery without running it.
+    assert_eq!(ci.max_deliver, 5);
     assert_eq!(ci.max_ack_pending, 1024);
 
     // Ensuring again with new limits updates the existing stream.
@@ -782,5 +784,58 @@ async fn two_sources_on_one_durable_consumer_share_the_work() {
     stop.send(true).unwrap();
     run_a.await.unwrap().unwrap();
     run_b.await.unwrap().unwrap();
+    cleanup(&js, &cfg).await;
+}
+
+#[tokio::test]
+async fn a_message_whose_runs_are_killed_max_deliver_times_is_dead_lettered_not_dropped() {
+    let mut cfg = config("poison");
+    cfg.jetstream.ack_wait_secs = 1;
+    cfg.jetstream.max_deliver = 2;
+    let (client, js) = setup(&cfg).await;
+    ensure_stream(&js, &cfg).await.unwrap();
+    let event = Event::new(
+        "Order",
+        EventKind::Insert,
+        "tb_order",
+        Some(json!({"id": "ord_poison", "total": poison::POISON_TOTAL})),
+        None,
+    );
+    NatsPublisher::new(client.clone(), &cfg, NatsMetrics::new())
+        .publish(&event)
+        .await
+        .unwrap();
+    let poison = Arc::new(poison::Poison::default());
+    let dlq = Arc::new(MemoryDlq::new(None));
+    let start = || async {
+        let source = NatsSource::new(client.clone(), &cfg, NatsMetrics::new(), 8)
+            .await
+            .unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        let runner = tokio::spawn(source.run(poison::engine(&poison, &dlq), stop_rx));
+        (stop, runner)
+    };
+    // Each run takes it and is killed (aborted) before it acks; the server delivers it again
+    // after ack_wait.
+    for run in 1..=2 {
+        let (_stop, runner) = start().await;
+        poison
+            .wait_until(&format!("run {run}"), |p| p.runs() == run)
+            .await;
+        runner.abort();
+        let _ = runner.await;
+    }
+    let (stop, runner) = start().await;
+    poison::wait_for_a_dead_letter(&dlq).await;
+    wait_ack_floor(&js, &cfg, 1).await;
+    let [entry] = dlq.list(10).await.unwrap().try_into().unwrap();
+    assert_eq!(entry.event.id, event.id);
+    assert_eq!(
+        entry.error,
+        "delivered 3 times (max_deliver = 2) without being acknowledged"
+    );
+    assert_eq!(poison.runs(), 2, "not run a third time");
+    stop.send(true).unwrap();
+    runner.await.unwrap().unwrap();
     cleanup(&js, &cfg).await;
 }

@@ -27,6 +27,7 @@ const WAIT: Duration = Duration::from_secs(60);
 const CHANNEL: &str = "fraiseql_test_changes";
 
 mod pg;
+mod poison;
 mod services;
 
 use pg::TestDb;
@@ -190,6 +191,12 @@ impl Running {
     async fn stop(self) {
         self.shutdown.send(true).unwrap();
         self.task.await.unwrap().unwrap();
+    }
+
+    /// Gone without a word, as a killed process: its connections drop.
+    async fn crash(self) {
+        self.task.abort();
+        let _ = self.task.await;
     }
 }
 
@@ -1229,4 +1236,53 @@ async fn a_role_that_may_not_create_event_triggers_still_installs() {
         .execute(format!("DROP ROLE IF EXISTS {role}").as_str())
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_kills_the_engine_every_time_is_dead_lettered_not_run_for_ever() {
+    let db = test_db().await;
+    install(&db).await;
+    db.pool
+        .execute("INSERT INTO tb_order (total) SELECT g FROM generate_series(1, 40) g")
+        .await
+        .unwrap();
+    let poison = Arc::new(poison::Poison::default());
+    let dlq = Arc::new(MemoryDlq::new(None));
+    // The poison row kills each run: first in its batch, then run alone, twice.
+    for run in 1..=3 {
+        let running = Running::start(&db.url, "poison", poison::engine(&poison, &dlq)).await;
+        poison
+            .wait_until(&format!("run {run} of the poison row"), |p| p.runs() == run)
+            .await;
+        running.crash().await;
+    }
+    assert_eq!(
+        dlq.len().await.unwrap(),
+        0,
+        "nothing is dead-lettered while it may still succeed"
+    );
+    // The fourth start dead-letters it without running it; everything else is delivered.
+    let running = Running::start(&db.url, "poison", poison::engine(&poison, &dlq)).await;
+    let others: Vec<i64> = (1..=40).filter(|t| *t != poison::POISON_TOTAL).collect();
+    poison
+        .wait_until("the other rows", |p| p.others_seen() == others)
+        .await;
+    poison::wait_for_a_dead_letter(&dlq).await;
+    settle().await;
+    assert_eq!(poison.runs(), 3, "never run a fourth time");
+    let entries = dlq.list(10).await.unwrap();
+    assert_eq!(entries.len(), 1, "only the poison row: {entries:?}");
+    assert_eq!(
+        entries[0].event.new.as_ref().unwrap()["total"],
+        json!(poison::POISON_TOTAL)
+    );
+    assert_eq!(entries[0].error, poison::DEAD_LETTER_REASON);
+    assert_eq!(entries[0].attempts, 4);
+    running.stop().await;
+    // A clean stop leaves nothing suspect for the next start.
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM fraiseql_deliveries").await,
+        0
+    );
+    db.cleanup().await;
 }

@@ -10,6 +10,10 @@
 //! - nothing is acknowledged that was neither processed nor dead-lettered: when the
 //!   dead-letter queue cannot store an entry, the delivery is handed out again;
 //! - the `fraiseql_observer_events_in_flight` gauge;
+//! - suspect deliveries (handed out by a run that did not end cleanly, from sources that
+//!   keep a [`Ledger`]): each runs alone and is counted in the ledger first; one whose
+//!   runs have stopped the engine [`SUSPECT_MAX_DELIVER`] times is dead-lettered without
+//!   running — a poison change cannot crash-loop the engine;
 //! - shutdown: fetching stops, the deliveries being processed finish and are acknowledged,
 //!   those not started are handed back.
 //!
@@ -36,6 +40,11 @@ use crate::error::Result;
 use crate::event::Event;
 pub use crate::event::Undecodable;
 use crate::retry::{Backoff, RetryPolicy};
+use crate::transport::ledger::Ledger;
+
+/// Deliveries of a suspect change (the first, unseen, in the batch of the run that stopped
+/// included) before it is dead-lettered without running.
+pub const SUSPECT_MAX_DELIVER: u64 = 3;
 
 /// Fetching again after a source failed (a lost connection, a failed pull).
 const FETCH_RETRY: RetryPolicy =
@@ -71,6 +80,12 @@ pub trait Delivery: Send + Sync + 'static {
     /// Attempts its actions already made elsewhere (a forwarder's pipelined batch publish).
     fn attempts_made(&self) -> u32 {
         0
+    }
+
+    /// Handed out before by a run that did not end cleanly, and maybe what ended it: run
+    /// alone, and counted in the source's [`Ledger`] first.
+    fn suspect(&self) -> bool {
+        false
     }
 
     /// Done: processed or dead-lettered.
@@ -143,6 +158,12 @@ pub trait Source: Send + Sized + 'static {
 
     fn committer(&self) -> Arc<dyn Committer<Self::Checkpoint>>;
 
+    /// Where a source that cannot count deliveries itself counts its suspect ones; cleared
+    /// when the loop ends cleanly.
+    fn ledger(&self) -> Option<Arc<Ledger>> {
+        None
+    }
+
     /// Up to `max` deliveries (a source that reads in batches of its own may return more).
     /// Waits for input up to an interval of the source's own, or until `shutdown` turns true.
     /// An error is logged and the fetch tried again after a backoff.
@@ -174,6 +195,7 @@ pub async fn run<S: Source>(
         name: source.name(),
         max_deliver: source.max_deliver().max(1),
         progress_every: source.progress_every(),
+        ledger: source.ledger(),
     });
     let max_concurrency = max_concurrency.max(1);
     let read_ahead = source.read_ahead();
@@ -189,15 +211,25 @@ pub async fn run<S: Source>(
     let mut rewind = false;
     let mut closed = false;
     let mut stopping = false;
+    // A suspect delivery is running: nothing else starts until it is done.
+    let mut alone = false;
+    let mut left_running = false;
     // After a failed fetch, when to fetch again. The deliveries in flight go on meanwhile.
     let mut retry_at: Option<tokio::time::Instant> = None;
     // Once stopping: how long the deliveries running may take to finish.
     let mut give_up_at = tokio::time::Instant::now();
     loop {
-        while running.len() < max_concurrency {
+        while running.len() < max_concurrency && !alone {
             let Some((batch, delivery, key)) = keys.next(&mut waiting, &ctx.engine) else {
                 break;
             };
+            if delivery.suspect() && ctx.ledger.is_some() {
+                if !running.is_empty() {
+                    keys.put_back((batch, delivery, key));
+                    break;
+                }
+                alone = true;
+            }
             running.push(settle(ctx.clone(), batch, delivery, key));
         }
         if batches.front_done() {
@@ -247,6 +279,7 @@ pub async fn run<S: Source>(
                     running.len(),
                     ctx.engine.shutdown_timeout()
                 );
+                left_running = true;
                 break;
             }
             Some((batch, outcome, key)) = running.next(), if !running.is_empty() => {
@@ -257,6 +290,7 @@ pub async fn run<S: Source>(
                     keys.release(key);
                     again |= batches.settled(batch, outcome);
                 }
+                alone &= !running.is_empty();
                 if again {
                     // Something could not be settled (the dead-letter queue failed): read
                     // it again, but not at once.
@@ -303,6 +337,9 @@ pub async fn run<S: Source>(
         idle = Some(source);
     }
     batches.commit_done(committer.as_ref(), &ctx.name).await;
+    if let (Some(ledger), false) = (&ctx.ledger, left_running) {
+        ledger.clear().await;
+    }
     if let Some(mut source) = idle {
         source.close().await;
     }
@@ -326,6 +363,7 @@ struct Context {
     name: String,
     max_deliver: u64,
     progress_every: Option<Duration>,
+    ledger: Option<Arc<Ledger>>,
 }
 
 /// Whether a delivery was settled for good or handed out again.
@@ -346,6 +384,12 @@ async fn settle<D: Delivery>(
     let in_flight = &ctx.engine.metrics().events_in_flight;
     in_flight.inc();
     let verdict = decide(&ctx, &delivery).await;
+    if let (Some(_), true, Some(ledger), Payload::Event(event)) =
+        (verdict, delivery.suspect(), &ctx.ledger, delivery.payload())
+    {
+        // Done: a later stop in the same batch must not count against it.
+        Box::pin(ledger.finished(&event.id)).await;
+    }
     let outcome = match verdict {
         Some(how) => {
             delivery.ack(how).await;
@@ -378,11 +422,27 @@ async fn decide<D: Delivery>(ctx: &Context, delivery: &D) -> Option<Settled> {
         }
         Payload::Event(event) => event,
     };
-    if delivered > ctx.max_deliver {
-        let reason = format!(
-            "delivered {delivered} times (max_deliver = {}) without being acknowledged",
-            ctx.max_deliver
-        );
+    // A suspect's deliveries are counted in the ledger, against a limit of their own; a panic
+    // is given up on as the source says (at once for the PostgreSQL sources).
+    let (delivered, limit) = match (delivery.suspect(), &ctx.ledger) {
+        (true, Some(ledger)) => match Box::pin(count_suspect(&ctx.name, ledger, event)).await {
+            Some(delivered) => (delivered, SUSPECT_MAX_DELIVER),
+            None => return None,
+        },
+        _ => (delivered, ctx.max_deliver),
+    };
+    if delivered > limit {
+        let reason = if delivery.suspect() {
+            format!(
+                "the engine stopped (killed or crashed) while processing it at least {} times; \
+                 dead-lettered without running it again",
+                delivered - 1
+            )
+        } else {
+            format!(
+                "delivered {delivered} times (max_deliver = {limit}) without being acknowledged"
+            )
+        };
         tracing::error!(
             "{}: event {}: {reason}; dead-lettering it",
             ctx.name,
@@ -434,6 +494,29 @@ async fn decide<D: Delivery>(ctx: &Context, delivery: &D) -> Option<Settled> {
                 event.id,
                 panic_message(&panic)
             );
+            None
+        }
+    }
+}
+
+/// Counts a suspect delivery in the ledger before it runs: its delivery number (the first,
+/// in the batch of the run that stopped, was not counted); `None` if it cannot be counted.
+async fn count_suspect(name: &str, ledger: &Ledger, event: &Event) -> Option<u64> {
+    match ledger.count(&event.id).await {
+        Ok(counted) => {
+            let delivered = counted + 1;
+            if delivered <= SUSPECT_MAX_DELIVER {
+                tracing::warn!(
+                    "{name}: event {} was handed out when the engine last stopped without \
+                     finishing: running it alone (delivery {delivered} of at most \
+                     {SUSPECT_MAX_DELIVER})",
+                    event.id
+                );
+            }
+            Some(delivered)
+        }
+        Err(e) => {
+            tracing::error!("{name}: event {}: {e}; it will be read again", event.id);
             None
         }
     }
@@ -583,6 +666,11 @@ impl<D: Delivery> Keys<D> {
             }
         }
         None
+    }
+
+    /// A delivery taken with [`Self::next`] that may not start yet: the next one out.
+    fn put_back(&mut self, taken: (u64, D, Option<u64>)) {
+        self.ready.push_front(taken);
     }
 
     /// The delivery of `key` is done: the next one of that key may start.

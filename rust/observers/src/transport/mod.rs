@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod delivery;
+pub mod ledger;
 pub mod logical;
 pub mod memory;
 pub mod nats;

@@ -527,7 +527,14 @@ pub fn consumer_config(config: &NatsConfig) -> pull::Config {
         deliver_policy: DeliverPolicy::All,
         ack_policy: AckPolicy::Explicit,
         ack_wait: Duration::from_secs(j.ack_wait_secs.max(1)),
-        max_deliver: j.max_deliver,
+        // One more than configured: a message delivered `max_deliver` times without an ack
+        // (each run that took it was killed) comes once more, and the engine dead-letters it
+        // without running it. At `max_deliver` the server would drop it without a word.
+        max_deliver: if j.max_deliver > 0 {
+            j.max_deliver.saturating_add(1)
+        } else {
+            j.max_deliver
+        },
         max_ack_pending: DEFAULT_MAX_ACK_PENDING,
         ..Default::default()
     }

@@ -78,6 +78,7 @@ use crate::status::HealthSource;
 use crate::transport::delivery::{
     self, sleep_or_stop, Committer, Delivery, Fetch, Payload, Settled, Source, Undecodable,
 };
+use crate::transport::ledger::Ledger;
 use crate::transport::Publisher;
 
 /// Counting more than this many pending rows for `/health` is not worth the scan.
@@ -153,6 +154,23 @@ impl PostgresOptions {
 struct Cursor {
     txid: u64,
     id: i64,
+}
+
+/// `txid:id`, as the delivery ledger keeps it.
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.txid, self.id)
+    }
+}
+
+impl Cursor {
+    fn parse(text: &str) -> Option<Cursor> {
+        let (txid, id) = text.split_once(':')?;
+        Some(Cursor {
+            txid: txid.parse().ok()?,
+            id: id.parse().ok()?,
+        })
+    }
 }
 
 const ROLE_STARTING: u8 = 0;
@@ -254,6 +272,9 @@ pub struct PostgresSource {
     batch_publisher: Option<Arc<dyn Publisher>>,
     /// The cursor stored last, shared with the committer: where a rewind reads again from.
     committed: Arc<std::sync::Mutex<Cursor>>,
+    /// Where it records how far it has handed changes out (none for a forwarder: nothing of
+    /// the user's runs in it).
+    ledger: Option<Arc<Ledger>>,
     reader: Reader,
 }
 
@@ -269,6 +290,10 @@ struct Reader {
     read_after: Cursor,
     /// The last batch was not full: wait for a wake-up before reading again.
     caught_up: bool,
+    /// Changes in this range were handed out by a run that did not end cleanly: suspect.
+    suspect: Option<(Cursor, Cursor)>,
+    /// Where the batch handed last started: it may still be under way with the next.
+    previous_start: Option<Cursor>,
     lag_checked: Option<Instant>,
     pruned_at: Option<Instant>,
     /// A prune still running (pruning never blocks reading).
@@ -359,6 +384,8 @@ impl PostgresSource {
             pruned: AtomicU64::new(0),
             lag_known: AtomicBool::new(false),
         });
+        let ledger =
+            Ledger::open(pool.clone(), format!("postgres:{}", options.listener_id)).await?;
         Ok(PostgresSource {
             pool,
             connect_options,
@@ -366,6 +393,7 @@ impl PostgresSource {
             health,
             batch_publisher: None,
             committed: Arc::default(),
+            ledger: Some(Arc::new(ledger)),
             reader: Reader::default(),
         })
     }
@@ -375,6 +403,7 @@ impl PostgresSource {
     /// whose observers publish it again with retries and dead-letter it if that fails too.
     pub fn with_batch_publisher(mut self, publisher: Arc<dyn Publisher>) -> Self {
         self.batch_publisher = Some(publisher);
+        self.ledger = None;
         self
     }
 
@@ -505,6 +534,7 @@ impl PostgresSource {
             self.reader.active = true;
             self.reader.read_after = cursor;
             self.reader.caught_up = false;
+            self.reader.suspect = self.handed_before(cursor).await;
             self.health.role.store(ROLE_ACTIVE, Ordering::Relaxed);
             tracing::info!(
                 "postgres source `{listener_id}`: reading the change log after ({}, {})",
@@ -521,6 +551,43 @@ impl PostgresSource {
             self.health.role.store(ROLE_STANDBY, Ordering::Relaxed);
         }
         Ok(locked)
+    }
+
+    /// The changes past `cursor` that a run that did not end cleanly may have left under way.
+    async fn handed_before(&self, cursor: Cursor) -> Option<(Cursor, Cursor)> {
+        let ledger = self.ledger.as_ref()?;
+        let (from, to) = match ledger.handed_before().await {
+            Ok(handed) => handed?,
+            Err(e) => {
+                tracing::warn!("postgres source `{}`: {e}", self.options.listener_id);
+                return None;
+            }
+        };
+        let (from, to) = (Cursor::parse(&from)?, Cursor::parse(&to)?);
+        if to <= cursor {
+            return None;
+        }
+        tracing::warn!(
+            "postgres source `{}`: the last run stopped without finishing the changes from \
+             {from} to {to}; each is run alone, and one that stops the engine again and again \
+             is dead-lettered",
+            self.options.listener_id,
+        );
+        Some((from, to))
+    }
+
+    /// Records in the ledger the changes that may be under way once the batch from `first` to
+    /// `end` is handed out, before it is.
+    async fn record_handed(&mut self, first: Cursor, end: Cursor) -> Result<()> {
+        let from = self.reader.previous_start.map_or(first, |p| p.min(first));
+        if let Some(ledger) = &self.ledger {
+            ledger.handed(&from.to_string(), &end.to_string()).await?;
+        }
+        self.reader.previous_start = Some(first);
+        if self.reader.suspect.is_some_and(|(_, to)| to <= end) {
+            self.reader.suspect = None;
+        }
+        Ok(())
     }
 
     /// One fetch: see [`Source::fetch`].
@@ -552,8 +619,13 @@ impl PostgresSource {
             return Ok(Fetch::Idle);
         };
         let end = row_cursor(last)?;
-        self.reader.read_after = end;
+        let first = row_cursor(&rows[0])?;
         let deliveries = self.decode_batch(&rows);
+        if let Err(e) = self.record_handed(first, end).await {
+            tracing::warn!("postgres source `{}`: {e}", self.options.listener_id);
+            return Ok(Fetch::Idle);
+        }
+        self.reader.read_after = end;
         drop(rows);
         let events = deliveries.len();
         let deliveries = self.publish_first(deliveries).await;
@@ -704,9 +776,13 @@ impl PostgresSource {
                         })
                     }
                 };
+                let suspect = self.reader.suspect.is_some_and(|(from, to)| {
+                    row_cursor(row).is_ok_and(|at| from <= at && at <= to)
+                });
                 PgDelivery {
                     payload,
                     attempts_made: 0,
+                    suspect,
                 }
             })
             .collect()
@@ -767,6 +843,10 @@ impl Source for PostgresSource {
     /// One batch is read while the one before it is processed.
     fn read_ahead(&self) -> Option<usize> {
         Some(1)
+    }
+
+    fn ledger(&self) -> Option<Arc<Ledger>> {
+        self.ledger.clone()
     }
 
     fn committer(&self) -> Arc<dyn Committer<BatchEnd>> {
@@ -835,13 +915,15 @@ impl Source for PostgresSource {
 pub struct PgDelivery {
     payload: Payload,
     attempts_made: u32,
+    suspect: bool,
 }
 
 impl PgDelivery {
-    pub(crate) fn new(payload: Payload) -> Self {
+    pub(crate) fn new(payload: Payload, suspect: bool) -> Self {
         PgDelivery {
             payload,
             attempts_made: 0,
+            suspect,
         }
     }
 }
@@ -853,6 +935,10 @@ impl Delivery for PgDelivery {
 
     fn attempts_made(&self) -> u32 {
         self.attempts_made
+    }
+
+    fn suspect(&self) -> bool {
+        self.suspect
     }
 
     /// Acknowledged with its batch: the cursor moves once the batch is done.

@@ -94,6 +94,12 @@ impl Decoder {
         });
     }
 
+    /// Where the last change decoded is: its transaction's commit LSN and its place in it
+    /// (as in its event id).
+    pub fn last_position(&self) -> Option<(u64, u32)> {
+        self.txn.as_ref().map(|txn| (txn.commit_lsn, txn.seq))
+    }
+
     pub fn commit(&mut self) {
         self.txn = None;
     }

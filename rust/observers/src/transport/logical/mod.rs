@@ -58,6 +58,7 @@ use crate::metrics::Metrics;
 use crate::schema::Schema;
 use crate::status::HealthSource;
 use crate::transport::delivery::{self, sleep_or_stop, Committer, Fetch, Source};
+use crate::transport::ledger::Ledger;
 use crate::transport::postgres::{publish_first, PgDelivery};
 use crate::transport::Publisher;
 
@@ -227,6 +228,12 @@ pub struct LogicalSource {
     announced_standby: bool,
     slot_checked: Option<Instant>,
     metrics: Option<Arc<Metrics>>,
+    /// Where it records how far it has handed changes out (none for a forwarder).
+    ledger: Option<Arc<Ledger>>,
+    /// Changes in this range were handed out by a run that did not end cleanly: suspect.
+    suspect: Option<(Position, Position)>,
+    /// Where the batch handed last started: it may still be under way with the next.
+    previous_start: Option<Position>,
 }
 
 impl LogicalSource {
@@ -271,6 +278,8 @@ impl LogicalSource {
             delivered: AtomicU64::new(0),
             confirmed: AtomicU64::new(0),
         });
+        let ledger = Ledger::open(pool.clone(), format!("wal:{}", options.reader)).await?;
+        let suspect = handed_before(&ledger, &options.reader).await;
         Ok(LogicalSource {
             pool,
             url: url.to_owned(),
@@ -285,12 +294,16 @@ impl LogicalSource {
             announced_standby: false,
             slot_checked: None,
             metrics: None,
+            ledger: Some(Arc::new(ledger)),
+            suspect,
+            previous_start: None,
         })
     }
 
     /// Makes this source a forwarder's (see [`crate::transport::postgres::PostgresSource::with_batch_publisher`]).
     pub fn with_batch_publisher(mut self, publisher: Arc<dyn Publisher>) -> Self {
         self.batch_publisher = Some(publisher);
+        self.ledger = None;
         self
     }
 
@@ -427,6 +440,25 @@ impl LogicalSource {
         Ok(config)
     }
 
+    /// Records in the ledger the changes that may be under way once the batch at
+    /// `positions` is handed out, before it is.
+    async fn record_handed(&mut self, positions: &[Position]) -> Result<()> {
+        let (Some(&first), Some(&last)) = (positions.first(), positions.last()) else {
+            return Ok(());
+        };
+        let from = self.previous_start.map_or(first, |p| p.min(first));
+        if let Some(ledger) = &self.ledger {
+            ledger
+                .handed(&position_text(from), &position_text(last))
+                .await?;
+        }
+        self.previous_start = Some(first);
+        if self.suspect.is_some_and(|(_, to)| to <= last) {
+            self.suspect = None;
+        }
+        Ok(())
+    }
+
     /// Reports the confirmed position to the server if it moved.
     fn report_confirmed(&mut self) {
         let confirmed = self.confirmed.lsn.load(Ordering::SeqCst);
@@ -483,6 +515,7 @@ impl LogicalSource {
         }
         let Batch {
             payloads,
+            positions,
             checkpoint,
             committed,
         } = batch;
@@ -497,7 +530,21 @@ impl LogicalSource {
             self.handed = lsn;
         }
         let events = payloads.len() as u64;
-        let deliveries: Vec<PgDelivery> = payloads.into_iter().map(PgDelivery::new).collect();
+        let deliveries: Vec<PgDelivery> = payloads
+            .into_iter()
+            .zip(&positions)
+            .map(|(payload, at)| {
+                let suspect = self
+                    .suspect
+                    .is_some_and(|(from, to)| from <= *at && *at <= to);
+                PgDelivery::new(payload, suspect)
+            })
+            .collect();
+        if let Err(e) = self.record_handed(&positions).await {
+            // Not handed: streamed again by a new session.
+            self.rewind().await;
+            return Err(e);
+        }
         let deliveries = match &self.batch_publisher {
             Some(publisher) => publish_first(publisher.as_ref(), deliveries).await,
             None => deliveries,
@@ -521,7 +568,8 @@ impl LogicalSource {
                 ..
             } => stream.decoder.begin(final_lsn.0, commit_time_micros),
             ReplicationEvent::XLogData { data, .. } => {
-                stream.decoder.message(data, &mut batch.payloads)
+                stream.decoder.message(data, &mut batch.payloads);
+                batch.note_positions(stream.decoder.last_position());
             }
             ReplicationEvent::Message {
                 transactional: true,
@@ -529,7 +577,8 @@ impl LogicalSource {
                 content,
                 ..
             } if prefix == decode::BACKFILL_PREFIX => {
-                stream.decoder.backfill(&content, &mut batch.payloads)
+                stream.decoder.backfill(&content, &mut batch.payloads);
+                batch.note_positions(stream.decoder.last_position());
             }
             ReplicationEvent::Message {
                 transactional: true,
@@ -624,11 +673,34 @@ impl LogicalSource {
 #[derive(Default)]
 struct Batch {
     payloads: Vec<delivery::Payload>,
+    /// Where each payload is in the stream.
+    positions: Vec<Position>,
     checkpoint: Option<u64>,
     /// The end of the last transaction it completes: where a new session resumes once the
     /// batch is handed to the loop (not before: a session lost while a batch is gathered
     /// drops the batch, and its transactions must be streamed again).
     committed: Option<u64>,
+}
+
+/// Where a change is in the stream: its transaction's commit LSN and its place in it.
+pub type Position = (u64, u32);
+
+impl Batch {
+    /// The payloads added last came from the message at `position`.
+    fn note_positions(&mut self, position: Option<Position>) {
+        self.positions
+            .resize(self.payloads.len(), position.unwrap_or((u64::MAX, 0)));
+    }
+}
+
+/// `commit LSN:place`, as the delivery ledger keeps it.
+fn position_text((commit, place): Position) -> String {
+    format!("{commit}:{place}")
+}
+
+fn parse_position(text: &str) -> Option<Position> {
+    let (commit, place) = text.split_once(':')?;
+    Some((commit.parse().ok()?, place.parse().ok()?))
 }
 
 /// Where a batch lets the slot move (the end of the last transaction it completes, or a
@@ -655,6 +727,10 @@ impl Source for LogicalSource {
 
     fn read_ahead(&self) -> Option<usize> {
         Some(1)
+    }
+
+    fn ledger(&self) -> Option<Arc<Ledger>> {
+        self.ledger.clone()
     }
 
     fn committer(&self) -> Arc<dyn Committer<SlotCheckpoint>> {
@@ -712,6 +788,28 @@ impl Source for LogicalSource {
         self.health.streaming.store(false, Ordering::Relaxed);
         self.health.role.store(ROLE_STOPPED, Ordering::Relaxed);
     }
+}
+
+/// The changes a run of `reader` that did not end cleanly may have left under way.
+async fn handed_before(ledger: &Ledger, reader: &str) -> Option<(Position, Position)> {
+    let (from, to) = match ledger.handed_before().await {
+        Ok(handed) => handed?,
+        Err(e) => {
+            tracing::warn!("[observers] {reader}: {e}");
+            return None;
+        }
+    };
+    let range = (parse_position(&from)?, parse_position(&to)?);
+    tracing::warn!(
+        "[observers] {reader}: the last run stopped without finishing the changes from {} \
+         (change {}) to {} (change {}); each is run alone, and one that stops the engine again \
+         and again is dead-lettered",
+        Lsn(range.0 .0),
+        range.0 .1,
+        Lsn(range.1 .0),
+        range.1 .1
+    );
+    Some(range)
 }
 
 /// Raises the confirmed position; the reader reports it to the server.
