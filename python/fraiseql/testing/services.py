@@ -41,6 +41,7 @@ __all__ = [
     "LOGICAL_SETTINGS",
     "NATS_ENV",
     "REDIS_ENV",
+    "NatsCluster",
     "ServerProcess",
     "ServiceStartError",
     "Services",
@@ -57,6 +58,7 @@ __all__ = [
     "redis_url",
     "shutdown",
     "sources",
+    "start_nats_cluster",
     "start_nats_server",
     "start_postgres_server",
     "start_redis_server",
@@ -337,6 +339,76 @@ def start_nats_server(timeout: float = 20.0, config: str | None = None) -> Serve
     server = _spawn("nats-server", [nats_server_binary(), "-c", str(conf)], workdir, port, url)
     _wait_ready(server, lambda: _port_open(LOOPBACK, port), timeout)
     return server
+
+
+@dataclass
+class NatsCluster:
+    """A JetStream cluster the harness started: ``size`` nats-servers named ``n1``… with
+    routes on loopback, each with its own store. A node can be killed and started again on
+    its ports and store, as a crashed server comes back."""
+
+    nodes: list[ServerProcess]
+    argvs: list[list[str]]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated, as ``[observers.nats] url`` takes them."""
+        return ",".join(node.url for node in self.nodes)
+
+    def index(self, server_name: str) -> int:
+        """The node called ``server_name`` (``n1``…), as JetStream names a stream's leader."""
+        return int(server_name.removeprefix("n")) - 1
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i``; its store stays for :meth:`restart`."""
+        node = self.nodes[i]
+        node.process.kill()
+        node.process.wait()
+
+    def restart(self, i: int, timeout: float = 30.0) -> None:
+        """Start node ``i`` again on its ports and store, once it has been killed."""
+        old = self.nodes[i]
+        old.log_file.close()
+        _forget(old)
+        node = _spawn(old.name, self.argvs[i], old.workdir, old.port, old.url)
+        self.nodes[i] = node
+        _wait_ready(node, _jetstream_probe(node.port), timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _jetstream_probe(port: int) -> Callable[[], bool]:
+    return lambda: nats_has_jetstream(LOOPBACK, port, timeout=1.0)
+
+
+def start_nats_cluster(size: int = 3, timeout: float = 60.0) -> NatsCluster:
+    """Start a JetStream cluster of ``size`` nats-servers on free loopback ports."""
+    ports = [(free_port(), free_port()) for _ in range(size)]
+    nodes: list[ServerProcess] = []
+    argvs: list[list[str]] = []
+    try:
+        for n, (port, route_port) in enumerate(ports, start=1):
+            workdir = Path(tempfile.mkdtemp(prefix=f"fraiseql-nats-n{n}-"))
+            routes = ", ".join(f"nats-route://{LOOPBACK}:{r}" for _, r in ports if r != route_port)
+            store = json.dumps(str(workdir / "jetstream"))
+            conf = workdir / "nats.conf"
+            conf.write_text(
+                f"server_name: n{n}\nlisten: {LOOPBACK}:{port}\njetstream {{ store_dir: {store} }}\n"
+                f"cluster {{ name: fraiseql_test, listen: {LOOPBACK}:{route_port}, routes: [{routes}] }}\n"
+            )
+            argv = [nats_server_binary(), "-c", str(conf)]
+            argvs.append(argv)
+            nodes.append(_spawn(f"nats-n{n}", argv, workdir, port, f"nats://{LOOPBACK}:{port}"))
+        # JetStream answers once the cluster has elected its meta leader.
+        for node in nodes:
+            _wait_ready(node, _jetstream_probe(node.port), timeout)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return NatsCluster(nodes, argvs)
 
 
 def start_redis_server(timeout: float = 20.0) -> ServerProcess:

@@ -21,8 +21,21 @@ pub fn nats_config(url: &str) -> NatsConfig {
         subject_prefix: format!("fqbench{suffix}"),
         consumer_name: "bench".into(),
         stream_name: format!("fqbench_{suffix}"),
+        jetstream: fraiseql_observers::config::JetStreamConfig {
+            replicas: replicas(),
+            ..Default::default()
+        },
         ..NatsConfig::default()
     }
+}
+
+/// `FRAISEQL_BENCH_REPLICAS`: copies of each stream (default 1; more needs a cluster, see
+/// `benches/nats_cluster.py`).
+fn replicas() -> u64 {
+    std::env::var("FRAISEQL_BENCH_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 /// `FRAISEQL_TEST_DATABASE_URL`, default `postgresql://postgres@127.0.0.1:5432/postgres`.

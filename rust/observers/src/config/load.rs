@@ -820,6 +820,7 @@ impl JsField {
             "max_msgs" => js.max_msgs = as_i64(),
             "max_bytes" => js.max_bytes = as_i64(),
             "ack_wait_secs" => js.ack_wait_secs = as_u64(),
+            "replicas" => js.replicas = as_u64(),
             _ => js.max_deliver = as_i64(),
         }
     }
@@ -857,9 +858,15 @@ const JS_FIELDS: &[JsField] = &[
         env: "FRAISEQL_NATS_MAX_DELIVER",
         range: Range::Limit,
     },
+    // JetStream allows at most 5.
+    JsField {
+        key: "replicas",
+        env: "FRAISEQL_NATS_REPLICAS",
+        range: Range::Between(1, 5),
+    },
 ];
 
-/// Applies the ten `FRAISEQL_NATS_*` overrides. Unset or blank variables are ignored.
+/// Applies the eleven `FRAISEQL_NATS_*` overrides. Unset or blank variables are ignored.
 fn env_overrides(
     env: &dyn Fn(&str) -> Option<String>,
     nats: &mut NatsConfig,

@@ -319,6 +319,9 @@ pub struct JetStreamConfig {
     pub ack_wait_secs: u64,
     /// Max deliveries (default 3); -1 = unlimited
     pub max_deliver: i64,
+    /// Copies of the stream on a JetStream cluster (default 1; 3 or 5 on a cluster of that
+    /// many servers or more).
+    pub replicas: u64,
 }
 
 impl Default for JetStreamConfig {
@@ -330,6 +333,7 @@ impl Default for JetStreamConfig {
             max_bytes: 10_737_418_240,
             ack_wait_secs: 30,
             max_deliver: 3,
+            replicas: 1,
         }
     }
 }

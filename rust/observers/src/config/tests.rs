@@ -92,6 +92,7 @@ fn spec_runtime_file() {
             max_bytes: 10_737_418_240,
             ack_wait_secs: 30,
             max_deliver: 3,
+            replicas: 1,
         }
     );
 }
@@ -127,6 +128,7 @@ max_msgs = 20000000
 max_bytes = 1_000_000
 ack_wait_secs = 45
 max_deliver = -1
+replicas = 3
 
 [observers.bridge]
 transport_name = "pg_to_nats"
@@ -212,6 +214,7 @@ fn full_main_file_every_key() {
             max_bytes: 1_000_000,
             ack_wait_secs: 45,
             max_deliver: -1,
+            replicas: 3,
         }
     );
     assert_eq!(
@@ -251,7 +254,7 @@ fn full_main_file_every_key() {
             idempotency_table: "shipping_observer_keys".into()
         }
     );
-    assert_eq!(h.origin, "fraiseql.toml:38");
+    assert_eq!(h.origin, "fraiseql.toml:39");
     assert_eq!(
         h.actions[0],
         ActionConfig::Webhook(WebhookConfig {
@@ -283,7 +286,7 @@ fn full_main_file_every_key() {
     assert_eq!(h.condition, None);
     assert_eq!(h.retry, RetryConfig::default());
     assert_eq!(h.checkpoint, CheckpointConfig::AtLeastOnce);
-    assert_eq!(h.origin, "fraiseql.toml:50");
+    assert_eq!(h.origin, "fraiseql.toml:51");
     assert_eq!(h.actions.len(), 2);
     assert_eq!(h.actions[0].kind(), "email");
     assert_eq!(
@@ -457,7 +460,7 @@ ack_wait_secs = 22
 #[test]
 fn each_fraiseql_nats_override() {
     type Check = fn(&NatsConfig) -> bool;
-    let cases: [(&str, &str, Check); 10] = [
+    let cases: [(&str, &str, Check); 11] = [
         ("FRAISEQL_NATS_URL", "nats://e:4222", |n| {
             n.url.as_deref() == Some("nats://e:4222")
         }),
@@ -488,6 +491,7 @@ fn each_fraiseql_nats_override() {
         ("FRAISEQL_NATS_MAX_DELIVER", "10", |n| {
             n.jetstream.max_deliver == 10
         }),
+        ("FRAISEQL_NATS_REPLICAS", "3", |n| n.jetstream.replicas == 3),
     ];
     for (var, value, check) in cases {
         let env = env_of(&[(var, value)]);
@@ -650,6 +654,7 @@ queue_capacity = 1.5
 [observers.nats.jetstream]
 max_msgs = "10"
 max_deliver = 0
+replicas = 7
 "#;
     let errs = errors_of(main_only(text, &no_env));
     assert_eq!(
@@ -661,6 +666,7 @@ max_deliver = 0
             "fraiseql.toml:6: observers.queue_capacity: expected a positive integer (at least 1), found float 1.5",
             "fraiseql.toml:8: observers.nats.jetstream.max_msgs: expected -1 (unlimited) or a positive integer, found string \"10\"",
             "fraiseql.toml:9: observers.nats.jetstream.max_deliver: expected -1 (unlimited) or a positive integer, found 0",
+            "fraiseql.toml:10: observers.nats.jetstream.replicas: expected an integer between 1 and 5, found 7",
         ]
     );
     let errs = errors_of(main_only("observers = 5\n", &no_env));

@@ -435,6 +435,7 @@ pub fn stream_config(config: &NatsConfig) -> stream::Config {
         max_messages: j.max_msgs,
         max_bytes: j.max_bytes,
         duplicate_window: Duration::from_secs(j.dedup_window_minutes.max(1).saturating_mul(60)),
+        num_replicas: usize::try_from(j.replicas.clamp(1, 5)).unwrap_or(1),
         ..Default::default()
     }
 }
@@ -443,8 +444,8 @@ fn js_err(what: &str, name: &str, e: impl std::fmt::Display) -> Error {
     Error::Transport(format!("JetStream: cannot {what} `{name}`: {e}"))
 }
 
-/// Creates the stream, or updates an existing one to the configured subjects and limits
-/// (other settings of an existing stream, e.g. replicas, are kept). Settings that JetStream
+/// Creates the stream, or updates an existing one to the configured subjects, limits and
+/// replicas (JetStream moves an existing stream to more or fewer copies). Settings that JetStream
 /// cannot change on an existing stream (storage, retention) are compared first and a
 /// mismatch is reported naming the setting.
 pub async fn ensure_stream(js: &jetstream::Context, config: &NatsConfig) -> Result<Stream> {
@@ -489,6 +490,7 @@ pub async fn ensure_stream(js: &jetstream::Context, config: &NatsConfig) -> Resu
             updated.max_messages = want.max_messages;
             updated.max_bytes = want.max_bytes;
             updated.duplicate_window = want.duplicate_window;
+            updated.num_replicas = want.num_replicas;
             if updated != current {
                 js.update_stream(&updated)
                     .await
