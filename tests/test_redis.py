@@ -503,3 +503,82 @@ def test_two_fraiseql_runs_on_one_database_process_each_sql_change_once(
                 proc.stderr.close()
         with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def test_a_handler_that_kills_the_engine_is_dead_lettered_past_max_deliver(
+    fraiseql_redis_url: str, names: dict[str, str], tmp_path: Path
+) -> None:
+    """A Python handler that calls `os._exit(7)` on one entry: each `fraiseql run` that takes
+    it dies; the next one reclaims it (`XAUTOCLAIM`, which counts a delivery) once it has been
+    idle for `claim_idle_secs`. Past `max_deliver` it is dead-lettered without running, and
+    the engine goes on with what comes after. (Entries taken in the same reads as the poison
+    share its deaths and can be dead-lettered with it: README, "A change that kills the
+    engine".)"""
+    suffix = names["suffix"]
+    entity = f"Order{suffix}"
+    runs, seen = tmp_path / "runs.txt", tmp_path / "seen.txt"
+    port = services.free_port()
+    (tmp_path / "fraiseql.toml").write_text(
+        "[observers]\n"
+        'backend = "redis"\n'
+        f'redis_url = "{fraiseql_redis_url}"\n'
+        f"http_port = {port}\n"
+        "[observers.redis]\n"
+        f'stream = "{names["stream"]}"\n'
+        f'group = "{names["group"]}"\n'
+        "claim_idle_secs = 1\n"
+        "max_deliver = 2\n"
+    )
+    (tmp_path / "schema.py").write_text(
+        "import os\nimport fraiseql\n"
+        f"@fraiseql.type(table='tb_order', name={entity!r})\nclass T:\n    id: str\n"
+        f"@fraiseql.subscription(entity_type={entity!r}, operation='create')\n"
+        "def poisoned(t):\n"
+        "    if t.id == 'poison':\n"
+        f"        with open({str(runs)!r}, 'a') as f:\n"
+        "            f.write('ran\\n')\n"
+        "        os._exit(7)\n"
+        f"    with open({str(seen)!r}, 'a') as f:\n"
+        "        f.write(f'{t.id}\\n')\n"
+    )
+    client = redis.Redis.from_url(fraiseql_redis_url, decode_responses=True)
+    client.xadd(names["stream"], entry(entity, "evt-poison", {"id": "poison"}))
+
+    def lines(path: Path) -> list[str]:
+        return path.read_text().split() if path.exists() else []
+
+    def dead_letters() -> list[dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/dlq", timeout=2) as answer:
+                return list(json.loads(answer.read())["entries"])
+        except OSError:
+            return []
+
+    deaths = 0
+    while True:
+        log = tmp_path / f"run{deaths}.log"
+        with (
+            log.open("w") as stderr_file,
+            subprocess.Popen([*FRAISEQL, "run"], cwd=tmp_path, stderr=stderr_file) as run,
+        ):
+            try:
+                wait_until(lambda: run.poll() is not None or bool(dead_letters()), timeout=60)
+                if run.poll() is None:
+                    for event_id in ["o1", "o2", "o3"]:
+                        client.xadd(names["stream"], entry(entity, f"evt-{event_id}", {"id": event_id}))
+                    wait_until(lambda: sorted(lines(seen)) == ["o1", "o2", "o3"])
+                    dead_lettered = dead_letters()
+            finally:
+                if run.poll() is None:
+                    run.terminate()
+                    run.wait(30)
+        if run.returncode != 7:
+            break
+        deaths += 1
+        assert deaths <= 2, "run past max_deliver"
+    assert run.returncode == 0
+    assert deaths == 2 and len(lines(runs)) == 2, "run on its two deliveries, not a third"
+    assert len(dead_lettered) == 1, dead_lettered
+    [dead] = dead_lettered
+    assert dead["event_id"] == "evt-poison", dead_lettered
+    assert "delivered 3 times (max_deliver = 2)" in dead["error"], dead
