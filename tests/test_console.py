@@ -56,6 +56,18 @@ def declare_order() -> None:
         total: float
 
 
+def declare_hook(sink: WebhookSink) -> None:
+    """`Order` and the observer `hook`, a webhook to `sink` with two fast attempts."""
+    declare_order()
+    fraiseql.observer(
+        name="hook",
+        entity="Order",
+        event="INSERT",
+        actions=[fraiseql.webhook(url=sink.url)],
+        retry=FAST,
+    )
+
+
 def order(**kw: Any) -> dict[str, Any]:
     return {"id": "o1", "status": "new", "total": 10.0, **kw}
 
@@ -168,14 +180,7 @@ def test_recent_events_say_what_each_observer_did(registry: fraiseql.Registry) -
 def test_without_a_token_the_console_is_read_only(
     registry: fraiseql.Registry, failing_sink: WebhookSink
 ) -> None:
-    declare_order()
-    fraiseql.observer(
-        name="hook",
-        entity="Order",
-        event="INSERT",
-        actions=[fraiseql.webhook(url=failing_sink.url)],
-        retry=FAST,
-    )
+    declare_hook(failing_sink)
     with fraiseql.Engine(http_port=0) as engine:
         [entry] = dead_letter_orders(engine, "r1")
         api = Api(engine.http_port, token=TOKEN)
@@ -199,14 +204,7 @@ def test_without_a_token_the_console_is_read_only(
 def test_retry_and_purge_with_the_token(
     registry: fraiseql.Registry, failing_sink: WebhookSink, token_env: dict[str, Any]
 ) -> None:
-    declare_order()
-    fraiseql.observer(
-        name="hook",
-        entity="Order",
-        event="INSERT",
-        actions=[fraiseql.webhook(url=failing_sink.url)],
-        retry=FAST,
-    )
+    declare_hook(failing_sink)
     with fraiseql.Engine(token_env, http_port=0) as engine:
         entries = dead_letter_orders(engine, "r1", "r2", "r3", "r4")
         first, second, third, fourth = sorted(e["id"] for e in entries)
@@ -247,14 +245,7 @@ def test_retry_and_purge_with_the_token(
 def test_search_finds_entries_by_their_text(
     registry: fraiseql.Registry, failing_sink: WebhookSink, token_env: dict[str, Any]
 ) -> None:
-    declare_order()
-    fraiseql.observer(
-        name="hook",
-        entity="Order",
-        event="INSERT",
-        actions=[fraiseql.webhook(url=failing_sink.url)],
-        retry=FAST,
-    )
+    declare_hook(failing_sink)
     with fraiseql.Engine(token_env, http_port=0) as engine:
         dead_letter_orders(engine, "needle-7", "hay-1", "hay-2")
         api = Api(engine.http_port)
@@ -306,14 +297,7 @@ def test_bad_requests_get_a_clear_error_and_change_nothing(
     status: int,
     message: str,
 ) -> None:
-    declare_order()
-    fraiseql.observer(
-        name="hook",
-        entity="Order",
-        event="INSERT",
-        actions=[fraiseql.webhook(url=failing_sink.url)],
-        retry=FAST,
-    )
+    declare_hook(failing_sink)
     with fraiseql.Engine(token_env, http_port=0) as engine:
         before = dead_letter_orders(engine, "kept")
         api = Api(engine.http_port, token=TOKEN)

@@ -123,6 +123,13 @@ impl Console {
     }
 
     /// Mutations need the token: 403 when none is configured, 401 when it is missing or wrong.
+    /// The entry a request that changes the queue names in its path (`/api/dlq/{id}…`),
+    /// once the request may change it.
+    fn authorized_entry(&self, headers: &HeaderMap, raw_id: &str) -> Result<u64, ApiError> {
+        self.authorize(headers)?;
+        entry_id(raw_id)
+    }
+
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(expected) = &self.admin_token else {
             return Err(ApiError::new(
@@ -271,8 +278,7 @@ async fn dlq_retry_one(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    console.authorize(&headers)?;
-    let id = entry_id(&id)?;
+    let id = console.authorized_entry(&headers, &id)?;
     let delivered = retry(&console, id).await?;
     Ok(Json(retried(id, delivered, &console).await))
 }
@@ -282,8 +288,7 @@ async fn dlq_delete(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    console.authorize(&headers)?;
-    let id = entry_id(&id)?;
+    let id = console.authorized_entry(&headers, &id)?;
     if console.dead_letters.remove(&[id]).await? == 0 {
         return Err(not_found(id));
     }
