@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 import fraiseql
-from fraiseql.testing.services import NatsCluster, start_nats_cluster
+from fraiseql.testing.services import NatsCluster, scratch_database, start_nats_cluster
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -57,6 +57,15 @@ def stored(info: Any, subject: str) -> int:
     return int((info.state.subjects or {}).get(subject, 0))
 
 
+async def _consumer_leader(urls: list[str], stream: str, consumer: str) -> str:
+    nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=2)
+    try:
+        info = await nc.jetstream().consumer_info(stream, consumer)
+        return str(info.cluster.leader)
+    finally:
+        await nc.close()
+
+
 async def _delete_stream(urls: list[str], name: str) -> None:
     nc = await nats.connect(servers=urls, connect_timeout=2)
     try:
@@ -73,9 +82,15 @@ def test_the_stream_leader_killed_mid_stream_loses_nothing_and_stores_nothing_tw
     engine consumes it; the stream's leader is SIGKILLed mid-stream: every change reaches the
     handler, the stream holds each change once (its `Nats-Msg-Id`), another server leads, and
     the killed one, started again, catches up."""
+    # A database of its own: the bridge forwards the whole change log, and the session
+    # database's holds every earlier test's changes.
+    with scratch_database(fraiseql_database_url) as database_url:
+        leader_killed_mid_stream(database_url, cluster)
+
+
+def leader_killed_mid_stream(fraiseql_database_url: str, cluster: NatsCluster) -> None:
     suffix = uuid.uuid4().hex[:8]
     entity, table, stream = f"Clustered{suffix}", f"tb_clustered{suffix}", f"fq_{suffix}"
-    # The bridge forwards the whole change log: this test's changes are those of its subject.
     subject = f"fq{suffix}.mutation.{entity.lower()}.insert"
     fraiseql.type(table=table, name=entity)(type(entity, (), {"__annotations__": {"id": int}}))
     lock = threading.Lock()
@@ -111,16 +126,26 @@ def test_the_stream_leader_killed_mid_stream_loses_nothing_and_stores_nothing_tw
             for i in range(1, 201):
                 conn.execute(f"INSERT INTO {table} VALUES ({i})")
             wait_until(lambda: len(seen) >= 50, timeout=30)
+            # A healthy cluster first: both other copies current.
+            wait_until(
+                lambda: (
+                    all(p.current for p in stream_info(cluster, stream).cluster.replicas or [])
+                    and len(stream_info(cluster, stream).cluster.replicas or []) == 2
+                ),
+                timeout=30,
+            )
             before = stream_info(cluster, stream)
             assert before.config.num_replicas == 3
-            assert len(before.cluster.replicas) == 2, before.cluster
-            killed = cluster.index(before.cluster.leader)
+            # The server leading the consumer (the stream's leader too, most often): the
+            # engine's pulls go to it.
+            leader = asyncio.run(_consumer_leader(live_urls(cluster), stream, f"worker_{suffix}"))
+            killed = cluster.index(leader)
             cluster.kill(killed)
             for i in range(201, 401):  # written while the cluster elects another leader
                 conn.execute(f"INSERT INTO {table} VALUES ({i})")
             wait_until(lambda: seen == set(range(1, 401)), timeout=120)
             after = stream_info(cluster, stream, subject)
-            assert after.cluster.leader != before.cluster.leader
+            assert after.cluster.leader != leader
             assert stored(after, subject) == 400, "each change stored once"
             cluster.restart(killed)
 

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NoReturn
@@ -56,6 +56,7 @@ __all__ = [
     "redis_answers",
     "redis_server_binary",
     "redis_url",
+    "scratch_database",
     "shutdown",
     "sources",
     "start_nats_cluster",
@@ -490,6 +491,17 @@ def _create_database(server_url: str) -> str:
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return name
+
+
+@contextlib.contextmanager
+def scratch_database(url: str) -> Iterator[str]:
+    """A new, empty database on the server of ``url`` for one test (its change log holds
+    only what the test writes); dropped afterwards."""
+    name = _create_database(url)
+    try:
+        yield _with_database(url, name)
+    finally:
+        _drop_database(url, name)
 
 
 def _drop_database(server_url: str, name: str) -> None:

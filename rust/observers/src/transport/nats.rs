@@ -1023,7 +1023,18 @@ impl Source for NatsSource {
             }
             Some(Err(e)) => {
                 use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
-                if matches!(e.kind(), K::MissingHeartbeat | K::Pull | K::Other) {
+                if matches!(e.kind(), K::MissingHeartbeat) {
+                    // Nobody serves the pull any more (the consumer's leader died, say): a
+                    // new pull goes to whoever leads it now. Kept, the stream could wait for
+                    // ever without a message or an error.
+                    tracing::info!(
+                        "nats source `{}`: {e}; pulling again",
+                        self.config.consumer_name
+                    );
+                    self.messages = None;
+                    return Ok(Fetch::Idle);
+                }
+                if matches!(e.kind(), K::Pull | K::Other) {
                     tracing::debug!("nats source `{}`: {e}", self.config.consumer_name);
                     return Ok(Fetch::Idle);
                 }
