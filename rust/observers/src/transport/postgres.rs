@@ -294,6 +294,9 @@ struct Reader {
     suspect: Option<(Cursor, Cursor)>,
     /// Where the batch handed last started: it may still be under way with the next.
     previous_start: Option<Cursor>,
+    /// The ledger was read: on the first activation only, since after a lost session what
+    /// it holds is this run's own range, not a dead run's.
+    ledger_read: bool,
     lag_checked: Option<Instant>,
     pruned_at: Option<Instant>,
     /// A prune still running (pruning never blocks reading).
@@ -534,7 +537,9 @@ impl PostgresSource {
             self.reader.active = true;
             self.reader.read_after = cursor;
             self.reader.caught_up = false;
-            self.reader.suspect = self.handed_before(cursor).await;
+            if !std::mem::replace(&mut self.reader.ledger_read, true) {
+                self.reader.suspect = self.handed_before(cursor).await;
+            }
             self.health.role.store(ROLE_ACTIVE, Ordering::Relaxed);
             tracing::info!(
                 "postgres source `{listener_id}`: reading the change log after ({}, {})",
