@@ -302,6 +302,51 @@ def test_bridge_publishes_sql_changes_and_the_engine_consumes_them(
         asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
 
 
+def test_a_bridge_without_observers_leaves_the_shared_consumer_to_the_instances_with_some(
+    registry: fraiseql.Registry, fraiseql_nats_url: str, fraiseql_database_url: str
+) -> None:
+    """A bridge run alone (`run_bridge = true`, no observer in its schema) beside a worker on the
+    same durable consumer: every change reaches the worker's observer. Pulling, the bridge would
+    have acknowledged about half of them with nothing run."""
+    import psycopg
+
+    suffix = uuid.uuid4().hex[:8]
+    entity, table = f"Order{suffix}", f"tb_order{suffix}"
+    declare = fraiseql.type(table=table, name=entity)
+    declare(type(entity, (), {"__annotations__": {"id": str}}))
+    bridge_schema = fraiseql.Registry()
+    fraiseql.set_registry(bridge_schema)
+    declare(type(entity, (), {"__annotations__": {"id": str}}))
+    fraiseql.set_registry(registry)
+    lock = threading.Lock()
+    seen: list[str] = []
+
+    @fraiseql.subscription(entity_type=entity, operation="create")
+    def worker(order: Any) -> None:
+        with lock:
+            seen.append(order.id)
+
+    worker_config = nats_config(fraiseql_nats_url, suffix)
+    worker_config["database"] = {"url": fraiseql_database_url}
+    bridge_config = nats_config(fraiseql_nats_url, suffix)
+    bridge_config["database"] = {"url": fraiseql_database_url}
+    bridge_config["observers"]["run_bridge"] = True
+    bridge_config["observers"]["bridge"] = {"transport_name": f"bridge_{suffix}"}
+    with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id text primary key)")
+    try:
+        with fraiseql.Engine(bridge_config, schema=bridge_schema), fraiseql.Engine(worker_config):
+            with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+                for i in range(40):
+                    conn.execute(f"INSERT INTO {table} VALUES (%s)", (f"o{i}",))
+            wait_until(lambda: len(seen) >= 40, timeout=20)
+        assert sorted(seen) == sorted(f"o{i}" for i in range(40))
+    finally:
+        with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+        asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
+
+
 def test_a_change_larger_than_max_payload_is_dead_lettered_and_the_stream_goes_on(
     registry: fraiseql.Registry, fraiseql_nats_url: str, fraiseql_database_url: str
 ) -> None:

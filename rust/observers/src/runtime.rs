@@ -154,6 +154,12 @@ impl Running {
     }
 }
 
+/// An instance without observers (a bridge or forwarder alone) leaves the shared consumer to
+/// the instances that have some: pulling, it would acknowledge their messages with nothing run.
+fn not_consuming(what: &str) {
+    tracing::info!("[observers] no observers: this instance does not pull from {what}");
+}
+
 /// Starts the engine a config describes. See the module documentation.
 pub async fn start(
     config: &Config,
@@ -176,6 +182,7 @@ pub async fn start(
     let telemetry = Telemetry::start(&config.observers.telemetry).await?;
     let spans = telemetry.as_ref().map(Telemetry::spans).unwrap_or_default();
     let recent = options.status.is_some().then_some(RECENT_EVENTS);
+    let consumes = !observers.is_empty();
     let (engine, dlq) = observer_engine(
         config,
         pool.as_ref(),
@@ -279,7 +286,14 @@ pub async fn start(
                 );
             }
             let health = source.health();
-            tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx.clone())));
+            if consumes {
+                tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx.clone())));
+            } else {
+                not_consuming(&format!(
+                    "consumer `{}`",
+                    config.observers.nats.consumer_name
+                ));
+            }
             health
         }
         Backend::Redis => {
@@ -323,7 +337,11 @@ pub async fn start(
                 ),
             }
             let health = source.health();
-            tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx.clone())));
+            if consumes {
+                tasks.push(tokio::spawn(source.run(engine.clone(), stop_rx.clone())));
+            } else {
+                not_consuming(&format!("group `{}`", rc.group));
+            }
             health
         }
     };
