@@ -74,15 +74,33 @@ class Order:
     status: str
     total: float
     customer_id: str
+"""
 
+OBSERVER_PY = """
 fraiseql.observer(
-    name="big_order_webhook",
+    name={name!r},
     entity=Order,
     event="INSERT",
-    condition="total > 1000",
+    condition={condition!r},
     actions=[fraiseql.webhook({hook!r})],
 )
 """
+
+
+def schema_py(hook: str, observers: int) -> str:
+    """The entity and `observers` webhook observers of its INSERTs: the first sends for
+    `total > 1000`, the others have conditions that never match (what evaluating them costs)."""
+    text = SCHEMA_PY
+    for i in range(observers):
+        condition = f"total > {THRESHOLD:g}" if i == 0 else f"total > {1_000_000 + i}"
+        text += OBSERVER_PY.format(name=f"order_webhook_{i}", condition=condition, hook=hook)
+    return text
+
+
+def pad_column(conn: psycopg.Connection[Any], pad_bytes: int) -> None:
+    """A text column of `pad_bytes` on every row written (the writer is the baseline's own)."""
+    conn.execute("ALTER TABLE tb_order ADD COLUMN IF NOT EXISTS pad text")
+    conn.execute(f"ALTER TABLE tb_order ALTER COLUMN pad SET DEFAULT repeat('x', {int(pad_bytes)})")
 
 
 # ------------------------------------------------------------------ processes and CPU
@@ -214,6 +232,7 @@ class Bench:
             conn.execute("CREATE DATABASE product")
         with psycopg.connect(self.dsn("product"), autocommit=True) as conn:
             conn.execute((self.baseline / "schema.sql").read_text())
+            pad_column(conn, self.args.pad_bytes)
             # the product captures with its own install; the baseline's outbox stays unused
             conn.execute("DROP TRIGGER tb_order_capture ON tb_order")
             conn.execute("CHECKPOINT")
@@ -258,8 +277,8 @@ class Bench:
             f'[observers.postgres]\ncapture = "{capture}"\n\n'
             f'[observers.nats]\nurl = "{self.nats_server.url}"\nstream_name = "{STREAM}"\n'
         )
-        schema = SCHEMA_PY.format(hook=self.sink_url + "/hook")
-        (workdir / "schema.py").write_text(schema if observers else schema.split("fraiseql.observer(")[0])
+        count = self.args.observers if observers else 0
+        (workdir / "schema.py").write_text(schema_py(self.sink_url + "/hook", count))
         log = open(self.work / f"{name}.log", "a")  # noqa: SIM115 - the child writes it
         argv = [sys.executable, "-m", "fraiseql.cli", "run"]
         proc = subprocess.Popen(argv, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
@@ -304,13 +323,14 @@ class Bench:
         assert row is not None
         return int(row[0])
 
-    async def stream_times(self, skip_before: float) -> tuple[int, float, list[float]]:
+    async def stream_times(self, skip_before: float) -> tuple[int, float, list[float], int]:
         """(messages, time the last was stored, stored minus written_at in ms for rows written
-        after `skip_before`), read back with an ordered consumer."""
+        after `skip_before`, bytes stored per message), read back with an ordered consumer."""
         nc = await nats.connect(self.nats_server.url)
         js = nc.jetstream()
         info = await js.stream_info(STREAM)
         count = info.state.messages
+        size = info.state.bytes // max(count, 1)
         lags: list[float] = []
         last = 0.0
         sub = await js.subscribe(f"{'fraiseql.mutation'}.>", ordered_consumer=True, stream=STREAM)
@@ -323,7 +343,7 @@ class Bench:
                 lags.append((stored - written) * 1000)
         await sub.unsubscribe()
         await nc.close()
-        return count, last, lags
+        return count, last, lags, size
 
     def wait_webhooks(self, matching: int, timeout: float) -> None:
         deadline = time.time() + timeout
@@ -373,7 +393,7 @@ class Bench:
         finally:
             for proc in procs:
                 stop(proc)
-        stored, last_stored, _ = asyncio.run(self.stream_times(float("inf")))
+        stored, last_stored, _, size = asyncio.run(self.stream_times(float("inf")))
         sink = http_json(self.sink_url + "/stats?skip=1e12")
         done = max(last_stored, sink.get("last_recv") or 0.0)
         seconds = done - writer["t_start"]
@@ -388,6 +408,7 @@ class Bench:
             "webhooks": sink["count"],
             "matching": matching,
             "stream_msgs": stored,
+            "stored_bytes_per_msg": size,
             "dead_letters": dead,
         }
         result.update(cpu_figures(cpu0, cpu1, rows, seconds))
@@ -411,7 +432,7 @@ class Bench:
         finally:
             for proc in procs:
                 stop(proc)
-        stored, _, stored_lags = asyncio.run(self.stream_times(writer["t_start"] + warmup))
+        stored, _, stored_lags, _ = asyncio.run(self.stream_times(writer["t_start"] + warmup))
         sink = http_json(self.sink_url + f"/stats?skip={warmup}")
         dead = self.dead_letters(side)
         result = {
@@ -490,6 +511,8 @@ def main() -> None:
     ap.add_argument("--sides", default="relay,nats-trigger,nats-logical,postgres-logical")
     ap.add_argument("--scenarios", default="throughput,latency")
     ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--pad-bytes", type=int, default=0, help="a text column of this size on each row")
+    ap.add_argument("--observers", type=int, default=1, help="webhook observers of the entity (1 matches)")
     ap.add_argument("--duration", type=float, default=30.0, help="latency: seconds at 1,000 rows/s")
     ap.add_argument(
         "--baseline", type=Path, default=Path(os.environ.get("FRAISEQL_BASELINE", DEFAULT_BASELINE))
@@ -516,9 +539,12 @@ def main() -> None:
             version = conn.execute("SHOW server_version").fetchone()
         with psycopg.connect(bench.dsn("relay"), autocommit=True) as conn:
             conn.execute((args.baseline / "schema.sql").read_text())
+            pad_column(conn, args.pad_bytes)
         time.sleep(0.5)
         print(
-            f"{os.cpu_count()} cores; PostgreSQL {version[0] if version else '?'}; logs in {work}", flush=True
+            f"{os.cpu_count()} cores; PostgreSQL {version[0] if version else '?'}; {args.rows} rows;"
+            f" pad {args.pad_bytes} B; {args.observers} observer(s); logs in {work}",
+            flush=True,
         )
         for round_ in range(1, args.rounds + 1):
             for scenario in args.scenarios.split(","):
