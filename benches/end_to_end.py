@@ -276,6 +276,7 @@ class Bench:
             f'[observers]\nbackend = "{backend}"\n{bridge}http_port = {port}\n\n'
             f'[observers.postgres]\ncapture = "{capture}"\n\n'
             f'[observers.nats]\nurl = "{self.nats_server.url}"\nstream_name = "{STREAM}"\n'
+            + "".join(f"\n{line}\n" for line in self.args.toml)
         )
         count = self.args.observers if observers else 0
         (workdir / "schema.py").write_text(schema_py(self.sink_url + "/hook", count))
@@ -512,6 +513,12 @@ def main() -> None:
     ap.add_argument("--scenarios", default="throughput,latency")
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--pad-bytes", type=int, default=0, help="a text column of this size on each row")
+    ap.add_argument(
+        "--toml",
+        action="append",
+        default=[],
+        help="more fraiseql.toml for the product, e.g. '[observers.bridge]\\nbatch_size = 1000'",
+    )
     ap.add_argument("--observers", type=int, default=1, help="webhook observers of the entity (1 matches)")
     ap.add_argument("--duration", type=float, default=30.0, help="latency: seconds at 1,000 rows/s")
     ap.add_argument(
