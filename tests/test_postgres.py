@@ -431,6 +431,42 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(tmp_path: Path, capture: 
         conn.execute(f"DROP TABLE {name}")
 
 
+def test_installing_again_while_the_application_writes_locks_nothing(
+    tmp_path: Path, capture: tuple[str, str]
+) -> None:
+    """Every `fraiseql run` installs capture again. With a writer's transaction open on the
+    captured table, that install returns at once: it locks neither the table nor the change
+    log. It used to drop and create the triggers and alter the change log each time, which
+    waited for every open writer and, under a steady write load with the engine restarting,
+    deadlocked with them (found by tests/test_faults.py). With either capture."""
+    mode, url = capture
+    suffix = uuid.uuid4().hex[:8]
+    name = f"tb_lock{suffix}"
+    (tmp_path / "fraiseql.toml").write_text(
+        f'[database]\nurl = "{url}"\n\n[observers]\nbackend = "postgres"\n\n'
+        f'[observers.postgres]\nlistener_id = "lock_{suffix}"\ncapture = "{mode}"\n'
+    )
+    (tmp_path / "schema.py").write_text(
+        f"import fraiseql\n@fraiseql.type(table={name!r}, name='Lock{suffix}')\nclass T:\n    id: int\n"
+    )
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {name} (id int primary key)")
+    install = [sys.executable, "-m", "fraiseql.cli", "db", "install"]
+    try:
+        first = subprocess.run(install, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert first.returncode == 0, first.stderr
+        with psycopg.connect(url) as writer:
+            writer.execute(f"INSERT INTO {name} VALUES (1)")  # left open: holds its row locks
+            started = time.monotonic()
+            again = subprocess.run(install, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+            assert again.returncode == 0, again.stderr
+            assert time.monotonic() - started < 20
+            writer.commit()
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {name}")
+
+
 @pytest.mark.parametrize("mode", ["trigger", "logical"])
 def test_a_postgresql_restart_mid_stream_loses_nothing(registry: fraiseql.Registry, mode: str) -> None:
     """A private PostgreSQL is SIGKILLed (crash, then recovery from its WAL) while the engine

@@ -107,6 +107,9 @@ fn plain_identifier<'a>(what: &str, name: &'a str) -> Result<&'a str> {
 struct EntityTrigger {
     /// Quoted name of the row-level UPDATE trigger.
     trigger: String,
+    /// The same name unquoted (the INSERT and DELETE triggers add `_ins` and `_del`): safe
+    /// inside a '…' literal, being `TRIGGER_PREFIX` and a plain identifier.
+    name: String,
     /// Quoted names of the statement-level INSERT and DELETE triggers.
     insert_trigger: String,
     delete_trigger: String,
@@ -138,6 +141,7 @@ fn entity_triggers(schema: &Schema) -> Result<Vec<EntityTrigger>> {
             insert_trigger: format!("\"{trigger}_ins\""),
             delete_trigger: format!("\"{trigger}_del\""),
             trigger: format!("\"{trigger}\""),
+            name: trigger,
             table,
             table_literal: e.table.clone(),
             entity: entity.to_owned(),
@@ -169,11 +173,24 @@ CREATE TABLE IF NOT EXISTS {CHANGE_LOG_TABLE} (
     old          jsonb,
     committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-CREATE INDEX IF NOT EXISTS {CHANGE_LOG_TABLE}_txid_id_idx ON {CHANGE_LOG_TABLE} (txid, id);
--- Set on rows fed by `fraiseql backfill`: {{"id", "observers"}}.
-ALTER TABLE {CHANGE_LOG_TABLE} ADD COLUMN IF NOT EXISTS backfill jsonb;
--- The writer's W3C trace context (`SET LOCAL fraiseql.traceparent`), if it set one.
-ALTER TABLE {CHANGE_LOG_TABLE} ADD COLUMN IF NOT EXISTS traceparent text;
+-- What is already there is left alone: `ALTER TABLE … IF NOT EXISTS` and `CREATE INDEX IF NOT
+-- EXISTS` lock the change log before they look, and a start of the engine that locked it
+-- (then a captured table) deadlocked with the application's writers, which lock the other way.
+DO $fraiseql$ BEGIN
+    IF to_regclass('{CHANGE_LOG_TABLE}_txid_id_idx') IS NULL THEN
+        CREATE INDEX {CHANGE_LOG_TABLE}_txid_id_idx ON {CHANGE_LOG_TABLE} (txid, id);
+    END IF;
+    -- Set on rows fed by `fraiseql backfill`: {{"id", "observers"}}.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{CHANGE_LOG_TABLE}'::regclass
+                   AND attname = 'backfill' AND NOT attisdropped) THEN
+        ALTER TABLE {CHANGE_LOG_TABLE} ADD COLUMN backfill jsonb;
+    END IF;
+    -- The writer's W3C trace context (`SET LOCAL fraiseql.traceparent`), if it set one.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{CHANGE_LOG_TABLE}'::regclass
+                   AND attname = 'traceparent' AND NOT attisdropped) THEN
+        ALTER TABLE {CHANGE_LOG_TABLE} ADD COLUMN traceparent text;
+    END IF;
+END $fraiseql$;
 {TRACEPARENT_FUNCTION_SQL}
 
 CREATE TABLE IF NOT EXISTS {CURSOR_TABLE} (
@@ -235,21 +252,7 @@ $fraiseql$;
             entity = t.entity,
             table_literal = t.table_literal
         );
-        sql.push_str(&format!(
-            "\nDROP TRIGGER IF EXISTS {trigger} ON {table};\n\
-             CREATE TRIGGER {trigger} AFTER UPDATE ON {table}\n    \
-             FOR EACH ROW EXECUTE FUNCTION {CAPTURE_FUNCTION}({args});\n\
-             DROP TRIGGER IF EXISTS {insert} ON {table};\n\
-             CREATE TRIGGER {insert} AFTER INSERT ON {table} REFERENCING NEW TABLE AS fraiseql_inserted\n    \
-             FOR EACH STATEMENT EXECUTE FUNCTION {CAPTURE_INSERTED_FUNCTION}({args});\n\
-             DROP TRIGGER IF EXISTS {delete} ON {table};\n\
-             CREATE TRIGGER {delete} AFTER DELETE ON {table} REFERENCING OLD TABLE AS fraiseql_deleted\n    \
-             FOR EACH STATEMENT EXECUTE FUNCTION {CAPTURE_DELETED_FUNCTION}({args});\n",
-            trigger = t.trigger,
-            insert = t.insert_trigger,
-            delete = t.delete_trigger,
-            table = t.table,
-        ));
+        sql.push_str(&install_triggers(&t, &args));
     }
     let repairs = entity_triggers(schema)?
         .into_iter()
@@ -267,7 +270,11 @@ $fraiseql$;
                  {CAPTURE_INSERTED_FUNCTION}({args}); \
                  CREATE TRIGGER {delete} AFTER DELETE ON {table} REFERENCING OLD TABLE AS \
                  fraiseql_deleted FOR EACH STATEMENT EXECUTE FUNCTION \
-                 {CAPTURE_DELETED_FUNCTION}({args});",
+                 {CAPTURE_DELETED_FUNCTION}({args}); \
+                 COMMENT ON TRIGGER {trigger} ON {table} IS '{fingerprint}'; \
+                 COMMENT ON TRIGGER {insert} ON {table} IS '{fingerprint}'; \
+                 COMMENT ON TRIGGER {delete} ON {table} IS '{fingerprint}';",
+                fingerprint = trigger_fingerprint(&args),
                 trigger = t.trigger,
                 insert = t.insert_trigger,
                 delete = t.delete_trigger,
@@ -278,6 +285,44 @@ $fraiseql$;
         .collect::<Vec<_>>();
     sql.push_str(&ddl::register_repairs(&repairs));
     Ok(sql)
+}
+
+/// What the capture triggers were made from, kept as their comment: a start whose triggers
+/// carry it (and are enabled) touches nothing. Dropping and creating them on every start took
+/// an ACCESS EXCLUSIVE lock on the application's table each time. Bump the version when the
+/// trigger statements below change.
+fn trigger_fingerprint(args: &str) -> String {
+    format!("fraiseql capture 1: {}", args.replace('\'', ""))
+}
+
+/// The UPDATE (row), INSERT and DELETE (statement) triggers of one table, created only if
+/// they are not all there as this version makes them.
+fn install_triggers(t: &EntityTrigger, args: &str) -> String {
+    let fingerprint = trigger_fingerprint(args);
+    format!(
+        "\nDO $fraiseql$ BEGIN\n    \
+         IF (SELECT count(*) FROM pg_trigger WHERE tgrelid = '{table}'::regclass\n        \
+         AND tgname IN ('{name}', '{name}_ins', '{name}_del') AND tgenabled <> 'D'\n        \
+         AND obj_description(oid, 'pg_trigger') = '{fingerprint}') <> 3 THEN\n    \
+         DROP TRIGGER IF EXISTS {trigger} ON {table};\n    \
+         CREATE TRIGGER {trigger} AFTER UPDATE ON {table}\n        \
+         FOR EACH ROW EXECUTE FUNCTION {CAPTURE_FUNCTION}({args});\n    \
+         DROP TRIGGER IF EXISTS {insert} ON {table};\n    \
+         CREATE TRIGGER {insert} AFTER INSERT ON {table} REFERENCING NEW TABLE AS fraiseql_inserted\n        \
+         FOR EACH STATEMENT EXECUTE FUNCTION {CAPTURE_INSERTED_FUNCTION}({args});\n    \
+         DROP TRIGGER IF EXISTS {delete} ON {table};\n    \
+         CREATE TRIGGER {delete} AFTER DELETE ON {table} REFERENCING OLD TABLE AS fraiseql_deleted\n        \
+         FOR EACH STATEMENT EXECUTE FUNCTION {CAPTURE_DELETED_FUNCTION}({args});\n    \
+         COMMENT ON TRIGGER {trigger} ON {table} IS '{fingerprint}';\n    \
+         COMMENT ON TRIGGER {insert} ON {table} IS '{fingerprint}';\n    \
+         COMMENT ON TRIGGER {delete} ON {table} IS '{fingerprint}';\n    \
+         END IF;\nEND $fraiseql$;\n",
+        name = t.name,
+        trigger = t.trigger,
+        insert = t.insert_trigger,
+        delete = t.delete_trigger,
+        table = t.table,
+    )
 }
 
 /// A statement-level capture function: the statement's rows from its transition table
@@ -334,11 +379,13 @@ fn drop_triggers_sql(schema: &Schema) -> Result<String> {
     for t in entity_triggers(schema)? {
         // The quoted name is made of validated characters only: safe inside '…'.
         sql.push_str(&format!(
-            "DO $fraiseql$ BEGIN\n    IF to_regclass('{table}') IS NOT NULL THEN\n        \
+            "DO $fraiseql$ BEGIN\n    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass('{table}')\n        \
+             AND tgname IN ('{name}', '{name}_ins', '{name}_del')) THEN\n        \
              DROP TRIGGER IF EXISTS {trigger} ON {table};\n        \
              DROP TRIGGER IF EXISTS {insert} ON {table};\n        \
              DROP TRIGGER IF EXISTS {delete} ON {table};\n    END IF;\nEND $fraiseql$;\n",
             table = t.table,
+            name = t.name,
             trigger = t.trigger,
             insert = t.insert_trigger,
             delete = t.delete_trigger,
