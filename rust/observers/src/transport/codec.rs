@@ -88,41 +88,140 @@ pub fn message_body(subject: &str, event: &Event) -> Value {
     serde_json::to_value(MessageBody::new(subject, event)).unwrap_or(Value::Null)
 }
 
+/// The members of a body that an event is made of, each as sent (checked by [`decode_body`]).
+/// Read straight from the bytes: the others (`subject`, anything unknown) are skipped without
+/// being built, and no map of the whole body is made. Of a repeated member the last counts,
+/// as when the body was read into a map.
+#[derive(Default)]
+struct Envelope {
+    event: Option<Value>,
+    entity: Option<Value>,
+    id: Option<Value>,
+    timestamp: Option<Value>,
+    table: Option<Value>,
+    data: Option<Value>,
+    old: Option<Value>,
+    backfill: Option<Value>,
+    traceparent: Option<Value>,
+}
+
+/// A member's name, read without allocating.
+enum Member {
+    Event,
+    Entity,
+    Id,
+    Timestamp,
+    Table,
+    Data,
+    Old,
+    Backfill,
+    Traceparent,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Member {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = Member;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E>(self, name: &str) -> std::result::Result<Member, E> {
+                Ok(match name {
+                    "event" => Member::Event,
+                    "entity" => Member::Entity,
+                    "id" => Member::Id,
+                    "timestamp" => Member::Timestamp,
+                    "table" => Member::Table,
+                    "data" => Member::Data,
+                    "old" => Member::Old,
+                    "backfill" => Member::Backfill,
+                    "traceparent" => Member::Traceparent,
+                    _ => Member::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(Name)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Envelope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = Envelope;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut members: A,
+            ) -> std::result::Result<Envelope, A::Error> {
+                let mut e = Envelope::default();
+                while let Some(member) = members.next_key::<Member>()? {
+                    let slot = match member {
+                        Member::Event => &mut e.event,
+                        Member::Entity => &mut e.entity,
+                        Member::Id => &mut e.id,
+                        Member::Timestamp => &mut e.timestamp,
+                        Member::Table => &mut e.table,
+                        Member::Data => &mut e.data,
+                        Member::Old => &mut e.old,
+                        Member::Backfill => &mut e.backfill,
+                        Member::Traceparent => &mut e.traceparent,
+                        Member::Other => {
+                            members.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(members.next_value()?);
+                }
+                Ok(e)
+            }
+        }
+        d.deserialize_any(Object)
+    }
+}
+
 /// Rebuilds the event from a message body. `fallback_id` (the `Nats-Msg-Id` header, else the
 /// stream sequence) is used when the body has no `"id"`.
 pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event, String> {
-    let v: Value = serde_json::from_slice(payload).map_err(|e| format!("invalid JSON: {e}"))?;
-    let Value::Object(mut obj) = v else {
-        return Err("the body is not a JSON object".into());
-    };
-    let str_field = |k: &str| -> Result<Option<&str>, String> {
-        match obj.get(k) {
+    let body: Envelope = serde_json::from_slice(payload).map_err(|e| {
+        // Only the envelope's own check fails as data: valid JSON that is not an object.
+        if e.classify() == serde_json::error::Category::Data {
+            "the body is not a JSON object".to_string()
+        } else {
+            format!("invalid JSON: {e}")
+        }
+    })?;
+    let str_field = |k: &str, v: Option<Value>| -> Result<Option<String>, String> {
+        match v {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(Value::String(s)) => Ok(Some(s)),
             Some(_) => Err(format!("field \"{k}\" must be a string")),
         }
     };
-    let kind: EventKind = str_field("event")?
+    let kind: EventKind = str_field("event", body.event)?
         .ok_or("missing field \"event\"")?
         .parse()?;
-    let entity = str_field("entity")?
+    let entity = str_field("entity", body.entity)?
         .filter(|s| !s.is_empty())
-        .ok_or("missing field \"entity\"")?
-        .to_string();
-    let id = match str_field("id")? {
-        Some(id) if !id.is_empty() => id.to_string(),
+        .ok_or("missing field \"entity\"")?;
+    let id = match str_field("id", body.id)? {
+        Some(id) if !id.is_empty() => id,
         _ => fallback_id.ok_or("missing field \"id\" and no Nats-Msg-Id header")?,
     };
-    let timestamp = match str_field("timestamp")? {
-        Some(t) => t.to_string(),
+    let timestamp = match str_field("timestamp", body.timestamp)? {
+        Some(t) => t,
         None => crate::event::now_rfc3339(),
     };
-    let table = match str_field("table")? {
-        Some(t) if !t.is_empty() => t.to_string(),
+    let table = match str_field("table", body.table)? {
+        Some(t) if !t.is_empty() => t,
         _ => default_table(&entity),
     };
-    let data = obj.remove("data").filter(|d| !d.is_null());
-    let old = obj.remove("old").filter(|d| !d.is_null());
+    let data = body.data.filter(|d| !d.is_null());
+    let old = body.old.filter(|d| !d.is_null());
     let (new, old) = match kind {
         EventKind::Insert => (data, None),
         EventKind::Update => (data, old),
@@ -137,14 +236,14 @@ pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event,
         return Err("missing field \"data\"".into());
     }
     let backfill =
-        match obj.remove("backfill") {
+        match body.backfill {
             None | Some(Value::Null) => None,
             Some(b) => Some(serde_json::from_value(b).map_err(|e| {
                 format!("field \"backfill\" must be {{\"id\", \"observers\"}}: {e}")
             })?),
         };
     // A trace context that is not a string is dropped, not an error: the change goes on.
-    let traceparent = match obj.remove("traceparent") {
+    let traceparent = match body.traceparent {
         Some(Value::String(tp)) => Some(tp),
         _ => None,
     };
@@ -159,4 +258,45 @@ pub fn decode_body(payload: &[u8], fallback_id: Option<String>) -> Result<Event,
         backfill,
         traceparent,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_are_read_by_name_whatever_their_order_or_escapes() {
+        let body = br#"{"subject":"x.y.z","extra":{"deep":[1,2,{"a":null}]},"data":{"id":"o1"},
+            "\u0069d":"evt-1","entity":"Order","event":"INSERT","table":"tb_order"}"#;
+        let event = decode_body(body, None).unwrap();
+        assert_eq!(event.id, "evt-1");
+        assert_eq!(event.entity, "Order");
+        assert_eq!(event.table, "tb_order");
+        assert_eq!(event.new, Some(serde_json::json!({"id": "o1"})));
+    }
+
+    #[test]
+    fn the_last_of_a_repeated_member_counts() {
+        let body = br#"{"event":"DELETE","entity":"Order","event":"INSERT","data":{"id":1}}"#;
+        assert_eq!(
+            decode_body(body, Some("m".into())).unwrap().event,
+            EventKind::Insert
+        );
+    }
+
+    #[test]
+    fn what_is_not_an_object_or_not_json_says_so() {
+        for body in [&b"[1, 2]"[..], b"5", b"\"text\"", b"null"] {
+            assert_eq!(
+                decode_body(body, Some("m".into())).unwrap_err(),
+                "the body is not a JSON object"
+            );
+        }
+        for body in [&b"{"[..], b"{\"event\":}", b"", b"{\"a\":1} x"] {
+            let err = decode_body(body, Some("m".into())).unwrap_err();
+            assert!(err.starts_with("invalid JSON: "), "{err}");
+        }
+        let err = decode_body(br#"{"event":5,"entity":"O","data":{}}"#, None).unwrap_err();
+        assert_eq!(err, "field \"event\" must be a string");
+    }
 }
