@@ -371,13 +371,19 @@ class Bench:
 
     # -------------------------------------------------------------- scenarios
 
-    def throughput(self, side: str) -> dict[str, Any]:
-        rows = self.args.rows
+    def start_side(self, side: str, exit_after: int | None) -> tuple[str, list[subprocess.Popen[Any]]]:
+        """A clean slate (stream, tables, sink), then the side started: (its database, processes)."""
         database = "relay" if side.startswith("relay") else "product"
         asyncio.run(self.delete_stream())
         self.reset_relay() if database == "relay" else self.reset_product()
         http_json(self.sink_url + "/reset", "POST")
-        procs = [self.start_relay(side, rows)] if database == "relay" else self.start_product(side)
+        if database == "relay":
+            return database, [self.start_relay(side, exit_after)]
+        return database, self.start_product(side)
+
+    def throughput(self, side: str) -> dict[str, Any]:
+        rows = self.args.rows
+        database, procs = self.start_side(side, rows)
         try:
             cpu0 = self.cpu(procs)
             writer = self.run_writer(database, rows, 100)
@@ -418,11 +424,7 @@ class Bench:
     def latency(self, side: str) -> dict[str, Any]:
         rate, seconds, warmup = 1000.0, self.args.duration, 2.0
         rows = int(rate * seconds)
-        database = "relay" if side.startswith("relay") else "product"
-        asyncio.run(self.delete_stream())
-        self.reset_relay() if database == "relay" else self.reset_product()
-        http_json(self.sink_url + "/reset", "POST")
-        procs = [self.start_relay(side, None)] if database == "relay" else self.start_product(side)
+        database, procs = self.start_side(side, None)
         try:
             cpu0 = self.cpu(procs)
             writer = self.run_writer(database, rows, 10, rate)
