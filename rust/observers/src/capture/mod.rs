@@ -246,6 +246,7 @@ $fraiseql$;
         "NULL, to_jsonb(r)",
         "fraiseql_deleted r",
     ));
+    let mut repairs = Vec::new();
     for t in entity_triggers(schema)? {
         let args = format!(
             "'{entity}', '{channel}', '{mode}', '{table_literal}'",
@@ -253,36 +254,8 @@ $fraiseql$;
             table_literal = t.table_literal
         );
         sql.push_str(&install_triggers(&t, &args));
+        repairs.push((t.table.clone(), create_triggers(&t, &args)));
     }
-    let repairs = entity_triggers(schema)?
-        .into_iter()
-        .map(|t| {
-            let args = format!(
-                "'{entity}', '{channel}', '{mode}', '{table_literal}'",
-                entity = t.entity,
-                table_literal = t.table_literal
-            );
-            let repair = format!(
-                "CREATE TRIGGER {trigger} AFTER UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION \
-                 {CAPTURE_FUNCTION}({args}); \
-                 CREATE TRIGGER {insert} AFTER INSERT ON {table} REFERENCING NEW TABLE AS \
-                 fraiseql_inserted FOR EACH STATEMENT EXECUTE FUNCTION \
-                 {CAPTURE_INSERTED_FUNCTION}({args}); \
-                 CREATE TRIGGER {delete} AFTER DELETE ON {table} REFERENCING OLD TABLE AS \
-                 fraiseql_deleted FOR EACH STATEMENT EXECUTE FUNCTION \
-                 {CAPTURE_DELETED_FUNCTION}({args}); \
-                 COMMENT ON TRIGGER {trigger} ON {table} IS '{fingerprint}'; \
-                 COMMENT ON TRIGGER {insert} ON {table} IS '{fingerprint}'; \
-                 COMMENT ON TRIGGER {delete} ON {table} IS '{fingerprint}';",
-                fingerprint = trigger_fingerprint(&args),
-                trigger = t.trigger,
-                insert = t.insert_trigger,
-                delete = t.delete_trigger,
-                table = t.table,
-            );
-            (t.table, repair)
-        })
-        .collect::<Vec<_>>();
     sql.push_str(&ddl::register_repairs(&repairs));
     Ok(sql)
 }
@@ -298,26 +271,40 @@ fn trigger_fingerprint(args: &str) -> String {
 /// The UPDATE (row), INSERT and DELETE (statement) triggers of one table, created only if
 /// they are not all there as this version makes them.
 fn install_triggers(t: &EntityTrigger, args: &str) -> String {
-    let fingerprint = trigger_fingerprint(args);
     format!(
         "\nDO $fraiseql$ BEGIN\n    \
          IF (SELECT count(*) FROM pg_trigger WHERE tgrelid = '{table}'::regclass\n        \
          AND tgname IN ('{name}', '{name}_ins', '{name}_del') AND tgenabled <> 'D'\n        \
          AND obj_description(oid, 'pg_trigger') = '{fingerprint}') <> 3 THEN\n    \
          DROP TRIGGER IF EXISTS {trigger} ON {table};\n    \
-         CREATE TRIGGER {trigger} AFTER UPDATE ON {table}\n        \
-         FOR EACH ROW EXECUTE FUNCTION {CAPTURE_FUNCTION}({args});\n    \
          DROP TRIGGER IF EXISTS {insert} ON {table};\n    \
+         DROP TRIGGER IF EXISTS {delete} ON {table};\n    \
+         {create}\n    \
+         END IF;\nEND $fraiseql$;\n",
+        fingerprint = trigger_fingerprint(args),
+        create = create_triggers(t, args),
+        name = t.name,
+        trigger = t.trigger,
+        insert = t.insert_trigger,
+        delete = t.delete_trigger,
+        table = t.table,
+    )
+}
+
+/// Creates the three capture triggers of one table with their fingerprint: what an install
+/// runs once the old ones are dropped, and what the event trigger runs on a re-created table.
+fn create_triggers(t: &EntityTrigger, args: &str) -> String {
+    format!(
+        "CREATE TRIGGER {trigger} AFTER UPDATE ON {table}\n        \
+         FOR EACH ROW EXECUTE FUNCTION {CAPTURE_FUNCTION}({args});\n    \
          CREATE TRIGGER {insert} AFTER INSERT ON {table} REFERENCING NEW TABLE AS fraiseql_inserted\n        \
          FOR EACH STATEMENT EXECUTE FUNCTION {CAPTURE_INSERTED_FUNCTION}({args});\n    \
-         DROP TRIGGER IF EXISTS {delete} ON {table};\n    \
          CREATE TRIGGER {delete} AFTER DELETE ON {table} REFERENCING OLD TABLE AS fraiseql_deleted\n        \
          FOR EACH STATEMENT EXECUTE FUNCTION {CAPTURE_DELETED_FUNCTION}({args});\n    \
          COMMENT ON TRIGGER {trigger} ON {table} IS '{fingerprint}';\n    \
          COMMENT ON TRIGGER {insert} ON {table} IS '{fingerprint}';\n    \
-         COMMENT ON TRIGGER {delete} ON {table} IS '{fingerprint}';\n    \
-         END IF;\nEND $fraiseql$;\n",
-        name = t.name,
+         COMMENT ON TRIGGER {delete} ON {table} IS '{fingerprint}';",
+        fingerprint = trigger_fingerprint(args),
         trigger = t.trigger,
         insert = t.insert_trigger,
         delete = t.delete_trigger,

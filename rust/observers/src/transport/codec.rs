@@ -106,6 +106,8 @@ struct Envelope {
 }
 
 /// A member's name, read without allocating.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum Member {
     Event,
     Entity,
@@ -116,34 +118,8 @@ enum Member {
     Old,
     Backfill,
     Traceparent,
+    #[serde(other)]
     Other,
-}
-
-impl<'de> serde::Deserialize<'de> for Member {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct Name;
-        impl serde::de::Visitor<'_> for Name {
-            type Value = Member;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a member name")
-            }
-            fn visit_str<E>(self, name: &str) -> std::result::Result<Member, E> {
-                Ok(match name {
-                    "event" => Member::Event,
-                    "entity" => Member::Entity,
-                    "id" => Member::Id,
-                    "timestamp" => Member::Timestamp,
-                    "table" => Member::Table,
-                    "data" => Member::Data,
-                    "old" => Member::Old,
-                    "backfill" => Member::Backfill,
-                    "traceparent" => Member::Traceparent,
-                    _ => Member::Other,
-                })
-            }
-        }
-        d.deserialize_identifier(Name)
-    }
 }
 
 impl<'de> serde::Deserialize<'de> for Envelope {
