@@ -735,8 +735,9 @@ impl Engine {
     }
 
     /// EffectivelyOnce: records the key before the actions run. Returns false when the event
-    /// was already processed by this observer (skip). A store failure does not skip the
-    /// event: it is dead-lettered so it is neither lost nor run unguarded.
+    /// was already processed by this observer (skip). A store that fails (its database
+    /// restarting, say) is tried again under the observer's retry policy; when the attempts
+    /// run out the event is dead-lettered, so it is neither lost nor run unguarded.
     async fn claim(
         &self,
         observer: &CompiledObserver,
@@ -746,10 +747,22 @@ impl Engine {
         let Some(store) = &observer.idempotency else {
             return true;
         };
-        match store
-            .record_idempotency_key(&observer.name, &event.id)
-            .await
-        {
+        let max = observer.retry.max_attempts;
+        let record = |attempt: u32| async move {
+            let recorded = store
+                .record_idempotency_key(&observer.name, &event.id)
+                .await;
+            if let (Err(e), true) = (&recorded, attempt < max) {
+                tracing::warn!(
+                    "[observer] {}: could not record idempotency key for event {} (attempt \
+                     {attempt}/{max}): {e}; retrying",
+                    observer.name,
+                    event.id
+                );
+            }
+            recorded
+        };
+        match observer.retry.run(record, |_| true).await {
             Ok(true) => true,
             Ok(false) => {
                 report.duplicates += 1;
@@ -761,9 +774,10 @@ impl Engine {
                 );
                 false
             }
-            Err(e) => {
+            Err((e, attempts)) => {
                 tracing::error!(
-                    "[observer] {}: could not record idempotency key for event {}: {e}",
+                    "[observer] {}: could not record idempotency key for event {} after \
+                     {attempts} attempt(s): {e}",
                     observer.name,
                     event.id
                 );
