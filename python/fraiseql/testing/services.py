@@ -108,8 +108,11 @@ class ServerProcess:
     workdir: Path
     log_path: Path
     log_file: IO[bytes]
+    popen: dict[str, object] = field(default_factory=dict)
     stop_signal: int = signal.SIGTERM
     stopped: bool = field(default=False, init=False)
+    # The probe that said it was ready, asked again after a restart.
+    ready: Callable[[], bool] = field(default=lambda: True, init=False)
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """Return the end of the server log, for error messages."""
@@ -134,6 +137,40 @@ class ServerProcess:
                 self.process.wait(timeout)
         self.log_file.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def restart(self, how: int | None = None, down_for: float = 0.0, timeout: float = 60.0) -> None:
+        """Stop the server with the signal ``how`` (its own stop signal by default: SIGKILL,
+        or PostgreSQL's SIGQUIT, for a crash), wait ``down_for`` seconds, and start it again
+        on its port, data and config, as a server that restarts. Returns once it answers."""
+        self.process.send_signal(self.stop_signal if how is None else how)
+        self.process.wait(timeout)
+        time.sleep(down_for)
+        deadline = time.monotonic() + timeout
+        while True:
+            self.process = subprocess.Popen(  # type: ignore[call-overload]
+                self.process.args,
+                stdin=subprocess.DEVNULL,
+                stdout=self.log_file,
+                stderr=subprocess.STDOUT,
+                **self.popen,
+            )
+            if self._answers_before(deadline):
+                return
+            # A killed server's children may hold what a new one needs for a moment (the
+            # shared memory of a SIGKILLed postmaster): it exits at once. Start it again.
+            time.sleep(0.5)
+
+    def _answers_before(self, deadline: float) -> bool:
+        """True once the server answers; False if it exited first."""
+        while self.process.poll() is None:
+            if self.ready():
+                return True
+            if time.monotonic() > deadline:
+                _fail(self, "did not answer after its restart")
+            time.sleep(_POLL_INTERVAL)
+        if time.monotonic() > deadline:
+            _fail(self, f"exited with code {self.process.returncode} after its restart")
+        return False
 
 
 _LIVE: list[ServerProcess] = []
@@ -189,13 +226,14 @@ def _spawn(name: str, argv: list[str], workdir: Path, port: int, url: str, **pop
         log_file.close()
         shutil.rmtree(workdir, ignore_errors=True)
         raise ServiceStartError(f"could not run {argv[0]}: {exc}") from exc
-    server = ServerProcess(name, url, port, process, workdir, log_path, log_file)
+    server = ServerProcess(name, url, port, process, workdir, log_path, log_file, popen)
     _remember(server)
     return server
 
 
 def _wait_ready(server: ServerProcess, probe: Callable[[], bool], timeout: float) -> None:
     """Poll ``probe`` until it passes; on failure stop the server and show its log."""
+    server.ready = probe
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = server.process.poll()
@@ -412,12 +450,14 @@ def start_nats_cluster(size: int = 3, timeout: float = 60.0) -> NatsCluster:
     return NatsCluster(nodes, argvs)
 
 
-def start_redis_server(timeout: float = 20.0) -> ServerProcess:
-    """Start a private, non-persistent redis-server on a free loopback port."""
+def start_redis_server(timeout: float = 20.0, appendonly: bool = False) -> ServerProcess:
+    """Start a private redis-server on a free loopback port: not persistent, or with
+    ``appendonly`` an append-only file (fsync every second, Redis's default) that a
+    :meth:`ServerProcess.restart` reads back."""
     workdir = Path(tempfile.mkdtemp(prefix="fraiseql-redis-"))
     port = free_port()
     argv = [redis_server_binary(), "--bind", LOOPBACK, "--port", str(port)]
-    argv += ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    argv += ["--save", "", "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir)]
     server = _spawn("redis-server", argv, workdir, port, f"redis://{LOOPBACK}:{port}")
     _wait_ready(server, lambda: redis_answers(LOOPBACK, port, timeout=1.0), timeout)
     return server

@@ -36,7 +36,7 @@ pub(crate) mod decode;
 pub(crate) mod value;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -45,8 +45,9 @@ use pgwire_replication::{
     FeedbackObserver, Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
 };
 use serde_json::{json, Value};
-use sqlx::postgres::{PgPool, PgSslMode};
-use tokio::sync::{watch, Notify};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgSslMode};
+use sqlx::Connection;
+use tokio::sync::{watch, Mutex, Notify};
 
 pub use decode::{lsn_text, BACKFILL_PREFIX};
 use decode::{Decoder, Tables, Target};
@@ -72,6 +73,8 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 const SLOT_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long a graceful stop waits for the last confirmed position to reach the server.
 const FINAL_FEEDBACK_WAIT: Duration = Duration::from_secs(3);
+/// How often a session's watcher asks whether its server is shutting down.
+const SHUTDOWN_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// How the source reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,10 +207,21 @@ struct Confirmed {
 
 /// The replication session of the active reader.
 struct Stream {
-    client: ReplicationClient,
+    /// Shared with the session's [`release_on_server_shutdown`] watcher, which may end it.
+    client: Arc<Mutex<ReplicationClient>>,
     decoder: Decoder,
     /// The confirmed position last handed to the client.
     reported: u64,
+    _watcher: AbortOnDrop,
+}
+
+/// Ends a task when the session that started it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The logical-capture reader. See the module documentation.
@@ -366,10 +380,17 @@ impl LogicalSource {
         self.announced_standby = false;
         self.health.role.store(ROLE_ACTIVE, Ordering::Relaxed);
         self.health.streaming.store(true, Ordering::Relaxed);
+        let client = Arc::new(Mutex::new(client));
+        let watcher = tokio::spawn(release_on_server_shutdown(
+            (*self.pool.connect_options()).clone(),
+            Arc::downgrade(&client),
+            self.options.reader.clone(),
+        ));
         self.stream = Some(Stream {
             client,
             decoder: Decoder::new(self.tables.clone(), self.options.skip_unchanged_updates),
             reported: 0,
+            _watcher: AbortOnDrop(watcher),
         });
         Ok(true)
     }
@@ -459,12 +480,13 @@ impl LogicalSource {
         Ok(())
     }
 
-    /// Reports the confirmed position to the server if it moved.
-    fn report_confirmed(&mut self) {
+    /// Reports the confirmed position to the server through the session's `client` if it
+    /// moved.
+    fn report_confirmed(&mut self, client: &ReplicationClient) {
         let confirmed = self.confirmed.lsn.load(Ordering::SeqCst);
         if let Some(stream) = &mut self.stream {
             if confirmed > stream.reported {
-                stream.client.update_applied_lsn(Lsn(confirmed));
+                client.update_applied_lsn(Lsn(confirmed));
                 stream.reported = confirmed;
             }
         }
@@ -476,11 +498,17 @@ impl LogicalSource {
         &mut self,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Fetch<PgDelivery, SlotCheckpoint>> {
+        let client = self
+            .stream
+            .as_ref()
+            .expect("a session is open")
+            .client
+            .clone();
+        let mut client = client.lock().await;
         let first = loop {
-            self.report_confirmed();
-            let stream = self.stream.as_mut().expect("a session is open");
+            self.report_confirmed(&client);
             tokio::select! {
-                event = stream.client.recv() => break event,
+                event = client.recv() => break event,
                 () = self.confirmed.raised.notified() => continue,
                 stop = sleep_or_stop(shutdown, self.options.poll_interval) => {
                     let _ = stop;
@@ -500,19 +528,20 @@ impl LogicalSource {
                 break;
             }
             let stream = self.stream.as_mut().expect("a session is open");
-            next = match stream.client.recv().now_or_never() {
+            next = match client.recv().now_or_never() {
                 Some(event) => Some(event),
                 // Half a transaction has arrived: its end follows at once, and only its end
                 // lets the slot move. Handing half would leave the position behind what
                 // was processed (a stop then, or a crash, delivers it again).
                 None if stream.decoder.in_transaction() => {
-                    tokio::time::timeout(REST_OF_TRANSACTION_WAIT, stream.client.recv())
+                    tokio::time::timeout(REST_OF_TRANSACTION_WAIT, client.recv())
                         .await
                         .ok()
                 }
                 None => None,
             };
         }
+        drop(client);
         let Batch {
             payloads,
             positions,
@@ -661,8 +690,11 @@ impl LogicalSource {
 
     /// The session failed: a new one on the next fetch.
     fn lost(&mut self) {
-        if let Some(mut stream) = self.stream.take() {
-            stream.client.abort();
+        if let Some(stream) = self.stream.take() {
+            // Held only by the watcher, which is ending the session itself.
+            if let Ok(mut client) = stream.client.try_lock() {
+                client.abort();
+            }
         }
         self.health.streaming.store(false, Ordering::Relaxed);
         self.health.role.store(ROLE_RECONNECTING, Ordering::Relaxed);
@@ -776,17 +808,63 @@ impl Source for LogicalSource {
     }
 
     async fn close(&mut self) {
-        self.report_confirmed();
-        if let Some(mut stream) = self.stream.take() {
+        if let Some(client) = self.stream.as_ref().map(|s| s.client.clone()) {
+            let mut client = client.lock().await;
+            self.report_confirmed(&client);
+            self.stream = None;
             // Give the last confirmed position its standby status update before the end.
             let deadline = Instant::now() + FINAL_FEEDBACK_WAIT;
-            while stream.client.feedback_pending_since().is_some() && Instant::now() < deadline {
+            while client.feedback_pending_since().is_some() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let _ = tokio::time::timeout(FINAL_FEEDBACK_WAIT, stream.client.shutdown()).await;
+            let _ = tokio::time::timeout(FINAL_FEEDBACK_WAIT, client.shutdown()).await;
         }
         self.health.streaming.store(false, Ordering::Relaxed);
         self.health.role.store(ROLE_STOPPED, Ordering::Relaxed);
+    }
+}
+
+/// Ends the replication session when its server shuts down. PostgreSQL's fast shutdown ends
+/// every other session at once but keeps a walsender until its client has confirmed all the
+/// WAL it was sent, and the reader cannot confirm changes still being processed — least of
+/// all while they wait for this same database (an EffectivelyOnce key, a dead letter, a
+/// handler's own queries): the server would wait on the engine, for minutes. So a connection
+/// of the session's own asks the server once a second; when it answers that it is shutting
+/// down (SQLSTATE 57P01 on that connection, 57P03 to a new one), the session is dropped, the
+/// server stops, and the reader starts a new session from where it was once it is back.
+async fn release_on_server_shutdown(
+    options: PgConnectOptions,
+    client: Weak<Mutex<ReplicationClient>>,
+    reader: String,
+) {
+    let mut conn: Option<PgConnection> = None;
+    loop {
+        tokio::time::sleep(SHUTDOWN_CHECK_EVERY).await;
+        let failed = match &mut conn {
+            Some(c) => sqlx::query("SELECT 1").execute(&mut *c).await.err(),
+            None => match PgConnection::connect_with(&options).await {
+                Ok(c) => {
+                    conn = Some(c);
+                    None
+                }
+                Err(e) => Some(e),
+            },
+        };
+        let Some(e) = failed else { continue };
+        conn = None;
+        let code = e.as_database_error().and_then(|d| d.code());
+        if !matches!(code.as_deref(), Some("57P01" | "57P03")) {
+            continue;
+        }
+        let Some(client) = client.upgrade() else {
+            return;
+        };
+        tracing::warn!(
+            "[observers] {reader}: PostgreSQL is shutting down ({e}); ending the replication \
+             session so that it can (a new one starts where this one was once it is back)"
+        );
+        client.lock().await.abort();
+        return;
     }
 }
 
