@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::action::{Action, ActionError, FailureReason};
-use crate::checkpoint::{CheckpointStrategy, IdempotencyStore, IdempotencyStores, ListenerConfig};
+use crate::checkpoint::{
+    CheckpointStrategy, ClaimStamp, IdempotencyStore, IdempotencyStores, ListenerConfig,
+};
 use crate::condition::Condition;
 use crate::config::HandlerConfig;
 use crate::dlq::{DeadLetterQueue, DlqEntry, DlqOrigin, PushOutcome, RetryFailure};
@@ -748,10 +750,9 @@ impl Engine {
             return true;
         };
         let max = observer.retry.max_attempts;
+        let stamp = ClaimStamp::new();
         let record = |attempt: u32| async move {
-            let recorded = store
-                .record_idempotency_key(&observer.name, &event.id)
-                .await;
+            let recorded = store.claim(&observer.name, &event.id, stamp).await;
             if let (Err(e), true) = (&recorded, attempt < max) {
                 tracing::warn!(
                     "[observer] {}: could not record idempotency key for event {} (attempt \

@@ -31,8 +31,8 @@ pub mod transport;
 pub use action::{Action, ActionError, FailureReason, NoopAction};
 pub use capture::CaptureOptions;
 pub use checkpoint::{
-    is_duplicate, record_idempotency_key, CheckpointStrategy, IdempotencyStore, IdempotencyStores,
-    ListenerConfig, MemoryIdempotencyStore, MemoryIdempotencyStores,
+    is_duplicate, record_idempotency_key, CheckpointStrategy, ClaimStamp, IdempotencyStore,
+    IdempotencyStores, ListenerConfig, MemoryIdempotencyStore, MemoryIdempotencyStores,
 };
 pub use checkpoint::{PgIdempotencyStore, PgIdempotencyStores};
 pub use condition::{Condition, ConditionError};

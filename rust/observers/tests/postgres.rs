@@ -12,7 +12,7 @@ use fraiseql_observers::engine::Engine;
 use fraiseql_observers::status::HealthSource;
 use fraiseql_observers::DeadLetterQueue as _;
 use fraiseql_observers::{
-    capture, Action, ActionError, CheckpointStrategy, EntityDef, Event, EventKind,
+    capture, Action, ActionError, CheckpointStrategy, ClaimStamp, EntityDef, Event, EventKind,
     IdempotencyStore, IdempotencyStores, ListenerConfig, MemoryDlq, MemoryIdempotencyStores,
     Metrics, ObserverSpec, PgIdempotencyStore, PgIdempotencyStores, PostgresOptions,
     PostgresSource, Schema,
@@ -698,6 +698,15 @@ async fn idempotency_store_records_each_key_once() {
         .unwrap());
     store.forget("billing", "evt-1").await.unwrap();
     assert!(!is_duplicate(&store, "billing", "evt-1").await.unwrap());
+
+    // A claim tried again after its answer was lost finds its own key; another claim does not.
+    let (mine, other) = (ClaimStamp::new(), ClaimStamp(1));
+    assert!(store.claim("billing", "evt-2", mine).await.unwrap());
+    assert!(store.claim("billing", "evt-2", mine).await.unwrap());
+    assert!(!store.claim("billing", "evt-2", other).await.unwrap());
+    assert!(!record_idempotency_key(&store, "billing", "evt-2")
+        .await
+        .unwrap());
 
     // Two tasks racing on each key: exactly one wins.
     let store = Arc::new(store);

@@ -69,6 +69,37 @@ pub trait IdempotencyStore: Send + Sync {
     async fn record_idempotency_key(&self, listener_id: &str, key: &str) -> Result<bool>;
     /// Forgets a key so that a deliberate re-run (a DLQ retry) is not skipped.
     async fn forget(&self, listener_id: &str, key: &str) -> Result<()>;
+    /// [`Self::record_idempotency_key`] for one claim that may be tried more than once:
+    /// `stamp` is the same on every try of the claim and differs between claims. True if the
+    /// key is new, or was recorded by an earlier try of this claim whose answer was lost
+    /// (the connection broke after the commit): that claim is ours and its event must run.
+    async fn claim(&self, listener_id: &str, key: &str, stamp: ClaimStamp) -> Result<bool> {
+        let _ = stamp;
+        self.record_idempotency_key(listener_id, key).await
+    }
+}
+
+/// Tells the tries of one claim from other claims: microseconds since the Unix epoch, with
+/// a random part below the millisecond so that two claims of one key at the same moment
+/// differ. Stored as the key's `processed_at`, which only pruning reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimStamp(pub i64);
+
+impl ClaimStamp {
+    pub fn new() -> Self {
+        use rand::Rng;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let millis = now.as_millis() as i64;
+        Self(millis * 1000 + rand::rng().random_range(0..1000))
+    }
+}
+
+impl Default for ClaimStamp {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Returns true if this event has already been processed (spec: `is_duplicate(pool, listener_id, key)`).

@@ -24,6 +24,8 @@ use super::IdempotencyStores;
 use crate::capture::quote_identifier;
 use crate::error::{Error, Result};
 
+use super::ClaimStamp;
+
 /// One idempotency table.
 #[derive(Debug)]
 pub struct PgIdempotencyStore {
@@ -32,6 +34,7 @@ pub struct PgIdempotencyStore {
     table: String,
     create_sql: String,
     insert_sql: String,
+    claim_sql: String,
     select_sql: String,
     delete_sql: String,
     prune_sql: String,
@@ -65,6 +68,16 @@ impl PgIdempotencyStore {
             ),
             insert_sql: format!(
                 "INSERT INTO {quoted} (listener_id, event_key) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+            ),
+            // One statement: the key inserted now, or found carrying this claim's stamp (an
+            // earlier try of it committed, and its answer was lost).
+            claim_sql: format!(
+                "WITH inserted AS (INSERT INTO {quoted} (listener_id, event_key, processed_at) \
+                 VALUES ($1, $2, timestamptz 'epoch' + $3 * interval '1 microsecond') \
+                 ON CONFLICT DO NOTHING RETURNING 1) \
+                 SELECT EXISTS (SELECT 1 FROM inserted) OR EXISTS (SELECT 1 FROM {quoted} \
+                 WHERE listener_id = $1 AND event_key = $2 \
+                 AND processed_at = timestamptz 'epoch' + $3 * interval '1 microsecond')"
             ),
             select_sql: format!(
                 "SELECT EXISTS (SELECT 1 FROM {quoted} WHERE listener_id = $1 AND event_key = $2)"
@@ -158,6 +171,17 @@ impl IdempotencyStore for PgIdempotencyStore {
             .await
             .map_err(|e| self.error(e))?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim(&self, listener_id: &str, key: &str, stamp: ClaimStamp) -> Result<bool> {
+        self.ensure_table().await?;
+        sqlx::query_scalar::<_, bool>(&self.claim_sql)
+            .bind(listener_id)
+            .bind(key)
+            .bind(stamp.0)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.error(e))
     }
 
     async fn forget(&self, listener_id: &str, key: &str) -> Result<()> {
