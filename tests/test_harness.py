@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 import smtplib
 import socket
 import urllib.error
@@ -22,6 +23,7 @@ import pytest
 import redis
 
 from fraiseql.testing import services
+from fraiseql.testing.proxy import TcpProxy
 from fraiseql.testing.sinks import SinkResponse, SmtpSink, WebhookSink
 
 # --------------------------------------------------------------------------
@@ -152,6 +154,22 @@ def test_redis_stream_round_trip(fraiseql_redis_url: str) -> None:
     assert entries == [(entry_id, {b"event": b"created", b"n": b"1"})]
 
 
+def test_a_private_server_restarts_on_its_port_and_data() -> None:
+    """`ServerProcess.restart`, as the fault matrix uses it: Redis with its append-only file
+    keeps what it acknowledged across a SIGKILL."""
+    server = services.start_redis_server(appendonly=True)
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.set("kept", "yes")
+        client.close()
+        server.restart(signal.SIGKILL)
+        client = redis.Redis.from_url(server.url)
+        assert client.get("kept") == b"yes"
+        client.close()
+    finally:
+        server.stop()
+
+
 def test_private_redis_starts_answers_and_stops() -> None:
     server = services.start_redis_server()
     try:
@@ -198,6 +216,35 @@ def test_webhook_sink_sends_scripted_headers(webhook_sink: WebhookSink) -> None:
     status, headers = _post(webhook_sink.url, b"{}")
     assert (status, headers.get("Retry-After")) == (429, "3")
     assert _post(webhook_sink.url, b"{}")[0] == 200  # script exhausted: default reply
+
+
+def test_webhook_sink_goes_down_and_comes_back_on_its_port(webhook_sink: WebhookSink) -> None:
+    assert _post(webhook_sink.url, b"{}")[0] == 200
+    webhook_sink.down()
+    with pytest.raises(urllib.error.URLError, match="refused"):
+        _post(webhook_sink.url, b"{}")
+    webhook_sink.up()
+    assert _post(webhook_sink.url, b"{}")[0] == 200
+    assert len(webhook_sink.requests) == 2
+
+
+def test_a_cut_proxy_passes_nothing_until_restored() -> None:
+    """`TcpProxy.cut` is a pulled cable: the connection stays open, no byte passes, and
+    what was held arrives once it is restored."""
+    with socket.create_server((services.LOOPBACK, 0)) as listener, TcpProxy(*listener.getsockname()) as proxy:
+        client = socket.create_connection((services.LOOPBACK, proxy.port), timeout=5)
+        server, _ = listener.accept()
+        server.settimeout(0.5)
+        client.sendall(b"before")
+        assert server.recv(100) == b"before"
+        proxy.cut()
+        client.sendall(b"during")
+        with pytest.raises(TimeoutError):
+            server.recv(100)
+        proxy.restore()
+        assert server.recv(100) == b"during"
+        client.close()
+        server.close()
 
 
 def test_webhook_sink_wait_for_times_out_clearly(webhook_sink: WebhookSink) -> None:

@@ -8,10 +8,13 @@ created, so importing this module costs nothing beyond the standard library.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import gc
+import socket
 import ssl
+import sys
 import threading
 import time
 import warnings
@@ -96,8 +99,9 @@ class WebhookSink:
         self._script: list[SinkResponse] = []
         self._script_lock = threading.Lock()
         self._recorder: _Recorder[RecordedRequest] = _Recorder()
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), _handler_for(self))
-        self._server.daemon_threads = True
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        self._server = self._listen(0)
         self._thread: threading.Thread | None = None
 
     @property
@@ -136,6 +140,25 @@ class WebhookSink:
             self._thread = None
         self._server.server_close()
 
+    def down(self) -> None:
+        """Go down as a crashed server does: the port refuses connections and the open ones
+        (a client's keep-alive pool) are cut, until :meth:`up`. What was recorded stays."""
+        self.close()
+        with self._connections_lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+
+    def up(self) -> None:
+        """Listen again, on the same port, after :meth:`down`."""
+        self._server = self._listen(self.port)
+        self.start()
+
+    def _listen(self, port: int) -> ThreadingHTTPServer:
+        server = _HTTPServer((LOOPBACK, port), _handler_for(self))
+        server.daemon_threads = True
+        return server
+
     def __enter__(self) -> WebhookSink:
         return self.start()
 
@@ -152,6 +175,13 @@ class WebhookSink:
         self._recorder.add(request)
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that goes away mid-request (a killed engine) is not an error of the sink."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 def _as_response(response: SinkResponse | int) -> SinkResponse:
     return response if isinstance(response, SinkResponse) else SinkResponse(status=response)
 
@@ -162,6 +192,16 @@ def _handler_for(sink: WebhookSink) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         # HTTP/1.1 so keep-alive clients (connection pools) behave as in production.
         protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            with sink._connections_lock:
+                sink._connections.add(self.connection)
+
+        def finish(self) -> None:
+            with sink._connections_lock:
+                sink._connections.discard(self.connection)
+            super().finish()
 
         def _handle(self) -> None:
             body = _read_body(self)
