@@ -271,6 +271,11 @@ def test_dead_letters_persist_in_postgres_and_the_cli_retries_them(
         assert [r.status for r in sink.requests] == [503, 503, 200]
         out = subprocess.run([*cli, "dlq", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert "0 entries" in out.stderr
+        # `--all` on an empty queue (a scheduled replay with nothing to do) is not an error.
+        out = subprocess.run(
+            [*cli, "dlq", "retry", "--all"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert (out.returncode, out.stderr.strip()) == (0, "0 entries: nothing to retry")
 
 
 def test_idempotency_prune_deletes_only_old_keys(tmp_path: Path, fraiseql_database_url: str) -> None:

@@ -404,6 +404,9 @@ def dlq_retry(
     failed = 0
     with _dead_letters(config, runtime, schema, embedded) as engine:
         ids = [e["id"] for e in engine.dlq(1_000_000)] if retry_all else list(entry_ids)
+        if retry_all and not ids:
+            click.echo("0 entries: nothing to retry", err=True)
+            return
         if not ids:
             raise click.UsageError("name entry ids or pass --all")
         for entry_id in ids:
