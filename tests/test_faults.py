@@ -1,13 +1,15 @@
 """The fault matrix (issue 16): the promise itself, under one injected fault per cell.
 
 Each cell writes 20,000 changes with plain SQL at a steady 1,000 a second, in a database of
-its own, through `fraiseql run` with two observers of the entity's INSERTs: a webhook
-(AtLeastOnce) to a real HTTP sink, and a Python handler (EffectivelyOnce) that records its
-effect in a table. Both observers retry for about a minute (`Retry(max_attempts=15,
-initial_delay_ms=200, max_delay_ms=5000)`), longer than any fault here lasts, as a user who
-expects such faults would set them. Each cell checks that every change reached the webhook
-at least once, that no effect was recorded twice, that nothing was dead-lettered, and prints
-delivered / duplicates / lost.
+its own, through `fraiseql run` with a webhook (AtLeastOnce) to a real HTTP sink on the
+entity's INSERTs and UPDATEs, and a Python handler (EffectivelyOnce) that records its effect
+in a table on its INSERTs. Each change is a new row, except in the per-key order cell (1,000
+rows, each inserted and then updated in turn). Both observers retry for about a minute
+(`Retry(max_attempts=15, initial_delay_ms=200, max_delay_ms=5000)`), longer than any fault
+here lasts, as a user who expects such faults would set them. Each cell checks that every
+change reached the webhook at least once, no version of a row for the first time after a
+newer one, that no effect was recorded twice, that nothing was dead-lettered, and prints
+delivered / duplicates / lost / out of order.
 
 Run it by name: `.venv/bin/pytest tests/test_faults.py -s` (`-s` shows the figures).
 """
@@ -69,6 +71,7 @@ def _conn():
 @fraiseql.type(table={table!r}, name={entity!r})
 class Row:
     id: int
+    v: int
 
 
 @fraiseql.subscription(
@@ -93,9 +96,11 @@ def record_effect(row, event):
         raise
 
 
-fraiseql.observer(
-    name="hook", entity={entity!r}, event="INSERT", actions=[fraiseql.webhook({sink!r})], retry=_retry
-)
+for kind in ("INSERT", "UPDATE"):
+    fraiseql.observer(
+        name=f"hook_{{kind.lower()}}", entity={entity!r}, event=kind, actions=[fraiseql.webhook({sink!r})],
+        retry=_retry,
+    )
 """
 
 
@@ -124,13 +129,19 @@ class Cell:
     engines and the writer."""
 
     def __init__(
-        self, tmp_path: Path, url: str, sink: WebhookSink, mode: str, backend: Callable[[str], str] | None
+        self,
+        tmp_path: Path,
+        url: str,
+        sink: WebhookSink,
+        mode: str,
+        backend: Callable[[str], str] | None,
+        keys: int = CHANGES,
     ) -> None:
-        self.url, self.dir, self.sink = url, tmp_path, sink
+        self.url, self.dir, self.sink, self.keys = url, tmp_path, sink, keys
         self.suffix = uuid.uuid4().hex[:8]
         self.table = f"tb_fault{self.suffix}"
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f"CREATE TABLE {self.table} (id int primary key)")
+            conn.execute(f"CREATE TABLE {self.table} (id int primary key, v int not null)")
             conn.execute("CREATE TABLE fault_effects (event_id text, row_id int)")
         backend_lines = backend(self.suffix) if backend else 'backend = "postgres"\n'
         (tmp_path / "fraiseql.toml").write_text(
@@ -173,26 +184,37 @@ class Cell:
                 engine.kill()
                 engine.wait()
 
+    def changes(self) -> set[tuple[int, int]]:
+        """Every change the writer makes, as `(row id, version)`: change `i` is version
+        `i // keys` of row `i % keys + 1`, version 0 its INSERT and the others UPDATEs."""
+        return {(i % self.keys + 1, i // self.keys) for i in range(CHANGES)}
+
     def write_steadily(self) -> threading.Thread:
-        """INSERTs at RATE a second, ROWS_PER_TRANSACTION per transaction, in a thread. A
-        transaction that fails with its connection (the server restarting) is tried again on
-        a new one until it commits; `ON CONFLICT DO NOTHING` makes the retry of a commit that
-        did happen write nothing."""
+        """The changes at RATE a second, ROWS_PER_TRANSACTION per transaction (one version of
+        consecutive rows), in a thread. A transaction that fails with its connection (the
+        server restarting) is tried again on a new one until it commits; it is written so
+        that the retry of a commit that did happen changes nothing."""
+        insert = (
+            f"INSERT INTO {self.table} SELECT g, 0 FROM generate_series(%(first)s::int, %(last)s::int) g "
+            "ON CONFLICT DO NOTHING"
+        )
+        update = f"UPDATE {self.table} SET v = %(v)s WHERE id BETWEEN %(first)s AND %(last)s AND v < %(v)s"
 
         def write() -> None:
             interval = ROWS_PER_TRANSACTION / RATE
             start = time.monotonic()
-            sql = f"INSERT INTO {self.table} SELECT generate_series(%s::int, %s::int) ON CONFLICT DO NOTHING"
             conn: psycopg.Connection | None = None
-            for n, first in enumerate(range(1, CHANGES + 1, ROWS_PER_TRANSACTION)):
+            for n, i in enumerate(range(0, CHANGES, ROWS_PER_TRANSACTION)):
                 delay = start + n * interval - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
+                first, v = i % self.keys + 1, i // self.keys
+                batch = {"first": first, "last": first + ROWS_PER_TRANSACTION - 1, "v": v}
                 while True:
                     try:
                         if conn is None or conn.closed or conn.broken:
                             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=2)
-                        conn.execute(sql, (first, first + ROWS_PER_TRANSACTION - 1))
+                        conn.execute(update if v else insert, batch)
                         break
                     except psycopg.OperationalError:
                         time.sleep(0.2)
@@ -203,19 +225,36 @@ class Cell:
         writer.start()
         return writer
 
-    def webhook_rows(self) -> list[int]:
-        return [json.loads(r.body)["data"]["new"]["id"] for r in self.sink.requests]
+    def webhook_changes(self) -> list[tuple[int, int]]:
+        """`(row id, version)` of every webhook the sink received, in the order it got them."""
+        rows = [json.loads(r.body)["data"]["new"] for r in self.sink.requests]
+        return [(row["id"], row["v"]) for row in rows]
 
     def wait_for_every_webhook(self) -> None:
-        want = set(range(1, CHANGES + 1))
+        want = self.changes()
         try:
-            wait_until(lambda: set(self.webhook_rows()) >= want, timeout=DELIVERY_TIMEOUT)
+            wait_until(lambda: set(self.webhook_changes()) >= want, timeout=DELIVERY_TIMEOUT)
         except AssertionError:
-            missing = sorted(want - set(self.webhook_rows()))
+            missing = sorted(want - set(self.webhook_changes()))
             raise AssertionError(
                 f"{len(missing)} changes never reached the webhook (first {missing[:10]}); "
                 f"dead letters {self.dead_letters()}; engine log:\n{self.log_tail()}"
             ) from None
+
+    def order_violations(self) -> list[tuple[int, int, int]]:
+        """`(row, version, after version)` for each change whose first delivery came after
+        the first delivery of a newer version of its row (a redelivery is not one)."""
+        newest: dict[int, int] = {}
+        seen: set[tuple[int, int]] = set()
+        violations = []
+        for row, v in self.webhook_changes():
+            if (row, v) in seen:
+                continue
+            seen.add((row, v))
+            if v < newest.get(row, -1):
+                violations.append((row, v, newest[row]))
+            newest[row] = max(v, newest.get(row, -1))
+        return violations
 
     def effect_rows(self) -> list[int]:
         with psycopg.connect(self.url) as conn:
@@ -233,16 +272,19 @@ class Cell:
     def check(self, fault: str, may_miss_effects: int = 0) -> None:
         """Print the cell's figures and assert the promise: every change to the webhook at
         least once, no effect twice, at most `may_miss_effects` effects not run, no dead letter."""
-        want = set(range(1, CHANGES + 1))
-        hooks, effects = Counter(self.webhook_rows()), Counter(self.effect_rows())
-        missed = want - set(effects)
+        want = self.changes()
+        hooks, effects = Counter(self.webhook_changes()), Counter(self.effect_rows())
+        missed = set(range(1, self.keys + 1)) - set(effects)
+        violations = self.order_violations()
         print(
             f"\n[fault matrix] {fault}: webhook (AtLeastOnce) delivered {len(hooks)} of {CHANGES}, "
-            f"duplicates {sum(hooks.values()) - len(hooks)}, lost {len(want - set(hooks))}; "
+            f"duplicates {sum(hooks.values()) - len(hooks)}, lost {len(want - set(hooks))}, "
+            f"out of order {len(violations)}; "
             f"handler (EffectivelyOnce) effects {len(effects)}, twice "
             f"{sum(1 for n in effects.values() if n > 1)}, not run {len(missed)}"
         )
         assert set(hooks) == want
+        assert violations == [], "a change reached the webhook before an older one of its row"
         assert [row for row, n in effects.items() if n > 1] == [], "an effect was recorded twice"
         assert len(missed) <= may_miss_effects, sorted(missed)[:20]
         assert self.dead_letters() == []
@@ -250,12 +292,17 @@ class Cell:
 
 @contextlib.contextmanager
 def cell_in(
-    tmp_path: Path, server_url: str, mode: str = "trigger", backend: Callable[[str], str] | None = None
+    tmp_path: Path,
+    server_url: str,
+    mode: str = "trigger",
+    backend: Callable[[str], str] | None = None,
+    keys: int = CHANGES,
 ) -> Iterator[Cell]:
     """A cell in a new database on the server of `server_url`, with its own webhook sink;
-    `backend` makes the cell's `[observers]` backend lines from its suffix."""
+    `backend` makes the cell's `[observers]` backend lines from its suffix; the changes are
+    spread over `keys` rows (each its own row by default)."""
     with services.scratch_database(server_url) as url, WebhookSink() as sink:
-        cell = Cell(tmp_path, url, sink, mode, backend)
+        cell = Cell(tmp_path, url, sink, mode, backend, keys)
         try:
             yield cell
         finally:
@@ -283,38 +330,62 @@ def test_engine_sigkilled_every_3_seconds(tmp_path: Path, capture: tuple[str, st
     flight at each kill (max_concurrency) miss their effect."""
     mode, url = capture
     with cell_in(tmp_path, url, mode) as cell:
-        cell.start_engine()
-        kills = int(CHANGES / RATE / KILL_EVERY)
-        run_with_faults(
-            cell, [(KILL_EVERY * (k + 1), lambda: cell.kill_and_restart(0)) for k in range(kills)]
-        )
-        cell.check(
-            f"engine SIGKILL every {KILL_EVERY:g} s ({mode} capture), {kills} kills",
-            may_miss_effects=kills * MAX_CONCURRENCY,
-        )
+        killed_every_3_seconds(cell, f"{mode} capture")
+
+
+@pytest.mark.timeout(600)
+def test_engine_sigkilled_every_3_seconds_keeps_each_rows_order(
+    tmp_path: Path, fraiseql_logical_database_url: str
+) -> None:
+    """The same kills over 1,000 rows, each inserted and then updated 19 times, with per-key
+    order (the default) and logical capture: no version of a row reaches the webhook for the
+    first time after a newer version of it did; redeliveries after a kill repeat, in order."""
+    with cell_in(tmp_path, fraiseql_logical_database_url, "logical", keys=1_000) as cell:
+        killed_every_3_seconds(cell, "logical capture, 1,000 rows updated in turn, per-key order")
+
+
+def killed_every_3_seconds(cell: Cell, what: str) -> None:
+    cell.start_engine()
+    kills = int(CHANGES / RATE / KILL_EVERY)
+    run_with_faults(cell, [(KILL_EVERY * (k + 1), lambda: cell.kill_and_restart(0)) for k in range(kills)])
+    cell.check(
+        f"engine SIGKILL every {KILL_EVERY:g} s ({what}), {kills} kills",
+        may_miss_effects=kills * MAX_CONCURRENCY,
+    )
+
+
+def restarted_twice(cell: Cell, server: services.ServerProcess, crash: int, fault: str) -> None:
+    """One engine while `server` is stopped as an operator does 6 s into the run, then
+    crashed with the signal `crash` at 13 s, down for 2 s each time. The engine is not
+    restarted: it reconnects by itself."""
+    cell.start_engine()
+    run_with_faults(
+        cell,
+        [
+            (6.0, lambda: server.restart(down_for=2.0)),
+            (13.0, lambda: server.restart(crash, down_for=2.0)),
+        ],
+    )
+    assert cell.engines[0].poll() is None, "the engine exited"
+    cell.check(fault)
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode", ["trigger", "logical"])
 def test_postgres_restarted_twice(tmp_path: Path, mode: str) -> None:
     """PostgreSQL (a server of the test's own) restarted twice while the changes are written:
-    shut down as an operator does (fast), then crashed (immediate: recovery at start), down
-    for 2 s each time. The engine is not restarted: it reconnects by itself."""
+    shut down as an operator does (fast), then crashed (immediate: recovery at start)."""
     # Durable, unlike the harness's default: a crash must not lose what was committed.
     durable = ("fsync=on", "synchronous_commit=on", "full_page_writes=on")
     server = services.start_postgres_server(settings=(*durable, *services.LOGICAL_SETTINGS))
     try:
         with cell_in(tmp_path, server.url, mode) as cell:
-            cell.start_engine()
-            run_with_faults(
+            restarted_twice(
                 cell,
-                [
-                    (6.0, lambda: server.restart(down_for=2.0)),
-                    (13.0, lambda: server.restart(signal.SIGQUIT, down_for=2.0)),
-                ],
+                server,
+                signal.SIGQUIT,
+                f"PostgreSQL restarted twice, fast then immediate ({mode} capture)",
             )
-            assert cell.engines[0].poll() is None, "the engine exited"
-            cell.check(f"PostgreSQL restarted twice, fast then immediate ({mode} capture)")
     finally:
         server.stop()
 
@@ -322,20 +393,16 @@ def test_postgres_restarted_twice(tmp_path: Path, mode: str) -> None:
 @pytest.mark.timeout(600)
 def test_nats_server_restarted_twice(tmp_path: Path, fraiseql_database_url: str) -> None:
     """`backend = "nats"` with the bridge; its nats-server (file store, the test's own)
-    restarted twice, stopped (SIGTERM) then killed (SIGKILL), down for 2 s each time."""
+    restarted twice, stopped (SIGTERM) then killed (SIGKILL)."""
     server = services.start_nats_server()
     try:
         with cell_in(tmp_path, fraiseql_database_url, backend=lambda s: nats_backend(server.url, s)) as cell:
-            cell.start_engine()
-            run_with_faults(
+            restarted_twice(
                 cell,
-                [
-                    (6.0, lambda: server.restart(down_for=2.0)),
-                    (13.0, lambda: server.restart(signal.SIGKILL, down_for=2.0)),
-                ],
+                server,
+                signal.SIGKILL,
+                "nats-server restarted twice, SIGTERM then SIGKILL (backend nats, bridge)",
             )
-            assert cell.engines[0].poll() is None, "the engine exited"
-            cell.check("nats-server restarted twice, SIGTERM then SIGKILL (backend nats, bridge)")
     finally:
         server.stop()
 
@@ -343,21 +410,16 @@ def test_nats_server_restarted_twice(tmp_path: Path, fraiseql_database_url: str)
 @pytest.mark.timeout(600)
 def test_redis_restarted_twice_with_aof(tmp_path: Path, fraiseql_database_url: str) -> None:
     """`backend = "redis"` with the forwarder; its redis-server (append-only file, fsync every
-    second, the test's own) restarted twice, stopped (SIGTERM) then killed (SIGKILL), down for
-    2 s each time."""
+    second, the test's own) restarted twice, stopped (SIGTERM) then killed (SIGKILL)."""
     server = services.start_redis_server(appendonly=True)
     try:
         with cell_in(tmp_path, fraiseql_database_url, backend=lambda s: redis_backend(server.url, s)) as cell:
-            cell.start_engine()
-            run_with_faults(
+            restarted_twice(
                 cell,
-                [
-                    (6.0, lambda: server.restart(down_for=2.0)),
-                    (13.0, lambda: server.restart(signal.SIGKILL, down_for=2.0)),
-                ],
+                server,
+                signal.SIGKILL,
+                "Redis restarted twice with AOF, SIGTERM then SIGKILL (backend redis)",
             )
-            assert cell.engines[0].poll() is None, "the engine exited"
-            cell.check("Redis restarted twice with AOF, SIGTERM then SIGKILL (backend redis)")
     finally:
         server.stop()
 
