@@ -174,7 +174,9 @@ def replay(workdir: Path) -> str:
         timeout=600,
     )
     lines = (done.stdout + done.stderr).strip().splitlines()
-    return lines[-1] if lines else f"exit {done.returncode}"
+    delivered = sum(1 for line in lines if line.endswith(": delivered"))
+    failed = sum(1 for line in lines if ": " in line and not line.endswith(": delivered"))
+    return f"{delivered} delivered, {failed} not (exit {done.returncode})"
 
 
 def dead_letters(url: str) -> int:
