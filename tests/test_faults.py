@@ -16,6 +16,7 @@ Run it by name: `.venv/bin/pytest tests/test_faults.py -s` (`-s` shows the figur
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -23,13 +24,16 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import nats
 import psycopg
 import pytest
+from nats.js.errors import NotFoundError
 
 from fraiseql.testing import services
 from fraiseql.testing.proxy import TcpProxy
@@ -307,6 +311,25 @@ def cell_in(
             yield cell
         finally:
             cell.stop_engines()
+            delete_stream(tmp_path / "fraiseql.toml")
+
+
+def delete_stream(config: Path) -> None:
+    """Deletes the cell's JetStream stream, if it has one: each stream reserves its
+    `max_bytes` (10 GB by default) of the server's storage until it is deleted."""
+    section = tomllib.loads(config.read_text()).get("observers", {}).get("nats")
+    if not section:
+        return
+
+    async def delete() -> None:
+        nc = await nats.connect(section["url"])
+        try:
+            with contextlib.suppress(NotFoundError):
+                await nc.jetstream().delete_stream(section["stream_name"])
+        finally:
+            await nc.close()
+
+    asyncio.run(delete())
 
 
 def run_with_faults(cell: Cell, faults: list[tuple[float, Callable[[], None]]]) -> None:
