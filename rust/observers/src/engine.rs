@@ -27,6 +27,7 @@ use crate::event::{now_rfc3339, Event, EventKind, Undecodable};
 /// The action name of dead-letter entries that hold undecodable input.
 pub const UNDECODABLE_ACTION: &str = "decode";
 use crate::metrics::{ActionMetrics, Metrics, ObserverMetrics};
+use crate::order::{kind_slot, OrderKeys};
 use crate::recent::{ObserverOutcome, Outcome, Recent, RecentEvent};
 use crate::retry::RetryPolicy;
 use crate::telemetry::{Recorded, Spans};
@@ -194,9 +195,8 @@ pub struct Engine {
     warned_traceparent: AtomicBool,
     shutdown_timeout: std::time::Duration,
     in_flight: InFlight,
-    /// entity → per event kind, the columns that key per-key order (`None`: no observer
-    /// of it asks for order).
-    order: HashMap<String, [Option<Vec<String>>; 3]>,
+    /// What keys per-key order (shared with a publisher that partitions by it).
+    order: Arc<OrderKeys>,
     /// The last events processed and what each observer did with them, for the console;
     /// `None` (the default) keeps nothing.
     recent: Option<Recent>,
@@ -298,14 +298,6 @@ fn backfill_is_for(event: &Event, observer: &str) -> bool {
         .is_none_or(|b| b.observers.is_empty() || b.observers.iter().any(|o| o == observer))
 }
 
-fn kind_slot(kind: EventKind) -> usize {
-    match kind {
-        EventKind::Insert => 0,
-        EventKind::Update => 1,
-        EventKind::Delete => 2,
-    }
-}
-
 impl Engine {
     /// Compiles the observers. Names must be unique: they are the listener ids that key
     /// idempotency records and DLQ entries.
@@ -317,7 +309,7 @@ impl Engine {
     ) -> Result<Engine> {
         let mut observers = Vec::with_capacity(specs.len());
         let mut index: HashMap<String, [Vec<usize>; 3]> = HashMap::new();
-        let mut order: HashMap<String, [Option<Vec<String>>; 3]> = HashMap::new();
+        let mut order = OrderKeys::default();
         for (i, spec) in specs.into_iter().enumerate() {
             if observers
                 .iter()
@@ -336,14 +328,7 @@ impl Engine {
             }
             index.entry(spec.entity.clone()).or_default()[kind_slot(spec.event)].push(i);
             if let Some(columns) = &spec.ordering {
-                // Observers that key differently: the columns they share, a coarser key
-                // that keeps the order of each.
-                let slot =
-                    &mut order.entry(spec.entity.clone()).or_default()[kind_slot(spec.event)];
-                *slot = Some(match slot.take() {
-                    None => columns.clone(),
-                    Some(have) => have.into_iter().filter(|c| columns.contains(c)).collect(),
-                });
+                order.add(&spec.entity, spec.event, columns);
             }
             let idempotency = match spec.checkpoint() {
                 CheckpointStrategy::AtLeastOnce => None,
@@ -388,29 +373,20 @@ impl Engine {
             missing_fields: std::sync::Mutex::default(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             in_flight: InFlight::default(),
-            order,
+            order: Arc::new(order),
             recent: None,
         })
     }
 
-    /// The key `event` is ordered by, if an observer of it asks for per-key order: a hash
-    /// of its entity and the values of the order-key columns in its row. Two keys that hash
-    /// alike are ordered together: it costs parallelism, never order.
+    /// The key `event` is ordered by, if an observer of it asks for per-key order
+    /// ([`OrderKeys::key`]).
     pub fn order_key(&self, event: &Event) -> Option<u64> {
-        use std::hash::{Hash, Hasher};
-        let columns = self.order.get(event.entity.as_str())?[kind_slot(event.event)].as_ref()?;
-        let row = event.row();
-        let mut hasher = std::hash::DefaultHasher::new();
-        event.entity.hash(&mut hasher);
-        for column in columns {
-            match row.and_then(|r| r.get(column)) {
-                Some(Value::String(s)) => s.hash(&mut hasher),
-                Some(Value::Number(n)) => n.to_string().hash(&mut hasher),
-                Some(other) => other.to_string().hash(&mut hasher),
-                None => 0u8.hash(&mut hasher),
-            }
-        }
-        Some(hasher.finish())
+        self.order.key(event)
+    }
+
+    /// What keys per-key order, for a publisher that partitions the stream by it.
+    pub fn order_keys(&self) -> Arc<OrderKeys> {
+        self.order.clone()
     }
 
     /// The event processed for the longest time now, if any.

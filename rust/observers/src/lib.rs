@@ -19,6 +19,7 @@ pub mod event;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
+pub mod order;
 pub mod recent;
 pub mod redact;
 pub mod retry;

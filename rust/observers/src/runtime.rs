@@ -269,7 +269,8 @@ pub async fn start(
             if config.observers.run_bridge {
                 let publisher =
                     NatsPublisher::new(client, &config.observers.nats, instruments.nats.clone())
-                        .for_config(config);
+                        .for_config(config)
+                        .with_order_keys(engine.order_keys());
                 let forwarder = Forwarder {
                     config,
                     schema,

@@ -787,6 +787,11 @@ fn apply_nats(
             );
         }
     }
+    if let Some(n) = t.get("partitions") {
+        if let Some(v) = ctx.int(n, &t.path("partitions"), Range::Between(0, MAX_PARTITIONS)) {
+            nats.partitions = u32::try_from(v).unwrap_or(0);
+        }
+    }
     if let Some(n) = t.get("jetstream") {
         let jpath = t.path("jetstream");
         if let Some(j) = ctx.table(n, &jpath) {
@@ -801,6 +806,9 @@ fn apply_nats(
     }
     url_set
 }
+
+/// `[observers.nats] partitions`: one durable consumer and one lease each.
+const MAX_PARTITIONS: i128 = 1024;
 
 /// A JetStream integer setting: key, environment override, allowed values.
 struct JsField {

@@ -283,6 +283,10 @@ pub struct NatsConfig {
     pub credentials_file: Option<String>,
     /// A file holding a user nkey seed (`SU…`), for servers that list the user's public nkey.
     pub nkey_file: Option<String>,
+    /// Partitions of the stream (default 0: none). With N > 0 each change is published to
+    /// `{subject}.{partition}`, partition = its order key modulo N, and the instances sharing
+    /// the consumer share the partitions, one owner each: per-key order across instances.
+    pub partitions: u32,
     /// `[*.nats.jetstream]`
     pub jetstream: JetStreamConfig,
 }
@@ -299,6 +303,7 @@ impl Default for NatsConfig {
             tls_key_file: None,
             credentials_file: None,
             nkey_file: None,
+            partitions: 0,
             jetstream: JetStreamConfig::default(),
         }
     }
@@ -991,6 +996,7 @@ impl fmt::Debug for NatsConfig {
             .field("stream_name", &self.stream_name)
             .field("credentials_file", &self.credentials_file)
             .field("nkey_file", &self.nkey_file)
+            .field("partitions", &self.partitions)
             .field("jetstream", &self.jetstream)
             .finish()
     }

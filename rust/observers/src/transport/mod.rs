@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod logical;
 pub mod memory;
 pub mod nats;
+pub mod partitions;
 pub mod postgres;
 pub mod redis;
 

@@ -31,6 +31,7 @@ use super::codec::{decode_body, encode_body, subject_for};
 use super::delivery::{
     self, Committer, Delivery, Fetch, NoCheckpoints, Payload, Settled, Source, Undecodable,
 };
+use super::partitions;
 use super::Publisher;
 use crate::redact::redact_url;
 use prometheus_client::metrics::counter::Counter;
@@ -44,6 +45,7 @@ use crate::config::NatsConfig;
 use crate::engine::Engine;
 use crate::error::{ConnectErrorKind, Error, PublishErrorKind, Result};
 use crate::event::Event;
+use crate::order::OrderKeys;
 use crate::retry::{Backoff, RetryPolicy, PUBLISH_RETRY};
 use crate::status::HealthSource;
 
@@ -97,6 +99,8 @@ pub struct NatsMetrics {
     pub jetstream_pending: Gauge,
     /// `fraiseql_nats_publish_latency_seconds`: send → PubAck, per attempt that succeeded.
     pub publish_latency: Histogram,
+    /// `fraiseql_nats_partitions_owned`: partitions this instance holds the lease of.
+    pub partitions_owned: Gauge,
 }
 
 impl Default for NatsMetrics {
@@ -108,6 +112,7 @@ impl Default for NatsMetrics {
             jetstream_pending: Gauge::default(),
             // 100 µs … ~6.5 s
             publish_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+            partitions_owned: Gauge::default(),
         }
     }
 }
@@ -143,6 +148,11 @@ impl NatsMetrics {
             "fraiseql_nats_publish_latency_seconds",
             "Histogram of publish latency",
             self.publish_latency.clone(),
+        );
+        registry.register(
+            "fraiseql_nats_partitions_owned",
+            "Partitions of the stream this instance owns ([observers.nats] partitions)",
+            self.partitions_owned.clone(),
         );
     }
 }
@@ -568,6 +578,10 @@ pub struct NatsPublisher {
     /// carries its CloudEvents attributes as `ce-*` headers (binary mode, the JSON body is
     /// the event's data).
     cloudevents: Option<String>,
+    /// `[observers.nats] partitions` (0: none): each event goes to `{subject}.{partition}`.
+    partitions: u32,
+    /// What keys the partitions: the engine's order keys (else each row's `id`).
+    order: Arc<OrderKeys>,
 }
 
 impl NatsPublisher {
@@ -601,7 +615,26 @@ impl NatsPublisher {
             metrics,
             window: DEFAULT_PUBLISH_WINDOW,
             cloudevents: None,
+            partitions: config.partitions,
+            order: Arc::default(),
         }
+    }
+
+    /// Partitions by the engine's order keys, so that the changes an engine orders together
+    /// land in one partition (without it: by each row's `id`).
+    pub fn with_order_keys(mut self, order: Arc<OrderKeys>) -> Self {
+        self.order = order;
+        self
+    }
+
+    /// Where `event` is published: `{prefix}.{entity}.{event}`, and `.{partition}` when the
+    /// stream is partitioned.
+    fn subject(&self, event: &Event) -> Result<(String, Option<u32>)> {
+        let subject = subject_for(&self.prefix, event)?;
+        if self.partitions == 0 {
+            return Ok((subject, None));
+        }
+        Ok((subject, Some(self.order.partition(event, self.partitions))))
     }
 
     /// Connects to `config`'s server and creates or updates the stream first, so that no
@@ -654,8 +687,14 @@ impl NatsPublisher {
     /// `max_payload` is refused here: sent, it would make the server close the connection
     /// (and every publish in flight on it would fail with it).
     async fn send(&self, event: &Event) -> Result<PublishAckFuture> {
-        let subject = subject_for(&self.prefix, event)?;
+        let (subject, partition) = self.subject(event)?;
+        // The body names the subject without the partition: consumers of the stream see
+        // the same body whether it is partitioned or not.
         let payload = encode_body(&subject, event)?;
+        let subject = match partition {
+            Some(p) => format!("{subject}.{p}"),
+            None => subject,
+        };
         self.check_size(&subject, event, payload.len())?;
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
@@ -839,6 +878,8 @@ impl Publisher for NatsPublisher {
 pub struct NatsHealth {
     client: Client,
     stream: String,
+    /// With `partitions`: how many, and those this instance owns.
+    partitions: Option<(u32, partitions::Owned)>,
 }
 
 impl NatsHealth {
@@ -846,6 +887,7 @@ impl NatsHealth {
         NatsHealth {
             client,
             stream: stream.into(),
+            partitions: None,
         }
     }
 
@@ -856,11 +898,18 @@ impl NatsHealth {
 
 impl HealthSource for NatsHealth {
     fn observers(&self) -> Value {
-        json!({
+        let mut view = json!({
             "transport": "nats",
             "connected": self.connected(),
             "stream": self.stream,
-        })
+        });
+        if let Some((count, owned)) = &self.partitions {
+            view["partitions"] = json!({
+                "count": count,
+                "owned": *owned.lock().expect("owned lock"),
+            });
+        }
+        view
     }
 
     fn healthy(&self) -> bool {
@@ -877,11 +926,27 @@ impl HealthSource for NatsHealth {
 pub struct NatsSource {
     client: Client,
     config: NatsConfig,
-    consumer: PullConsumer,
     metrics: NatsMetrics,
     max_concurrency: usize,
     batch_size: usize,
-    messages: Option<pull::Stream>,
+    mode: Mode,
+    /// The partitions owned, for `/health` (empty without partitions).
+    owned: partitions::Owned,
+}
+
+/// One durable consumer, or one per partition (`[observers.nats] partitions`).
+enum Mode {
+    // Boxed: both are large (a consumer caches its info).
+    Single {
+        consumer: Box<PullConsumer>,
+        messages: Option<Box<pull::Stream>>,
+    },
+    Partitioned {
+        consumers: Vec<PullConsumer>,
+        leases: Box<async_nats::jetstream::kv::Store>,
+        /// Taken when the source runs.
+        share: Option<partitions::Share>,
+    },
 }
 
 impl NatsSource {
@@ -895,16 +960,28 @@ impl NatsSource {
     ) -> Result<NatsSource> {
         let js = jetstream::new(client.clone());
         let stream = ensure_stream(&js, config).await?;
-        let consumer = ensure_consumer(&stream, config).await?;
+        let mut consumers = partitions::ensure_consumers(&js, &stream, config).await?;
+        let mode = if config.partitions == 0 {
+            Mode::Single {
+                consumer: Box::new(consumers.remove(0)),
+                messages: None,
+            }
+        } else {
+            Mode::Partitioned {
+                consumers,
+                leases: Box::new(partitions::open_bucket(&js, config).await?),
+                share: None,
+            }
+        };
         let max_concurrency = max_concurrency.max(1);
         Ok(NatsSource {
             client,
             config: config.clone(),
-            consumer,
             metrics,
             max_concurrency,
             batch_size: max_concurrency.clamp(1, 256),
-            messages: None,
+            mode,
+            owned: partitions::Owned::default(),
         })
     }
 
@@ -916,16 +993,33 @@ impl NatsSource {
 
     /// `/health`: `{"transport":"nats","connected":…,"stream":…}`, unhealthy while disconnected.
     pub fn health(&self) -> Arc<dyn HealthSource> {
-        Arc::new(NatsHealth::new(
-            self.client.clone(),
-            self.config.stream_name.clone(),
-        ))
+        let mut health = NatsHealth::new(self.client.clone(), self.config.stream_name.clone());
+        if self.config.partitions > 0 {
+            health.partitions = Some((self.config.partitions, self.owned.clone()));
+        }
+        Arc::new(health)
     }
 
     /// Pulls and processes until `shutdown` turns true (or its sender is dropped), then waits
     /// for the events being processed and returns. Messages pulled but not started are
     /// handed back (nak) for redelivery.
-    pub async fn run(self, engine: Arc<Engine>, shutdown: watch::Receiver<bool>) -> Result<()> {
+    pub async fn run(mut self, engine: Arc<Engine>, shutdown: watch::Receiver<bool>) -> Result<()> {
+        if let Mode::Partitioned {
+            consumers,
+            leases,
+            share,
+        } = &mut self.mode
+        {
+            *share = Some(partitions::Share::start(
+                (**leases).clone(),
+                &self.config,
+                consumers.clone(),
+                self.batch_size,
+                self.owned.clone(),
+                self.metrics.partitions_owned.clone(),
+                shutdown.clone(),
+            ));
+        }
         self.metrics.subscriptions_active.inc();
         let max_concurrency = self.max_concurrency;
         delivery::run(self, engine, max_concurrency, shutdown).await
@@ -933,17 +1027,24 @@ impl NatsSource {
 
     /// The pull stream ended or failed: make sure the stream and consumer exist again.
     async fn resubscribe(&mut self) {
-        self.messages = None;
+        let Mode::Single { consumer, messages } = &mut self.mode else {
+            return;
+        };
+        *messages = None;
         let js = jetstream::new(self.client.clone());
         if let Ok(stream) = ensure_stream(&js, &self.config).await {
             match ensure_consumer(&stream, &self.config).await {
-                Ok(consumer) => self.consumer = consumer,
+                Ok(bound) => **consumer = bound,
                 Err(e) => tracing::warn!("{e}"),
             }
         }
     }
 
-    fn delivery(&self, message: jetstream::Message) -> NatsDelivery {
+    fn delivery(
+        &self,
+        message: jetstream::Message,
+        unsettled: Option<partitions::Unsettled>,
+    ) -> NatsDelivery {
         self.metrics.received.inc();
         self.metrics.jetstream_pending.inc();
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
@@ -956,6 +1057,7 @@ impl NatsSource {
             payload,
             delivered: u64::try_from(delivered).unwrap_or(1),
             pending: self.metrics.jetstream_pending.clone(),
+            _unsettled: unsettled,
         }
     }
 }
@@ -990,9 +1092,58 @@ impl Source for NatsSource {
         max: usize,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Fetch<NatsDelivery, ()>> {
-        if self.messages.is_none() {
-            let messages = self
-                .consumer
+        match &mut self.mode {
+            Mode::Single { .. } => self.fetch_single(max, shutdown).await,
+            Mode::Partitioned { share, .. } => {
+                let share = share.as_mut().expect("started by run");
+                let first = tokio::select! {
+                    m = share.messages.recv() => m,
+                    _ = shutdown.wait_for(|stop| *stop) => return Ok(Fetch::Idle),
+                };
+                let Some(first) = first else {
+                    return Ok(Fetch::Idle);
+                };
+                let mut ready = vec![first];
+                while ready.len() < max {
+                    match share.messages.try_recv() {
+                        Ok(pulled) => ready.push(pulled),
+                        Err(_) => break,
+                    }
+                }
+                let deliveries = ready
+                    .into_iter()
+                    .map(|p| self.delivery(p.message, Some(p.unsettled)))
+                    .collect();
+                Ok(Fetch::Batch(deliveries, ()))
+            }
+        }
+    }
+
+    async fn close(&mut self) {
+        match &mut self.mode {
+            Mode::Single { messages, .. } => *messages = None,
+            Mode::Partitioned { share, .. } => {
+                if let Some(share) = share.take() {
+                    share.finish().await;
+                }
+            }
+        }
+        self.metrics.subscriptions_active.dec();
+    }
+}
+
+impl NatsSource {
+    /// One fetch from the single durable consumer.
+    async fn fetch_single(
+        &mut self,
+        max: usize,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Fetch<NatsDelivery, ()>> {
+        let Mode::Single { consumer, messages } = &mut self.mode else {
+            unreachable!("fetch_single on a partitioned source");
+        };
+        if messages.is_none() {
+            let pulled = consumer
                 .stream()
                 .max_messages_per_batch(self.batch_size)
                 .expires(Duration::from_secs(5))
@@ -1005,9 +1156,9 @@ impl Source for NatsSource {
                         self.config.consumer_name
                     ))
                 })?;
-            self.messages = Some(messages);
+            *messages = Some(Box::new(pulled));
         }
-        let messages = self.messages.as_mut().expect("just opened");
+        let messages = messages.as_mut().expect("just opened");
         let first = tokio::select! {
             m = messages.next() => m,
             _ = shutdown.wait_for(|stop| *stop) => return Ok(Fetch::Idle),
@@ -1031,7 +1182,9 @@ impl Source for NatsSource {
                         "nats source `{}`: {e}; pulling again",
                         self.config.consumer_name
                     );
-                    self.messages = None;
+                    if let Mode::Single { messages, .. } = &mut self.mode {
+                        *messages = None;
+                    }
                     return Ok(Fetch::Idle);
                 }
                 if matches!(e.kind(), K::Pull | K::Other) {
@@ -1053,13 +1206,8 @@ impl Source for NatsSource {
                 _ => break,
             }
         }
-        let deliveries = ready.into_iter().map(|m| self.delivery(m)).collect();
+        let deliveries = ready.into_iter().map(|m| self.delivery(m, None)).collect();
         Ok(Fetch::Batch(deliveries, ()))
-    }
-
-    async fn close(&mut self) {
-        self.messages = None;
-        self.metrics.subscriptions_active.dec();
     }
 }
 
@@ -1070,6 +1218,8 @@ pub struct NatsDelivery {
     delivered: u64,
     /// `fraiseql_nats_jetstream_pending`, lowered when the delivery is dropped.
     pending: Gauge,
+    /// Its partition's count of unsettled messages, lowered when the delivery is dropped.
+    _unsettled: Option<partitions::Unsettled>,
 }
 
 impl NatsDelivery {
