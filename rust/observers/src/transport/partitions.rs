@@ -243,6 +243,24 @@ async fn ensure_one(stream: &Stream, name: &str, want: pull::Config) -> Result<P
     }
 }
 
+/// How many of `count` partitions instance `me` should own among the live `members` of its
+/// partitioning: `count / members`, one more for the first `count % members` ids in order.
+/// Every instance computes the same split from the same list.
+fn share_of(me: &str, count: u32, members: &[(u32, String)]) -> usize {
+    let mut ids: Vec<&str> = members
+        .iter()
+        .filter(|(n, _)| *n == count)
+        .map(|(_, id)| id.as_str())
+        .collect();
+    if !ids.contains(&me) {
+        ids.push(me);
+    }
+    ids.sort_unstable();
+    let rank = ids.iter().position(|id| *id == me).unwrap_or(0);
+    let (each, extra) = (count as usize / ids.len(), count as usize % ids.len());
+    each + usize::from(rank < extra)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Owning partitions
 
@@ -310,6 +328,7 @@ impl Share {
             leases: BTreeMap::new(),
             owned,
             gauge,
+            over_share: 0,
         };
         let task = tokio::spawn(owner.run(shutdown, finished));
         Share {
@@ -376,6 +395,7 @@ struct Lease {
     stop: watch::Sender<bool>,
     puller: JoinHandle<()>,
     unsettled: Arc<AtomicUsize>,
+    dirty_until: Arc<Mutex<Instant>>,
     /// Over the share: no longer pulled, released once its messages are settled.
     releasing: bool,
 }
@@ -391,7 +411,14 @@ struct Owner {
     leases: BTreeMap<u32, Lease>,
     owned: Owned,
     gauge: Gauge,
+    /// Turns in a row this instance held more than its share.
+    over_share: u32,
 }
+
+/// Turns in a row over its share before an instance hands partitions over: a membership
+/// list read while an instance joins or renews may miss it for a moment, and each handover
+/// costs the partition a pause.
+const SHED_AFTER_TURNS: u32 = 3;
 
 impl Owner {
     async fn run(
@@ -438,19 +465,17 @@ impl Owner {
             tracing::warn!("[observers] partitions: cannot renew membership: {e}");
         }
         self.renew().await;
-        let members = match live_members(&self.store).await {
-            Ok(members) => members.iter().filter(|(n, _)| *n == self.count).count(),
+        let share = match live_members(&self.store).await {
+            Ok(members) => share_of(&self.me, self.count, &members),
             Err(e) => {
+                // Without the list, keep what is held and take nothing more.
                 tracing::debug!("{e}");
-                0
+                self.leases.values().filter(|l| !l.releasing).count()
             }
         };
-        let share = self
-            .count
-            .div_ceil(u32::try_from(members.max(1)).unwrap_or(1));
-        self.shed(share as usize);
+        self.shed(share);
         self.release_drained().await;
-        self.take(share as usize).await;
+        self.take(share).await;
         self.publish_owned();
     }
 
@@ -467,8 +492,22 @@ impl Owner {
                     lease.renewed = Instant::now();
                 }
                 Err(e) => {
-                    let refused = e.kind() == kv::UpdateErrorKind::WrongLastRevision;
-                    if refused || lease.renewed.elapsed() >= LEASE_TTL - RENEW_EVERY {
+                    let mut refused = e.kind() == kv::UpdateErrorKind::WrongLastRevision;
+                    if refused {
+                        // A renewal whose answer was lost (a leader change) did happen: the
+                        // lease is still ours, at the revision the server has.
+                        if let Ok(Some(entry)) = self.store.entry(format!("p.{k}")).await {
+                            if entry.operation == kv::Operation::Put
+                                && entry.value == self.me.as_bytes()
+                            {
+                                lease.revision = entry.revision;
+                                lease.renewed = Instant::now();
+                                continue;
+                            }
+                        }
+                    }
+                    refused |= lease.renewed.elapsed() >= LEASE_TTL - RENEW_EVERY;
+                    if refused {
                         tracing::warn!(
                             "[observers] partitions: lost the lease of partition {k} ({e}); \
                              no longer pulling it"
@@ -485,7 +524,8 @@ impl Owner {
         }
     }
 
-    /// Stops pulling the partitions over `share` (the highest numbers first).
+    /// Stops pulling the partitions over `share` (the highest numbers first), once this
+    /// instance has been over it for [`SHED_AFTER_TURNS`] turns.
     fn shed(&mut self, share: usize) {
         let active: Vec<u32> = self
             .leases
@@ -493,6 +533,15 @@ impl Owner {
             .filter(|(_, l)| !l.releasing)
             .map(|(k, _)| *k)
             .collect();
+        if active.len() <= share {
+            self.over_share = 0;
+            return;
+        }
+        self.over_share += 1;
+        if self.over_share < SHED_AFTER_TURNS {
+            return;
+        }
+        self.over_share = 0;
         for k in active.iter().rev().take(active.len().saturating_sub(share)) {
             let lease = self.leases.get_mut(k).expect("listed");
             lease.releasing = true;
@@ -509,7 +558,10 @@ impl Owner {
             .leases
             .iter()
             .filter(|(_, l)| {
-                l.releasing && l.puller.is_finished() && l.unsettled.load(Ordering::SeqCst) == 0
+                l.releasing
+                    && l.puller.is_finished()
+                    && l.unsettled.load(Ordering::SeqCst) == 0
+                    && Instant::now() >= *l.dirty_until.lock().expect("dirty lock")
             })
             .map(|(k, _)| *k)
             .collect();
@@ -596,15 +648,18 @@ impl Owner {
         }
         let (stop, stopped) = watch::channel(false);
         let unsettled = Arc::new(AtomicUsize::new(0));
-        let puller = tokio::spawn(pull(
+        let dirty_until = Arc::new(Mutex::new(Instant::now()));
+        let puller = Puller {
             consumer,
             k,
-            self.batch,
-            wait,
-            self.tx.clone(),
-            unsettled.clone(),
-            stopped,
-        ));
+            batch: self.batch,
+            ack_wait: self.ack_wait,
+            tx: self.tx.clone(),
+            unsettled: unsettled.clone(),
+            dirty_until: dirty_until.clone(),
+            stop: stopped,
+        };
+        let puller = tokio::spawn(puller.run(wait));
         self.leases.insert(
             k,
             Lease {
@@ -613,6 +668,7 @@ impl Owner {
                 stop,
                 puller,
                 unsettled,
+                dirty_until,
                 releasing: false,
             },
         );
@@ -625,63 +681,130 @@ impl Owner {
     }
 }
 
-/// Pulls partition `k` after `wait` until stopped. What a pull brings is all handed on (or
-/// back, when stopping): the server counts it as delivered to this instance.
-async fn pull(
+/// Slack after an ack wait: the server looks for expired deliveries periodically.
+const EXPIRY_SLACK: Duration = Duration::from_secs(1);
+
+/// One partition's pulling, run by [`Puller::run`].
+struct Puller {
     consumer: PullConsumer,
     k: u32,
     batch: usize,
-    wait: Duration,
+    ack_wait: Duration,
     tx: mpsc::Sender<Pulled>,
     unsettled: Arc<AtomicUsize>,
-    mut stop: watch::Receiver<bool>,
-) {
-    if sleep_or_stop(&mut stop, wait).await {
-        return;
-    }
-    while !*stop.borrow() {
-        let messages = consumer
-            .batch()
-            .max_messages(batch)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await;
-        let mut messages = match messages {
-            Ok(messages) => messages,
-            Err(e) => {
-                tracing::debug!("partition {k}: cannot pull: {e}");
-                if sleep_or_stop(&mut stop, Duration::from_secs(1)).await {
+    /// Until when deliveries this instance lost or dropped may still be outstanding: the
+    /// partition is not handed over before (see [`Puller::run`]).
+    dirty_until: Arc<Mutex<Instant>>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Puller {
+    /// Pulls after `wait` until stopped. What a pull brings is all handed on, or back when
+    /// stopping: the server counts it as delivered to this instance.
+    ///
+    /// Deliveries can be lost on the way (a pull cut by a leader change or a reconnect):
+    /// the server hands them out again only after their ack wait, and anything pulled
+    /// meanwhile would overtake them. A gap in the consumer's delivery sequence shows it;
+    /// then what follows the gap is left unacknowledged too, and nothing is pulled until
+    /// the ack wait has passed, when the server hands all of them out again, oldest first.
+    async fn run(mut self, wait: Duration) {
+        if sleep_or_stop(&mut self.stop, wait).await {
+            return;
+        }
+        let mut next_delivery: Option<u64> = None;
+        let mut failures = 0u32;
+        while !*self.stop.borrow() {
+            let pulled = self
+                .consumer
+                .batch()
+                .max_messages(self.batch)
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await;
+            let mut messages = match pulled {
+                Ok(messages) => messages,
+                Err(e) => {
+                    if self.failed(&e.to_string(), &mut failures).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let mut gap = None;
+            while let Some(next) = messages.next().await {
+                let message = match next {
+                    Ok(message) => message,
+                    Err(e) => {
+                        // The pull was cut; a lost delivery shows as a gap in the next one.
+                        if self.failed(&e.to_string(), &mut failures).await {
+                            return;
+                        }
+                        break;
+                    }
+                };
+                failures = 0;
+                let sequence = message.info().map_or(0, |i| i.consumer_sequence);
+                if let Some(expected) = next_delivery.filter(|e| *e != sequence) {
+                    gap.get_or_insert((expected, sequence));
+                }
+                next_delivery = Some(sequence + 1);
+                if gap.is_none() {
+                    self.hand_on(message).await;
+                }
+            }
+            if let Some((expected, got)) = gap {
+                tracing::warn!(
+                    "[observers] partitions: deliveries {expected}..{got} of partition {} did \
+                     not arrive; pausing it for ack_wait ({:?}) so that they are handed out \
+                     again before anything newer",
+                    self.k,
+                    self.ack_wait
+                );
+                self.dirty(self.ack_wait + EXPIRY_SLACK);
+                next_delivery = None;
+                if sleep_or_stop(&mut self.stop, self.ack_wait + EXPIRY_SLACK).await {
                     return;
                 }
-                continue;
-            }
-        };
-        while let Some(next) = messages.next().await {
-            let message = match next {
-                Ok(message) => message,
-                Err(e) => {
-                    tracing::debug!("partition {k}: {e}");
-                    break;
-                }
-            };
-            // Room for it in the delivery loop's queue; when stopping, it goes back at once
-            // (handed out again before anything newer, whoever pulls next).
-            let room = if *stop.borrow() {
-                None
-            } else {
-                tokio::select! {
-                    permit = tx.reserve() => permit.ok(),
-                    _ = stop.wait_for(|s| *s) => None,
-                }
-            };
-            match room {
-                Some(permit) => permit.send(Pulled {
-                    message,
-                    unsettled: Unsettled::new(&unsettled),
-                }),
-                None => nak(&message).await,
             }
         }
+    }
+
+    /// To the delivery loop, even once the partition is being handed over: handing it back
+    /// would cost it one of its `max_deliver` deliveries (at the last one the server would
+    /// drop it without a word). Only when the delivery loop has stopped (the engine stops)
+    /// does it go back to the server, with a nak that puts it first in line for whoever
+    /// pulls next, unless deliveries are outstanding that it would overtake (then it waits
+    /// for its ack wait with them).
+    async fn hand_on(&self, message: jetstream::Message) {
+        let pulled = Pulled {
+            message,
+            unsettled: Unsettled::new(&self.unsettled),
+        };
+        if let Err(back) = self.tx.send(pulled).await {
+            if Instant::now() >= *self.dirty_until.lock().expect("dirty lock") {
+                nak(&back.0.message).await;
+            }
+        }
+    }
+
+    fn dirty(&self, for_: Duration) {
+        *self.dirty_until.lock().expect("dirty lock") = Instant::now() + for_;
+    }
+
+    /// A pull failed: waits a little before the next (longer while it keeps failing).
+    /// True if stopped meanwhile.
+    async fn failed(&mut self, error: &str, failures: &mut u32) -> bool {
+        *failures += 1;
+        if failures.is_multiple_of(10) {
+            tracing::warn!(
+                "[observers] partitions: cannot pull partition {} ({failures} tries): {error}",
+                self.k
+            );
+        } else {
+            tracing::debug!("partition {}: {error}", self.k);
+        }
+        let delay = Duration::from_millis(100 * u64::from((*failures).min(20)));
+        sleep_or_stop(&mut self.stop, delay).await
     }
 }
 
@@ -713,6 +836,23 @@ mod tests {
         assert_eq!(filter_subject(&c, 3), "fraiseql.mutation.*.*.3");
         assert_eq!(wanted_consumers(&config(0)), ["worker"]);
         assert_eq!(bucket_name(&c), "fraiseql_partitions_events_x_worker");
+    }
+
+    #[test]
+    fn the_live_instances_split_the_partitions_exactly() {
+        let members: Vec<(u32, String)> = ["b", "a", "c"]
+            .iter()
+            .map(|id| (16, id.to_string()))
+            .collect();
+        let shares: Vec<usize> = ["a", "b", "c"]
+            .iter()
+            .map(|me| share_of(me, 16, &members))
+            .collect();
+        assert_eq!(shares, [6, 5, 5]);
+        // Not listed yet (its first renewal was not seen): counted anyway.
+        assert_eq!(share_of("d", 16, &members), 4);
+        // Members of another partitioning are not counted.
+        assert_eq!(share_of("a", 16, &[(8, "z".into())]), 16);
     }
 
     #[test]
