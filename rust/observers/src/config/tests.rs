@@ -1693,3 +1693,32 @@ fn sizes_and_durations() {
     assert_eq!(parse_duration("1w"), None);
     assert_eq!(parse_duration(""), None);
 }
+
+#[test]
+fn nats_partitions_are_read_and_bounded() {
+    let cfg = main_only("[observers.nats]\npartitions = 16\n", &no_env).unwrap();
+    assert_eq!(cfg.observers.nats.partitions, 16);
+    assert_eq!(
+        main_only("", &no_env).unwrap().observers.nats.partitions,
+        0,
+        "off by default"
+    );
+    for bad in ["-1", "1025", "\"8\"", "2.5"] {
+        let errs = errors_of(main_only(
+            &format!("[observers.nats]\npartitions = {bad}\n"),
+            &no_env,
+        ));
+        assert!(
+            has(
+                &errs,
+                "fraiseql.toml:2: observers.nats.partitions: expected"
+            ),
+            "{bad}: {errs:?}"
+        );
+    }
+    let errs = errors_of(main_only("[observers.nats]\npartition = 4\n", &no_env));
+    assert!(
+        has(&errs, "unknown key (did you mean partitions?)"),
+        "{errs:?}"
+    );
+}
