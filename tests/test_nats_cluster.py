@@ -5,10 +5,15 @@ every server's URL."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -16,7 +21,7 @@ import psycopg
 import pytest
 
 import fraiseql
-from fraiseql.testing.services import NatsCluster, scratch_database, start_nats_cluster
+from fraiseql.testing.services import NatsCluster, free_port, scratch_database, start_nats_cluster
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -166,3 +171,103 @@ def leader_killed_mid_stream(fraiseql_database_url: str, cluster: NatsCluster) -
             conn.execute(f"DROP TABLE IF EXISTS {table}")
             conn.execute(f"DELETE FROM fraiseql_dead_letters WHERE observer LIKE 'bridge_{suffix}:%'")
         asyncio.run(_delete_stream(live_urls(cluster), stream))
+
+
+ENGINE_SCHEMA = """
+import os, time
+import fraiseql
+
+@fraiseql.type
+class Item:
+    id: str
+    v: int
+
+_out = open({out!r}, "a", buffering=1)
+
+@fraiseql.subscription(entity_type=Item, operation="update")
+def seen(item):
+    _out.write(f"{{item.id}} {{item.v}} {{time.time_ns()}}\\n")
+"""
+
+
+def _owned(port: int) -> list[int]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return list(json.loads(response.read())["observers"]["partitions"]["owned"])
+    except Exception:
+        return []
+
+
+@pytest.mark.timeout(300)
+def test_three_engines_sharing_partitions_keep_each_keys_order_when_one_is_killed(
+    tmp_path: Path, cluster: NatsCluster
+) -> None:
+    """Three `fraiseql run` on the cluster (`replicas = 3`, `partitions = 8`, every server's
+    URL); 6,000 updates of 200 keys are published while one engine is SIGKILLed and started
+    again: every version reaches a handler, none for the first time after a newer one of
+    its key."""
+    suffix = uuid.uuid4().hex[:8]
+    nats_section: dict[str, Any] = {
+        "url": cluster.url,
+        "stream_name": f"fq_{suffix}",
+        "subject_prefix": f"fq{suffix}.mutation",
+        "consumer_name": f"worker_{suffix}",
+        "partitions": 8,
+    }
+    engines: list[tuple[Path, int]] = []
+    for n in range(3):
+        home, port = tmp_path / f"engine{n}", free_port()
+        home.mkdir()
+        lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in nats_section.items())
+        (home / "fraiseql.toml").write_text(
+            f'[observers]\nbackend = "nats"\nhttp_port = {port}\n\n[observers.nats]\n{lines}\n'
+            "[observers.nats.jetstream]\nreplicas = 3\nack_wait_secs = 5\n"
+        )
+        (home / "schema.py").write_text(ENGINE_SCHEMA.format(out=str(tmp_path / f"seen{n}.txt")))
+        engines.append((home, port))
+
+    def spawn(home: Path) -> subprocess.Popen[bytes]:
+        with (home / "engine.log").open("ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "fraiseql.cli", "run"], cwd=home, stderr=log)
+
+    def handled() -> list[tuple[int, str, int]]:
+        rows = []
+        for path in tmp_path.glob("seen*.txt"):
+            for line in path.read_text().splitlines():
+                key, v, at = line.split()
+                rows.append((int(at), key, int(v)))
+        return sorted(rows)
+
+    procs = [spawn(home) for home, _ in engines]
+    try:
+        wait_until(lambda: sorted(p for _, port in engines for p in _owned(port)) == list(range(8)), 60)
+        publisher = fraiseql.Publisher({"observers": {"backend": "nats", "nats": nats_section}})
+        for v in range(1, 31):
+            for k in range(200):
+                publisher.publish("Item", "UPDATE", new={"id": f"k{k}", "v": v}, id=f"u{k}-{v}")
+            if v == 10:
+                procs[0].kill()
+                procs[0].wait()
+                procs[0] = spawn(engines[0][0])
+        wait_until(lambda: len({(key, v) for _, key, v in handled()}) == 6_000, timeout=120)
+        newest: dict[str, int] = {}
+        first: set[tuple[str, int]] = set()
+        late = []
+        for _, key, v in handled():
+            if (key, v) not in first:
+                first.add((key, v))
+                if v < newest.get(key, 0):
+                    late.append((key, v, newest[key]))
+                newest[key] = max(v, newest.get(key, 0))
+        assert late == [], "a version reached a handler after a newer one of its key"
+        assert first == {(f"k{k}", v) for k in range(200) for v in range(1, 31)}
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        asyncio.run(_delete_stream(live_urls(cluster), f"fq_{suffix}"))
+        asyncio.run(_delete_stream(live_urls(cluster), f"KV_fraiseql_partitions_fq_{suffix}_worker_{suffix}"))

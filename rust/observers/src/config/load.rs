@@ -874,7 +874,7 @@ const JS_FIELDS: &[JsField] = &[
     },
 ];
 
-/// Applies the eleven `FRAISEQL_NATS_*` overrides. Unset or blank variables are ignored.
+/// Applies the twelve `FRAISEQL_NATS_*` overrides. Unset or blank variables are ignored.
 fn env_overrides(
     env: &dyn Fn(&str) -> Option<String>,
     nats: &mut NatsConfig,
@@ -925,6 +925,21 @@ fn env_overrides(
                 _ => nats.stream_name = v,
             },
             Err(e) => fail(name, format!("{e} (overrides observers.nats.{key})")),
+        }
+    }
+    if let Some(v) = get("FRAISEQL_NATS_PARTITIONS") {
+        match parse_int(&v) {
+            Some(i) if (0..=MAX_PARTITIONS).contains(&i) => {
+                nats.partitions = u32::try_from(i).unwrap_or(0);
+            }
+            _ => fail(
+                "FRAISEQL_NATS_PARTITIONS",
+                format!(
+                    "expected an integer between 0 and {MAX_PARTITIONS} (overrides \
+                     observers.nats.partitions), found {}",
+                    quote_short(&v)
+                ),
+            ),
         }
     }
     for field in JS_FIELDS {

@@ -460,7 +460,7 @@ ack_wait_secs = 22
 #[test]
 fn each_fraiseql_nats_override() {
     type Check = fn(&NatsConfig) -> bool;
-    let cases: [(&str, &str, Check); 11] = [
+    let cases: [(&str, &str, Check); 12] = [
         ("FRAISEQL_NATS_URL", "nats://e:4222", |n| {
             n.url.as_deref() == Some("nats://e:4222")
         }),
@@ -492,6 +492,7 @@ fn each_fraiseql_nats_override() {
             n.jetstream.max_deliver == 10
         }),
         ("FRAISEQL_NATS_REPLICAS", "3", |n| n.jetstream.replicas == 3),
+        ("FRAISEQL_NATS_PARTITIONS", "16", |n| n.partitions == 16),
     ];
     for (var, value, check) in cases {
         let env = env_of(&[(var, value)]);
@@ -1716,6 +1717,12 @@ fn nats_partitions_are_read_and_bounded() {
             "{bad}: {errs:?}"
         );
     }
+    let env = env_of(&[("FRAISEQL_NATS_PARTITIONS", "4096")]);
+    let errs = errors_of(main_only("", &env));
+    assert!(
+        has(&errs, "expected an integer between 0 and 1024 (overrides observers.nats.partitions), found \"4096\""),
+        "{errs:?}"
+    );
     let errs = errors_of(main_only("[observers.nats]\npartition = 4\n", &no_env));
     assert!(
         has(&errs, "unknown key (did you mean partitions?)"),
