@@ -1057,7 +1057,7 @@ impl NatsSource {
             payload,
             delivered: u64::try_from(delivered).unwrap_or(1),
             pending: self.metrics.jetstream_pending.clone(),
-            _unsettled: unsettled,
+            unsettled,
         }
     }
 }
@@ -1219,17 +1219,24 @@ pub struct NatsDelivery {
     /// `fraiseql_nats_jetstream_pending`, lowered when the delivery is dropped.
     pending: Gauge,
     /// Its partition's count of unsettled messages, lowered when the delivery is dropped.
-    _unsettled: Option<partitions::Unsettled>,
+    unsettled: Option<partitions::Unsettled>,
 }
 
 impl NatsDelivery {
-    async fn reply(&self, kind: AckKind) {
-        if let Err(e) = self.message.ack_with(kind).await {
-            tracing::warn!(
+    /// Answers the server; a partition's message that could not be answered stays
+    /// unsettled (see [`partitions::Unsettled`]).
+    async fn reply(&mut self, kind: AckKind) {
+        match self.message.ack_with(kind).await {
+            Ok(()) => {
+                if let Some(unsettled) = &mut self.unsettled {
+                    unsettled.settled();
+                }
+            }
+            Err(e) => tracing::warn!(
                 "nats: cannot acknowledge a message on `{}` ({kind:?}): {e}; it will be \
                  redelivered",
                 self.message.subject
-            );
+            ),
         }
     }
 }
@@ -1249,7 +1256,7 @@ impl Delivery for NatsDelivery {
         self.delivered
     }
 
-    async fn ack(self, how: Settled) {
+    async fn ack(mut self, how: Settled) {
         // A dead-lettered message is terminated: the server never hands it out again.
         let kind = match how {
             Settled::Processed => AckKind::Ack,
@@ -1258,8 +1265,14 @@ impl Delivery for NatsDelivery {
         self.reply(kind).await;
     }
 
-    async fn redeliver(self) {
-        self.reply(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+    async fn redeliver(mut self) {
+        // Of a partition: at once, so that it comes before anything newer of its key, to
+        // whoever pulls the partition next.
+        let delay = match self.unsettled {
+            Some(_) => None,
+            None => Some(Duration::from_secs(1)),
+        };
+        self.reply(AckKind::Nak(delay)).await;
     }
 
     async fn progress(&self) {

@@ -272,18 +272,45 @@ pub struct Pulled {
 }
 
 /// One of a partition's messages not yet settled; the count goes down when it is dropped.
-pub struct Unsettled(Arc<AtomicUsize>);
+/// Dropped without [`Unsettled::settled`] (the engine stopped while it ran), the message may
+/// be handed out again only after its ack wait, after newer ones handed back with a nak:
+/// the partition is then not handed over before that (see [`Puller::run`]).
+pub struct Unsettled {
+    count: Arc<AtomicUsize>,
+    dirty_until: Arc<Mutex<Instant>>,
+    ack_wait: Duration,
+    settled: bool,
+}
 
 impl Unsettled {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
+    fn new(
+        count: &Arc<AtomicUsize>,
+        dirty_until: &Arc<Mutex<Instant>>,
+        ack_wait: Duration,
+    ) -> Self {
         count.fetch_add(1, Ordering::SeqCst);
-        Unsettled(count.clone())
+        Unsettled {
+            count: count.clone(),
+            dirty_until: dirty_until.clone(),
+            ack_wait,
+            settled: false,
+        }
+    }
+
+    /// Acknowledged, terminated or handed back.
+    pub fn settled(&mut self) {
+        self.settled = true;
     }
 }
 
 impl Drop for Unsettled {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        if !self.settled {
+            let until = Instant::now() + self.ack_wait + EXPIRY_SLACK;
+            let mut dirty = self.dirty_until.lock().expect("dirty lock");
+            *dirty = (*dirty).max(until);
+        }
+        self.count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -342,8 +369,9 @@ impl Share {
     /// the leases once every message is settled.
     pub async fn finish(mut self) {
         self.messages.close();
-        while let Some(pulled) = self.messages.recv().await {
+        while let Some(mut pulled) = self.messages.recv().await {
             nak(&pulled.message).await;
+            pulled.unsettled.settled();
         }
         let _ = self.finish.send(true);
         let _ = tokio::time::timeout(RELEASE_WAIT * 2, self.task).await;
@@ -778,11 +806,13 @@ impl Puller {
     async fn hand_on(&self, message: jetstream::Message) {
         let pulled = Pulled {
             message,
-            unsettled: Unsettled::new(&self.unsettled),
+            unsettled: Unsettled::new(&self.unsettled, &self.dirty_until, self.ack_wait),
         };
         if let Err(back) = self.tx.send(pulled).await {
+            let mut pulled = back.0;
             if Instant::now() >= *self.dirty_until.lock().expect("dirty lock") {
-                nak(&back.0.message).await;
+                nak(&pulled.message).await;
+                pulled.unsettled.settled();
             }
         }
     }
