@@ -804,7 +804,9 @@ impl NatsPublisher {
         for (i, event) in events.iter().enumerate() {
             if in_flight.len() >= self.window {
                 let (j, started, ack) = in_flight.pop_front().expect("the window is full");
-                self.settle(j, started, ack, &mut unconfirmed).await;
+                if !self.settle(j, started, ack, &mut unconfirmed).await {
+                    self.settle_together(&mut in_flight, &mut unconfirmed).await;
+                }
             }
             match self.send(event).await {
                 Ok(ack) => in_flight.push_back((i, Instant::now(), ack)),
@@ -815,25 +817,55 @@ impl NatsPublisher {
             }
         }
         while let Some((j, started, ack)) = in_flight.pop_front() {
-            self.settle(j, started, ack, &mut unconfirmed).await;
+            if !self.settle(j, started, ack, &mut unconfirmed).await {
+                self.settle_together(&mut in_flight, &mut unconfirmed).await;
+            }
         }
         unconfirmed.sort_unstable();
         unconfirmed
     }
 
-    /// Awaits one PubAck of [`Self::publish_pipelined`]; a failed one is set aside.
+    /// Awaits one PubAck of [`Self::publish_pipelined`]; a failed one is set aside. True
+    /// if it was confirmed.
     async fn settle(
         &self,
         index: usize,
         started: Instant,
         ack: PublishAckFuture,
         unconfirmed: &mut Vec<usize>,
-    ) {
+    ) -> bool {
         match ack.await {
-            Ok(_) => self.record_published(started),
+            Ok(_) => {
+                self.record_published(started);
+                true
+            }
             Err(e) => {
                 tracing::debug!("a publish was not confirmed: {e}");
                 unconfirmed.push(index);
+                false
+            }
+        }
+    }
+
+    /// After a PubAck that did not come: the connection most likely dropped, and with it the
+    /// acks of everything sent before the drop. A PubAck's timeout runs from when it is first
+    /// awaited, so awaiting them one after another waits one timeout each (19 lost acks held
+    /// the bridge for 190 s after a nats-server restart): the rest are awaited together.
+    async fn settle_together(
+        &self,
+        in_flight: &mut VecDeque<(usize, Instant, PublishAckFuture)>,
+        unconfirmed: &mut Vec<usize>,
+    ) {
+        let waiting = in_flight
+            .drain(..)
+            .map(|(j, started, ack)| async move { (j, started, ack.await) });
+        for (j, started, result) in futures::future::join_all(waiting).await {
+            match result {
+                Ok(_) => self.record_published(started),
+                Err(e) => {
+                    tracing::debug!("a publish was not confirmed: {e}");
+                    unconfirmed.push(j);
+                }
             }
         }
     }
