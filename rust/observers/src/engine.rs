@@ -729,7 +729,8 @@ impl Engine {
         let stamp = ClaimStamp::new();
         let record = |attempt: u32| async move {
             let recorded = store.claim(&observer.name, &event.id, stamp).await;
-            if let (Err(e), true) = (&recorded, attempt < max) {
+            let will_retry = |e| attempt < max && may_pass_later(e);
+            if let Some(e) = recorded.as_ref().err().filter(|e| will_retry(e)) {
                 tracing::warn!(
                     "[observer] {}: could not record idempotency key for event {} (attempt \
                      {attempt}/{max}): {e}; retrying",
@@ -739,7 +740,7 @@ impl Engine {
             }
             recorded
         };
-        match observer.retry.run(record, |_| true).await {
+        match observer.retry.run(record, may_pass_later).await {
             Ok(true) => true,
             Ok(false) => {
                 report.duplicates += 1;
@@ -936,6 +937,16 @@ impl Engine {
         let n = self.dlq.purge().await?;
         self.metrics.dlq_size.set(0);
         Ok(n)
+    }
+}
+
+/// Whether another attempt of an idempotency-store call may succeed: a store that refused
+/// the key itself (see [`CheckpointErrorKind::Rejected`](crate::error::CheckpointErrorKind::Rejected)) refuses it again, so the event is
+/// dead-lettered at once rather than after the observer's whole retry budget.
+fn may_pass_later(e: &Error) -> bool {
+    match e {
+        Error::Checkpoint(e) => e.kind().is_retryable(),
+        _ => true,
     }
 }
 

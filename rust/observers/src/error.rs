@@ -36,8 +36,9 @@ pub enum Error {
     Transport(String),
     #[error("action error: {0}")]
     Action(String),
+    /// The idempotency store behind `EffectivelyOnce` failed.
     #[error("checkpoint error: {0}")]
-    Checkpoint(String),
+    Checkpoint(OpError<CheckpointErrorKind>),
     /// The dead-letter queue failed, or an entry cannot be retried.
     #[error("{0}")]
     DeadLetter(OpError<DeadLetterErrorKind>),
@@ -57,6 +58,10 @@ impl Error {
 
     pub fn dead_letter(kind: DeadLetterErrorKind, message: impl Into<String>) -> Error {
         Error::DeadLetter(OpError::new(kind, message))
+    }
+
+    pub fn checkpoint(kind: CheckpointErrorKind, message: impl Into<String>) -> Error {
+        Error::Checkpoint(OpError::new(kind, message))
     }
 }
 
@@ -131,6 +136,24 @@ impl PublishErrorKind {
     /// Whether another attempt may succeed.
     pub fn is_retryable(self) -> bool {
         matches!(self, PublishErrorKind::TimedOut | PublishErrorKind::Failed)
+    }
+}
+
+/// Why the idempotency store failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointErrorKind {
+    /// The store could not be reached or failed (its database restarting, a connection
+    /// cut): another attempt may succeed.
+    Unavailable,
+    /// The store refused the key or cannot be used at all (a key it cannot hold, such as one
+    /// with a NUL character; an invalid table name): another attempt cannot succeed.
+    Rejected,
+}
+
+impl CheckpointErrorKind {
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(self) -> bool {
+        self == CheckpointErrorKind::Unavailable
     }
 }
 

@@ -780,6 +780,115 @@ async fn effectively_once_holds_across_engines_sharing_the_table() {
     db.cleanup().await;
 }
 
+/// Counts the claims that reach the PostgreSQL store it wraps.
+struct CountingStore {
+    inner: PgIdempotencyStore,
+    claims: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl IdempotencyStore for CountingStore {
+    async fn is_duplicate(&self, l: &str, k: &str) -> fraiseql_observers::Result<bool> {
+        self.inner.is_duplicate(l, k).await
+    }
+    async fn record_idempotency_key(&self, l: &str, k: &str) -> fraiseql_observers::Result<bool> {
+        self.inner.record_idempotency_key(l, k).await
+    }
+    async fn forget(&self, l: &str, k: &str) -> fraiseql_observers::Result<()> {
+        self.inner.forget(l, k).await
+    }
+    async fn claim(&self, l: &str, k: &str, stamp: ClaimStamp) -> fraiseql_observers::Result<bool> {
+        self.claims
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.claim(l, k, stamp).await
+    }
+}
+
+struct OneStore(Arc<CountingStore>);
+
+impl IdempotencyStores for OneStore {
+    fn store_for(&self, _: &str) -> Arc<dyn IdempotencyStore> {
+        self.0.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_store_cannot_hold_is_dead_lettered_at_once_not_retried() {
+    use fraiseql_observers::error::CheckpointErrorKind;
+    let db = test_db().await;
+    let store = PgIdempotencyStore::new(db.pool.clone(), "nul_keys")
+        .await
+        .unwrap();
+    // PostgreSQL text cannot hold a NUL: a data exception (SQLSTATE 22021), the same on
+    // every attempt.
+    match store.claim("billing", "evt\0nul", ClaimStamp::new()).await {
+        Err(fraiseql_observers::Error::Checkpoint(e)) => {
+            assert_eq!(e.kind(), CheckpointErrorKind::Rejected, "{e}");
+            assert!(e.message().contains("nul_keys"), "{e}");
+        }
+        other => panic!("expected a rejected key, got {other:?}"),
+    }
+    assert!(store
+        .claim("billing", "evt-1", ClaimStamp::new())
+        .await
+        .unwrap());
+
+    let counting = Arc::new(CountingStore {
+        inner: store,
+        claims: Default::default(),
+    });
+    let recorder = Arc::new(Recorder::default());
+    let dlq = Arc::new(MemoryDlq::new(None));
+    let retry = fraiseql_observers::RetryPolicy {
+        max_attempts: 5,
+        ..Default::default()
+    };
+    let engine = Engine::new(
+        vec![ObserverSpec::new(
+            ListenerConfig::new(
+                "charge_customer",
+                CheckpointStrategy::EffectivelyOnce {
+                    idempotency_table: "nul_keys".into(),
+                },
+            ),
+            "Order",
+            EventKind::Insert,
+        )
+        .retry(retry)
+        .action(recorder.clone() as Arc<dyn Action>)],
+        dlq.clone(),
+        &OneStore(counting.clone()),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let event = |id: &str| Event {
+        id: id.into(),
+        ..Event::new(
+            "Order",
+            EventKind::Insert,
+            "tb_order",
+            Some(json!({"id": 1})),
+            None,
+        )
+    };
+    let report = engine.process(&event("evt\0nul")).await;
+    assert_eq!(report.dead_lettered, 1);
+    assert_eq!(recorder.len(), 0, "never run unguarded");
+    assert_eq!(counting.claims.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let entries = dlq.list(10).await.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert!(
+        entries[0].error.contains("idempotency store") && entries[0].error.contains("0x00"),
+        "{}",
+        entries[0].error
+    );
+    // The next event is not held up by it.
+    let report = engine.process(&event("evt-2")).await;
+    assert_eq!(report.dead_lettered, 0);
+    assert_eq!(recorder.len(), 1);
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_source_reconnects_after_its_connections_are_killed() {
     let db = test_db().await;

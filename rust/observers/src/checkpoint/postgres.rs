@@ -22,7 +22,7 @@ use tokio::sync::OnceCell;
 use super::IdempotencyStore;
 use super::IdempotencyStores;
 use crate::capture::quote_identifier;
-use crate::error::{Error, Result};
+use crate::error::{CheckpointErrorKind, Error, OpError, Result};
 
 use super::ClaimStamp;
 
@@ -53,8 +53,12 @@ impl PgIdempotencyStore {
 
     /// Validates `table` without touching the database; the table is created on first use.
     pub fn lazy(pool: PgPool, table: &str) -> Result<Self> {
-        let quoted = quote_identifier(table)
-            .map_err(|e| Error::Checkpoint(format!("idempotency_table {table:?}: {e}")))?;
+        let quoted = quote_identifier(table).map_err(|e| {
+            Error::checkpoint(
+                CheckpointErrorKind::Rejected,
+                format!("idempotency_table {table:?}: {e}"),
+            )
+        })?;
         Ok(PgIdempotencyStore {
             pool,
             table: table.to_owned(),
@@ -146,7 +150,10 @@ impl PgIdempotencyStore {
     }
 
     fn error(&self, e: sqlx::Error) -> Error {
-        Error::Checkpoint(format!("idempotency table `{}`: {e}", self.table))
+        Error::checkpoint(
+            kind_of(&e),
+            format!("idempotency table `{}`: {e}", self.table),
+        )
     }
 }
 
@@ -196,20 +203,38 @@ impl IdempotencyStore for PgIdempotencyStore {
     }
 }
 
+/// A data exception (SQLSTATE class 22: a NUL character, a value too long for an index
+/// entry…) is about the key itself: the same key fails the same way every time, so it is
+/// not retried. Anything else (a connection, a restart, a lock) may pass on another attempt.
+fn kind_of(e: &sqlx::Error) -> CheckpointErrorKind {
+    match e {
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
+            CheckpointErrorKind::Rejected
+        }
+        _ => CheckpointErrorKind::Unavailable,
+    }
+}
+
 /// A store whose table name was invalid: every call fails (the engine dead-letters the event
 /// rather than running an unguarded action).
-struct InvalidStore(String);
+struct InvalidStore(OpError<CheckpointErrorKind>);
+
+impl InvalidStore {
+    fn error(&self) -> Error {
+        Error::Checkpoint(self.0.clone())
+    }
+}
 
 #[async_trait]
 impl IdempotencyStore for InvalidStore {
     async fn is_duplicate(&self, _: &str, _: &str) -> Result<bool> {
-        Err(Error::Checkpoint(self.0.clone()))
+        Err(self.error())
     }
     async fn record_idempotency_key(&self, _: &str, _: &str) -> Result<bool> {
-        Err(Error::Checkpoint(self.0.clone()))
+        Err(self.error())
     }
     async fn forget(&self, _: &str, _: &str) -> Result<()> {
-        Err(Error::Checkpoint(self.0.clone()))
+        Err(self.error())
     }
 }
 
@@ -257,8 +282,11 @@ impl IdempotencyStores for PgIdempotencyStores {
     fn store_for(&self, table: &str) -> Arc<dyn IdempotencyStore> {
         match self.get(table) {
             Ok(store) => store,
-            Err(Error::Checkpoint(msg)) => Arc::new(InvalidStore(msg)),
-            Err(e) => Arc::new(InvalidStore(e.to_string())),
+            Err(Error::Checkpoint(e)) => Arc::new(InvalidStore(e)),
+            Err(e) => Arc::new(InvalidStore(OpError::new(
+                CheckpointErrorKind::Rejected,
+                e.to_string(),
+            ))),
         }
     }
 }
