@@ -360,11 +360,8 @@ async fn a_change_the_bridge_cannot_publish_is_sent_bridge_attempts_times_in_all
     let event = order(EventKind::Insert, 1);
     // What the bridge does with a batch: one pipelined attempt, then the engine for the rest.
     assert_eq!(
-        fraiseql_observers::transport::Publisher::publish_batch(
-            publisher.as_ref(),
-            std::slice::from_ref(&event)
-        )
-        .await,
+        fraiseql_observers::transport::Publisher::publish_batch(publisher.as_ref(), &[&event])
+            .await,
         Some(vec![0])
     );
     let report = engine.process_after(&event, 1).await;

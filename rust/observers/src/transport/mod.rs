@@ -41,7 +41,7 @@ pub trait Publisher: Send + Sync {
     /// the indices (ascending) of the events that were not confirmed: the forwarder runs those
     /// through its engine for their remaining attempts. `None` (the default): this transport
     /// does not publish batches, and every event goes through the engine.
-    async fn publish_batch(&self, _events: &[Event]) -> Option<Vec<usize>> {
+    async fn publish_batch(&self, _events: &[&Event]) -> Option<Vec<usize>> {
         None
     }
 }

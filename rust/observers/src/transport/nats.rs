@@ -13,6 +13,7 @@
 //!
 //! The message body is [`super::codec`]'s.
 
+use std::borrow::Borrow;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -797,11 +798,11 @@ impl NatsPublisher {
     /// indices of the events whose publish was not confirmed. Events are sent in order and
     /// their acks awaited oldest first, as a hand-written async-nats publisher would: an ack
     /// that arrives before it is awaited wakes nobody.
-    pub async fn publish_pipelined(&self, events: &[Event]) -> Vec<usize> {
+    pub async fn publish_pipelined<E: Borrow<Event> + Sync>(&self, events: &[E]) -> Vec<usize> {
         let mut in_flight: VecDeque<(usize, Instant, PublishAckFuture)> =
             VecDeque::with_capacity(self.window.min(events.len()));
         let mut unconfirmed = Vec::new();
-        for (i, event) in events.iter().enumerate() {
+        for (i, event) in events.iter().map(Borrow::borrow).enumerate() {
             if in_flight.len() >= self.window {
                 let (j, started, ack) = in_flight.pop_front().expect("the window is full");
                 if !self.settle(j, started, ack, &mut unconfirmed).await {
@@ -898,7 +899,7 @@ impl Publisher for NatsPublisher {
         self.publish_once(event).await
     }
 
-    async fn publish_batch(&self, events: &[Event]) -> Option<Vec<usize>> {
+    async fn publish_batch(&self, events: &[&Event]) -> Option<Vec<usize>> {
         Some(self.publish_pipelined(events).await)
     }
 }

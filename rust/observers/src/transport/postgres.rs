@@ -803,10 +803,10 @@ pub(crate) async fn publish_first(
     let (events, undecodable): (Vec<PgDelivery>, Vec<PgDelivery>) = deliveries
         .into_iter()
         .partition(|d| matches!(d.payload, Payload::Event(_)));
-    let batch: Vec<Event> = events
+    let batch: Vec<&Event> = events
         .iter()
         .filter_map(|d| match &d.payload {
-            Payload::Event(e) => Some(e.clone()),
+            Payload::Event(e) => Some(e),
             Payload::Undecodable(_) => None,
         })
         .collect();

@@ -110,10 +110,10 @@ impl Decoder {
         let parsed = match self.parser.parse_wal_message_bytes(data.clone()) {
             Ok(parsed) => parsed.message,
             Err(e) => {
-                let (id, context) = self.position("message");
+                let id = self.position();
                 out.push(undecodable(
                     id,
-                    context,
+                    self.context("message"),
                     Some(&data),
                     format!("pgoutput: {e}"),
                 ));
@@ -188,13 +188,13 @@ impl Decoder {
             backfill: crate::event::Backfill,
             row: Value,
         }
-        let (id, context) = self.position("backfill");
+        let id = self.position();
         let message: Message = match serde_json::from_slice(content) {
             Ok(m) => m,
             Err(e) => {
                 out.push(undecodable(
                     id,
-                    context,
+                    self.context("backfill"),
                     Some(&Bytes::copy_from_slice(content)),
                     format!("a backfill message that is not one: {e}"),
                 ));
@@ -212,7 +212,7 @@ impl Decoder {
         if !message.row.is_object() {
             out.push(undecodable(
                 id,
-                context,
+                self.context("backfill"),
                 Some(&Bytes::copy_from_slice(content)),
                 "a backfill message whose row is not an object".into(),
             ));
@@ -244,17 +244,25 @@ impl Decoder {
         }
     }
 
-    /// The id of the next change and what can be said of where it is.
-    fn position(&mut self, what: &str) -> (String, Value) {
+    /// The id of the next change.
+    fn position(&mut self) -> String {
         match &mut self.txn {
             Some(txn) => {
                 txn.seq += 1;
-                (
-                    format!("{:016X}-{}", txn.commit_lsn, txn.seq),
-                    json!({"commit_lsn": lsn_text(txn.commit_lsn), "position": txn.seq, "what": what}),
-                )
+                format!("{:016X}-{}", txn.commit_lsn, txn.seq)
             }
-            None => (String::from("outside-transaction"), json!({ "what": what })),
+            None => String::from("outside-transaction"),
+        }
+    }
+
+    /// What can be said of where the change last given a [`Self::position`] is, for a dead
+    /// letter: built only for those (it is a JSON object, allocated).
+    fn context(&self, what: &str) -> Value {
+        match &self.txn {
+            Some(txn) => {
+                json!({"commit_lsn": lsn_text(txn.commit_lsn), "position": txn.seq, "what": what})
+            }
+            None => json!({ "what": what }),
         }
     }
 
@@ -267,11 +275,11 @@ impl Decoder {
         old_is_key_only: bool,
         out: &mut Vec<Payload>,
     ) {
-        let (id, mut context) = self.position(kind.as_str());
+        let id = self.position();
         let Some(relation) = self.relations.get(&relation_id) else {
             out.push(undecodable(
                 id,
-                context,
+                self.context(kind.as_str()),
                 None,
                 format!("a change of relation {relation_id} arrived before its description"),
             ));
@@ -280,11 +288,12 @@ impl Decoder {
         if relation.targets.is_empty() {
             return;
         }
-        context["table"] = Value::String(relation.name.clone());
         let rows = decode_rows(relation, old.as_ref(), new.as_ref(), old_is_key_only);
         let (old, new) = match rows {
             Ok(rows) => rows,
             Err(reason) => {
+                let mut context = self.context(kind.as_str());
+                context["table"] = Value::String(relation.name.clone());
                 out.push(undecodable(id, context, None, reason));
                 return;
             }
@@ -298,24 +307,41 @@ impl Decoder {
             .map(|t| t.timestamp.clone())
             .unwrap_or_else(crate::event::now_rfc3339);
         let traceparent = self.txn.as_ref().and_then(|t| t.traceparent.clone());
-        for (n, target) in relation.targets.iter().enumerate() {
-            let id = if n == 0 {
-                id.clone()
-            } else {
-                format!("{id}-{n}")
-            };
-            out.push(Payload::Event(Event {
+        // One event per entity on the table; the rows are moved into the last one, not
+        // copied (nearly every table has one entity).
+        let Some((last, rest)) = relation.targets.split_last() else {
+            return;
+        };
+        let event = |id, target: &Target, (new, old), (timestamp, traceparent)| {
+            Payload::Event(Event {
                 id,
                 entity: target.entity.clone(),
                 event: kind,
                 table: target.table.clone(),
-                timestamp: timestamp.clone(),
-                new: new.clone(),
-                old: old.clone(),
+                timestamp,
+                new,
+                old,
                 backfill: None,
-                traceparent: traceparent.clone(),
-            }));
+                traceparent,
+            })
+        };
+        let nth_id = |n: usize| format!("{id}-{n}");
+        for (n, target) in rest.iter().enumerate() {
+            let id = if n == 0 { id.clone() } else { nth_id(n) };
+            let rows = (new.clone(), old.clone());
+            out.push(event(
+                id,
+                target,
+                rows,
+                (timestamp.clone(), traceparent.clone()),
+            ));
         }
+        let id = if rest.is_empty() {
+            id
+        } else {
+            nth_id(rest.len())
+        };
+        out.push(event(id, last, (new, old), (timestamp, traceparent)));
     }
 }
 
@@ -430,13 +456,21 @@ mod tests {
     }
 
     fn decoder() -> Decoder {
+        decoder_for(&["Order"])
+    }
+
+    /// A decoder for `tb_order`, declared by each of `entities`.
+    fn decoder_for(entities: &[&str]) -> Decoder {
         let mut tables = Tables::new();
         tables.insert(
             ("public".into(), "tb_order".into()),
-            vec![Target {
-                entity: "Order".into(),
-                table: "tb_order".into(),
-            }],
+            entities
+                .iter()
+                .map(|entity| Target {
+                    entity: (*entity).into(),
+                    table: "tb_order".into(),
+                })
+                .collect(),
         );
         let mut d = Decoder::new(Arc::new(tables), true);
         let relation = LogicalReplicationMessage::Relation {
@@ -462,6 +496,34 @@ mod tests {
                 Payload::Undecodable(u) => panic!("undecodable: {}", u.reason),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_table_of_two_entities_gives_each_its_event_with_its_own_id() {
+        let mut d = decoder_for(&["Order", "Sale"]);
+        let mut out = Vec::new();
+        d.message(
+            encode(&LogicalReplicationMessage::Insert {
+                relation_id: 7,
+                tuple: TupleData::new(vec![text("o1"), text("10"), text("n")]),
+            }),
+            &mut out,
+        );
+        let [order, sale] = events(out).try_into().unwrap();
+        assert_eq!(
+            (order.id.as_str(), order.entity.as_str()),
+            ("00000016B374D848-1", "Order")
+        );
+        assert_eq!(
+            (sale.id.as_str(), sale.entity.as_str()),
+            ("00000016B374D848-1-1", "Sale")
+        );
+        assert_eq!(order.new, sale.new);
+        assert_eq!(
+            order.new,
+            Some(json!({"id": "o1", "total": 10, "note": "n"}))
+        );
+        assert_eq!(order.timestamp, sale.timestamp);
     }
 
     #[test]
