@@ -222,6 +222,58 @@ def test_input_with_nul_bytes_is_dead_lettered_whole_and_one_entry_can_be_purged
         asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
 
 
+def test_an_event_id_the_idempotency_table_cannot_hold_is_dead_lettered_with_the_reason(
+    registry: fraiseql.Registry, fraiseql_nats_url: str, fraiseql_database_url: str
+) -> None:
+    """A hand-made message whose "id" carries a NUL: PostgreSQL cannot store it as an
+    EffectivelyOnce key (SQLSTATE 22021), so the event is dead-lettered with PostgreSQL's
+    reason, never run unguarded, and the next event of the stream runs."""
+    import psycopg
+
+    @fraiseql.type
+    class Order:
+        id: str
+
+    ran: list[str] = []
+
+    @fraiseql.subscription(
+        entity_type=Order,
+        operation="create",
+        checkpoint=fraiseql.EffectivelyOnce(idempotency_table="nul_id_keys"),
+        retry=fraiseql.Retry(max_attempts=4, initial_delay_ms=100),
+    )
+    def charge(order: Any) -> None:
+        ran.append(order.id)
+
+    suffix = uuid.uuid4().hex[:8]
+    subject = f"fq{suffix}.mutation.order.insert"
+    config = nats_config(fraiseql_nats_url, suffix)
+    config["database"] = {"url": fraiseql_database_url}
+    hostile, fine = f"nul\u0000-{suffix}", f"fine-{suffix}"
+    try:
+        with fraiseql.Engine(config) as engine:
+            for event_id, row in ((hostile, "h1"), (fine, "f1")):
+                body = {"event": "INSERT", "entity": "Order", "id": event_id, "data": {"id": row}}
+                asyncio.run(publish(fraiseql_nats_url, subject, body, event_id.replace("\u0000", "0")))
+            wait_until(lambda: ran == ["f1"])
+
+            def mine() -> list[dict[str, Any]]:
+                return [e for e in engine.dlq() if e["event"]["id"] == hostile]
+
+            wait_until(lambda: len(mine()) == 1)
+            entry = mine()[0]
+            assert "idempotency store" in entry["error"] and "0x00" in entry["error"], entry["error"]
+            assert entry["observer"] == "charge"
+            assert ran == ["f1"], "the hostile event ran without its key"
+            info = asyncio.run(consumer_info(fraiseql_nats_url, f"fq_{suffix}", f"worker_{suffix}"))
+            assert info.num_ack_pending == 0 and info.num_pending == 0
+    finally:
+        with psycopg.connect(fraiseql_database_url, autocommit=True) as conn:
+            conn.execute("DELETE FROM fraiseql_dead_letters WHERE event_id LIKE %s", (f"%-{suffix}",))
+            conn.execute("DROP TABLE IF EXISTS nul_id_keys")
+        asyncio.run(delete_stream(fraiseql_nats_url, f"fq_{suffix}"))
+
+
 def test_nats_backend_without_url_names_the_setting(registry: fraiseql.Registry) -> None:
     with pytest.raises(fraiseql.ConfigError, match=r"NATS transport requires nats\.url to be set"):
         fraiseql.Engine({"observers": {"backend": "nats"}})
