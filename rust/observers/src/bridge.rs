@@ -28,6 +28,7 @@ use crate::engine::{Engine, ObserverSpec};
 use crate::error::{ConnectErrorKind, DeadLetterErrorKind, Error, PublishErrorKind, Result};
 use crate::event::{Event, EventKind};
 use crate::metrics::{Metrics, RedisMetrics};
+use crate::order::OrderKeys;
 use crate::retry::RetryPolicy;
 use crate::schema::Schema;
 use crate::transport::nats::{NatsMetrics, NatsPublisher};
@@ -146,12 +147,15 @@ fn configured_forwarder(config: &Config) -> Option<(&str, &'static str)> {
 /// dead letter of origin `forwarder`): connects the config's publisher and publishes the
 /// entry's event again (same id, so NATS's duplicate window and EffectivelyOnce consumers
 /// absorb a publish that had in fact landed), with the forwarder's retries; the entry is
-/// removed once confirmed. Ok(false) when it failed again.
+/// removed once confirmed. Ok(false) when it failed again. `order` is what keys the
+/// observers' per-key order (the engine's [`Engine::order_keys`]): with `[observers.nats]
+/// partitions` the change goes back to the partition of its key, where its siblings are.
 pub async fn retry_forwarded(
     config: &Config,
     schema: &Schema,
     dlq: Arc<dyn DeadLetterQueue>,
     metrics: Arc<Metrics>,
+    order: Arc<OrderKeys>,
     id: u64,
 ) -> Result<bool> {
     let Some((name, target)) = configured_forwarder(config) else {
@@ -167,7 +171,8 @@ pub async fn retry_forwarded(
         Arc::new(
             NatsPublisher::connect(&config.observers.nats, NatsMetrics::new())
                 .await?
-                .for_config(config),
+                .for_config(config)
+                .with_order_keys(order),
         )
     } else {
         let url = config.observers.redis_url.as_deref().ok_or_else(|| {

@@ -710,6 +710,7 @@ impl DeadLetters {
                     &self.schema,
                     self.dlq.clone(),
                     self.forwarder.clone(),
+                    self.engine.order_keys(),
                     id,
                 )
                 .await

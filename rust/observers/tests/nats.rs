@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use fraiseql_observers::config::NatsConfig;
 use fraiseql_observers::dlq::MemoryDlq;
 use fraiseql_observers::dlq::PushOutcome;
+use fraiseql_observers::order::OrderKeys;
 use fraiseql_observers::transport::codec::subject_for;
 use fraiseql_observers::transport::nats::{connect, ensure_consumer, ensure_stream};
 use fraiseql_observers::{
@@ -464,7 +465,11 @@ async fn dlq_retry_publishes_a_dead_lettered_bridge_change_again() {
         }
     };
     let metrics = Arc::new(Metrics::new());
-    let retry = |id| bridge::retry_forwarded(&config, &schema, dlq.clone(), metrics.clone(), id);
+    let keys = Arc::new(OrderKeys::default());
+    let retry = |id| {
+        let keys = keys.clone();
+        bridge::retry_forwarded(&config, &schema, dlq.clone(), metrics.clone(), keys, id)
+    };
 
     // The stream does not exist yet: the retry's publisher creates it, as the bridge does.
     let id = push("pg_to_nats:Order:insert").await;
@@ -493,9 +498,69 @@ async fn dlq_retry_publishes_a_dead_lettered_bridge_change_again() {
     assert!(dlq.get(id).await.unwrap().is_some());
     // Without a forwarder in the config, it says so.
     config.observers.run_bridge = false;
-    let retry = |id| bridge::retry_forwarded(&config, &schema, dlq.clone(), metrics.clone(), id);
+    let retry = |id| {
+        let keys = keys.clone();
+        bridge::retry_forwarded(&config, &schema, dlq.clone(), metrics.clone(), keys, id)
+    };
     let err = retry(id).await.unwrap_err().to_string();
     assert!(err.contains("runs none"), "{err}");
+    cleanup(&js, &cfg).await;
+}
+
+#[tokio::test]
+async fn a_dead_lettered_bridge_change_retried_goes_back_to_its_keys_partition() {
+    let mut cfg = config("dlqpart");
+    cfg.partitions = 4;
+    let (_client, js) = setup(&cfg).await;
+    let mut config = Config::default_with_backend(Backend::Nats);
+    config.observers.nats = cfg.clone();
+    config.observers.run_bridge = true;
+    config.observers.bridge.transport_name = "pg_to_nats".into();
+    let schema = Schema::new(vec![EntityDef {
+        name: "Order".into(),
+        table: "tb_order".into(),
+        fields: Vec::new(),
+        kinds: Vec::new(),
+    }])
+    .unwrap();
+    // The observers order Order inserts by customer, not by id.
+    let mut keys = OrderKeys::default();
+    keys.add("Order", EventKind::Insert, &["customer".to_owned()]);
+    let by_id = OrderKeys::default();
+    // A customer whose partition differs from the one the row's id would give.
+    let event = (0..64)
+        .map(|c| {
+            let mut event = order(EventKind::Insert, 7);
+            event.new.as_mut().unwrap()["customer"] = json!(format!("cus_{c}"));
+            event
+        })
+        .find(|e| keys.partition(e, 4) != by_id.partition(e, 4))
+        .expect("a customer in another partition");
+    let dlq: Arc<dyn DeadLetterQueue> = Arc::new(MemoryDlq::new(None));
+    let id = match dlq
+        .push(dead_letter("pg_to_nats:Order:insert", &event))
+        .await
+        .unwrap()
+    {
+        PushOutcome::Stored(id) => id,
+        PushOutcome::Overflow => panic!("unbounded queue"),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let retried =
+        bridge::retry_forwarded(&config, &schema, dlq, metrics, Arc::new(keys.clone()), id);
+    assert!(retried.await.unwrap());
+    let subject = format!(
+        "{}.{}",
+        subject_for(&cfg.subject_prefix, &event).unwrap(),
+        keys.partition(&event, 4)
+    );
+    let stream = js.get_stream(&cfg.stream_name).await.unwrap();
+    let stored = stream
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&stored.payload).unwrap();
+    assert_eq!(body["id"], json!(event.id));
     cleanup(&js, &cfg).await;
 }
 
