@@ -205,7 +205,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--duration", type=float, default=3600.0, help="seconds of load (default 3600)")
-    parser.add_argument("--rate", type=float, default=300.0, help="changes a second (default 300)")
+    parser.add_argument("--rate", type=float, default=300.0, help="statements a second (default 300)")
     parser.add_argument("--replay-every", type=float, default=600.0, help="seconds between DLQ replays")
     parser.add_argument("--sample-every", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--warmup", type=float, default=0.2, help="share of the run not in the slopes")
