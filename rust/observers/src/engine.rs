@@ -941,7 +941,7 @@ impl Engine {
 }
 
 /// Whether another attempt of an idempotency-store call may succeed: a store that refused
-/// the key itself (see [`CheckpointErrorKind::Rejected`](crate::error::CheckpointErrorKind::Rejected)) refuses it again, so the event is
+/// the key itself (`CheckpointErrorKind::Rejected`) refuses it again, so the event is
 /// dead-lettered at once rather than after the observer's whole retry budget.
 fn may_pass_later(e: &Error) -> bool {
     match e {

@@ -203,8 +203,8 @@ impl IdempotencyStore for PgIdempotencyStore {
     }
 }
 
-/// A data exception (SQLSTATE class 22: a NUL character, a value too long for an index
-/// entry…) is about the key itself: the same key fails the same way every time, so it is
+/// A data exception (SQLSTATE class 22: a NUL character, a byte sequence invalid in the
+/// database's encoding…) is about the key itself: the same key fails the same way every time, so it is
 /// not retried. Anything else (a connection, a restart, a lock) may pass on another attempt.
 fn kind_of(e: &sqlx::Error) -> CheckpointErrorKind {
     match e {
