@@ -438,10 +438,8 @@ fn dead_letter(observer: &str, event: &Event) -> DlqEntry {
     }
 }
 
-#[tokio::test]
-async fn dlq_retry_publishes_a_dead_lettered_bridge_change_again() {
-    let cfg = config("dlqretry");
-    let (_client, js) = setup(&cfg).await;
+/// A config running the bridge `pg_to_nats` on `cfg`, and a schema of one entity, Order.
+fn bridge_of_orders(cfg: &NatsConfig) -> (Config, Schema) {
     let mut config = Config::default_with_backend(Backend::Nats);
     config.observers.nats = cfg.clone();
     config.observers.run_bridge = true;
@@ -453,16 +451,27 @@ async fn dlq_retry_publishes_a_dead_lettered_bridge_change_again() {
         kinds: Vec::new(),
     }])
     .unwrap();
+    (config, schema)
+}
+
+/// Pushes `entry` into `dlq`, which must store it; its id.
+async fn stored(dlq: &Arc<dyn DeadLetterQueue>, entry: DlqEntry) -> u64 {
+    match dlq.push(entry).await.unwrap() {
+        PushOutcome::Stored(id) => id,
+        PushOutcome::Overflow => panic!("unbounded queue"),
+    }
+}
+
+#[tokio::test]
+async fn dlq_retry_publishes_a_dead_lettered_bridge_change_again() {
+    let cfg = config("dlqretry");
+    let (_client, js) = setup(&cfg).await;
+    let (mut config, schema) = bridge_of_orders(&cfg);
     let dlq: Arc<dyn DeadLetterQueue> = Arc::new(MemoryDlq::new(None));
     let event = order(EventKind::Insert, 7);
     let push = |observer: &'static str| {
         let (dlq, entry) = (dlq.clone(), dead_letter(observer, &event));
-        async move {
-            match dlq.push(entry).await.unwrap() {
-                PushOutcome::Stored(id) => id,
-                PushOutcome::Overflow => panic!("unbounded queue"),
-            }
-        }
+        async move { stored(&dlq, entry).await }
     };
     let metrics = Arc::new(Metrics::new());
     let keys = Arc::new(OrderKeys::default());
@@ -512,17 +521,7 @@ async fn a_dead_lettered_bridge_change_retried_goes_back_to_its_keys_partition()
     let mut cfg = config("dlqpart");
     cfg.partitions = 4;
     let (_client, js) = setup(&cfg).await;
-    let mut config = Config::default_with_backend(Backend::Nats);
-    config.observers.nats = cfg.clone();
-    config.observers.run_bridge = true;
-    config.observers.bridge.transport_name = "pg_to_nats".into();
-    let schema = Schema::new(vec![EntityDef {
-        name: "Order".into(),
-        table: "tb_order".into(),
-        fields: Vec::new(),
-        kinds: Vec::new(),
-    }])
-    .unwrap();
+    let (config, schema) = bridge_of_orders(&cfg);
     // The observers order Order inserts by customer, not by id.
     let mut keys = OrderKeys::default();
     keys.add("Order", EventKind::Insert, &["customer".to_owned()]);
@@ -537,14 +536,7 @@ async fn a_dead_lettered_bridge_change_retried_goes_back_to_its_keys_partition()
         .find(|e| keys.partition(e, 4) != by_id.partition(e, 4))
         .expect("a customer in another partition");
     let dlq: Arc<dyn DeadLetterQueue> = Arc::new(MemoryDlq::new(None));
-    let id = match dlq
-        .push(dead_letter("pg_to_nats:Order:insert", &event))
-        .await
-        .unwrap()
-    {
-        PushOutcome::Stored(id) => id,
-        PushOutcome::Overflow => panic!("unbounded queue"),
-    };
+    let id = stored(&dlq, dead_letter("pg_to_nats:Order:insert", &event)).await;
     let metrics = Arc::new(Metrics::new());
     let retried =
         bridge::retry_forwarded(&config, &schema, dlq, metrics, Arc::new(keys.clone()), id);

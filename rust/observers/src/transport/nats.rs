@@ -835,7 +835,18 @@ impl NatsPublisher {
         ack: PublishAckFuture,
         unconfirmed: &mut Vec<usize>,
     ) -> bool {
-        match ack.await {
+        self.record_ack(index, started, ack.await, unconfirmed)
+    }
+
+    /// Counts a confirmed publish, or sets the event aside as unconfirmed. True if confirmed.
+    fn record_ack<T, E: std::fmt::Display>(
+        &self,
+        index: usize,
+        started: Instant,
+        result: std::result::Result<T, E>,
+        unconfirmed: &mut Vec<usize>,
+    ) -> bool {
+        match result {
             Ok(_) => {
                 self.record_published(started);
                 true
@@ -861,13 +872,7 @@ impl NatsPublisher {
             .drain(..)
             .map(|(j, started, ack)| async move { (j, started, ack.await) });
         for (j, started, result) in futures::future::join_all(waiting).await {
-            match result {
-                Ok(_) => self.record_published(started),
-                Err(e) => {
-                    tracing::debug!("a publish was not confirmed: {e}");
-                    unconfirmed.push(j);
-                }
-            }
+            self.record_ack(j, started, result, unconfirmed);
         }
     }
 }
