@@ -370,7 +370,8 @@ impl Share {
     pub async fn finish(mut self) {
         self.messages.close();
         while let Some(mut pulled) = self.messages.recv().await {
-            hand_back(&mut pulled).await;
+            nak(&pulled.message).await;
+            pulled.unsettled.settled();
         }
         let _ = self.finish.send(true);
         let _ = tokio::time::timeout(RELEASE_WAIT * 2, self.task).await;
@@ -409,13 +410,9 @@ pub async fn open_bucket(js: &jetstream::Context, config: &NatsConfig) -> Result
     })
 }
 
-/// Hands a pulled message back at once (first in line for the partition's next owner). It
-/// counts as settled only if the server was told: otherwise it stays unsettled, as an ack
-/// that could not be sent does (see [`Unsettled`]).
-async fn hand_back(pulled: &mut Pulled) {
-    match pulled.message.ack_with(AckKind::Nak(None)).await {
-        Ok(()) => pulled.unsettled.settled(),
-        Err(e) => tracing::debug!("nats: cannot hand a message back: {e}"),
+async fn nak(message: &jetstream::Message) {
+    if let Err(e) = message.ack_with(AckKind::Nak(None)).await {
+        tracing::debug!("nats: cannot hand a message back: {e}");
     }
 }
 
@@ -814,7 +811,8 @@ impl Puller {
         if let Err(back) = self.tx.send(pulled).await {
             let mut pulled = back.0;
             if Instant::now() >= *self.dirty_until.lock().expect("dirty lock") {
-                hand_back(&mut pulled).await;
+                nak(&pulled.message).await;
+                pulled.unsettled.settled();
             }
         }
     }
